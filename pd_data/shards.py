@@ -1,0 +1,65 @@
+"""Parquet shards: the documented schemas, atomic writes, and reading a stage's shards back."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pd_data.state import atomic_write_bytes
+
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),      # unique across the dataset: "<group_id>-<k>"
+    ("group_id", pa.string()),      # images of one group are edited twins of each other
+    ("split", pa.string()),         # train | val | test, by group
+    ("caption", pa.string()),
+    ("image", pa.binary()),         # PNG bytes, RGB, resolution x resolution
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("source", pa.string()),        # which source produced it (procedural, folder, ...)
+    ("provenance", pa.string()),    # JSON: the scene for procedural, the path for files
+])
+ANNOTATIONS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("modality", pa.string()),      # depth | hed | seg | canny | ...
+    ("map", pa.binary()),           # PNG bytes, RGB, same size as the image
+    ("annotator", pa.string()),     # e.g. procedural, controlnet_aux.HEDdetector
+    ("annotator_version", pa.string()),
+    ("weights_hash", pa.string()),  # sha256 of the weights file, "" for weight-free annotators
+])
+PROMPTS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("task", pa.string()),
+    ("example_id", pa.string()),    # image whose (source, target) forms the example pair
+    ("query_id", pa.string()),      # image whose source is the query and whose target is the answer
+    ("text", pa.string()),
+    ("seed", pa.int64()),           # generator seed of this prompt, the same for every model
+])
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_shard(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    """Write rows as one Parquet file, atomically: a crash leaves the old file or none, never half."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue())
+
+
+def read_shards(folder: Path, prefix: str) -> pa.Table:
+    files = sorted(folder.glob(f"{prefix}-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no {prefix}-*.parquet shards in {folder}; run the stage that writes them first")
+    return pa.concat_tables([pq.read_table(f) for f in files])

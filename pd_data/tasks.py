@@ -1,0 +1,79 @@
+"""Tasks are data: a registry of specs, and one function that composes a prompt from a spec."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """`source` -> `target`; the text is the target's caption or a fixed string."""
+
+    source: str
+    target: str
+    text: Literal["caption", "fixed"]
+    fixed_text: str = ""
+    trained: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.target}"
+
+    @property
+    def metric(self) -> Literal["fid", "rmse"]:
+        """map->image tasks are scored by FID, image->map tasks by RMSE (paper Table 1)."""
+        return "fid" if self.target == "image" else "rmse"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in (self.source, self.target) if m != "image")
+
+
+def _forward(mod: str, text: str, trained: bool = True) -> TaskSpec:
+    return TaskSpec("image", mod, "fixed", text, trained)
+
+
+def _inverse(mod: str, trained: bool = True) -> TaskSpec:
+    return TaskSpec(mod, "image", "caption", "", trained)
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    # The six training tasks of the paper.
+    _forward("depth", "depth map"), _forward("hed", "hed map"), _forward("seg", "segmentation map"),
+    _inverse("depth"), _inverse("hed"), _inverse("seg"),
+    # Unseen tasks, never trained: zero-shot generalisation.
+    _inverse("canny", False), _inverse("scribble", False), _inverse("normal", False),
+    _forward("canny", "canny map", False),
+]}
+TRAINING_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.trained)
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A vision-language prompt: example pair (source -> target), query, the target to produce, text."""
+
+    task: str
+    example_source: np.ndarray  # (H, W, 3) uint8
+    example_target: np.ndarray
+    query: np.ndarray
+    target: np.ndarray
+    text: str
+
+
+def compose_prompt(spec: TaskSpec, example: dict[str, np.ndarray], other: dict[str, np.ndarray],
+                   other_caption: str) -> Prompt:
+    """Example pair from one image of a group, query and target from another (paper, Training).
+
+    `example` and `other` map a modality ("image", "depth", ...) to its (H, W, 3) uint8 array.
+    """
+    text = other_caption if spec.text == "caption" else spec.fixed_text
+    return Prompt(spec.name, example[spec.source], example[spec.target],
+                  other[spec.source], other[spec.target], text)

@@ -1,0 +1,38 @@
+"""Typed configuration of benchmark generation and metrics."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pd_data.config import Frozen
+
+POSITIVE_SUFFIX = ", best quality, extremely detailed"
+NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
+                   "fewer digits, cropped, worst quality, low quality")
+
+
+class EvalConfig(Frozen):
+    """`protocol='paper'`: DDIM 100 steps, guidance 9.0, suffix and negative prompt of Table 1."""
+
+    protocol: Literal["paper", "fast"] = "fast"
+    scheduler: Literal["ddim", "dpm", "unipc"] = "ddim"
+    steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(3.0, ge=1.0)
+    batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
+    seed: int = 0
+
+    def effective(self) -> "EvalConfig":
+        """The protocol pins its own sampler settings; `fast` keeps what was configured."""
+        if self.protocol == "paper":
+            return self.model_copy(update={"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0})
+        return self
+
+    @property
+    def positive_suffix(self) -> str:
+        return POSITIVE_SUFFIX if self.protocol == "paper" else ""
+
+    @property
+    def negative_prompt(self) -> str:
+        return NEGATIVE_PROMPT if self.protocol == "paper" else ""

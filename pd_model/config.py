@@ -1,0 +1,54 @@
+"""Typed configuration of the networks and of training."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pd_data.config import Frozen
+
+
+class BaseModelConfig(Frozen):
+    """The text-to-image base. `kind='tiny'` is trained by the pipeline; `'sd15'` is loaded."""
+
+    kind: Literal["tiny", "sd15"] = "tiny"
+    pretrained_path: str | None = Field(None, description="diffusers folder or HF-cache repo id for kind='sd15'")
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    max_text_length: int = 24
+    train_steps: int = Field(60, ge=0)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "BaseModelConfig":
+        if self.kind == "sd15" and not self.pretrained_path:
+            raise ValueError("base.kind='sd15' needs base.pretrained_path (a diffusers folder of Stable Diffusion 1.5)")
+        return self
+
+
+class TrainConfig(Frozen):
+    """Joint six-task Prompt Diffusion fine-tuning, and the CN(FT) baselines by the same loop."""
+
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    # Classifier-free guidance dropout, one uniform draw u per sample (paper section "Training").
+    drop_text: float = 0.05
+    drop_text_and_pair: float = 0.05
+    drop_pair: float = 0.05
+    train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
+    baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT): equal steps per task; 0 skips baselines")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.drop_text + self.drop_text_and_pair + self.drop_pair > 1:
+            raise ValueError("the three dropout rates must sum to at most 1")
+        return self

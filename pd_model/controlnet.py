@@ -1,0 +1,81 @@
+"""Prompt Diffusion's ControlNet: a stock diffusers ControlNet with a second hint encoder for the query.
+
+The example pair (6 channels) goes through the usual conditioning stack (`controlnet_cond_embedding`),
+the query (3 channels) through an identical, freshly initialised one
+(`controlnet_query_cond_embedding`, the diffusers research port's name); the two are summed and
+added to the first feature map. Everything else is the upstream `ControlNetModel`, untouched.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
+PAIR_CHANNELS = 6
+HintRange = Literal["-1,1", "0,1"]
+
+
+class PairQueryConditioningEmbedding(ControlNetConditioningEmbedding):
+    """Embeds a (B, 6 + 3, H, W) hint as pair-stack(pair) + query-stack(query).
+
+    Its own weights are the pair stack; the query stack is owned (and saved) by the ControlNet as
+    `controlnet_query_cond_embedding` and only referenced here, so the state-dict layout is the
+    research port's.
+    """
+
+    def bind_query(self, query_embedding: ControlNetConditioningEmbedding) -> None:
+        object.__setattr__(self, "_query_embedding", query_embedding)  # a reference, not a submodule
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        pair, query = conditioning[:, :PAIR_CHANNELS], conditioning[:, PAIR_CHANNELS:]  # (B,6,H,W), (B,3,H,W)
+        return super().forward(pair) + self._query_embedding(query)
+
+
+def _init(self, query_conditioning_channels: int = 3, hint_range: HintRange = "-1,1", **kwargs):
+    super(PromptDiffusionControlNet, self).__init__(**kwargs)
+    out_channels = self.config.conditioning_embedding_out_channels
+    emb_channels = self.config.block_out_channels[0]
+    self.controlnet_cond_embedding = PairQueryConditioningEmbedding(
+        emb_channels, self.config.conditioning_channels, out_channels)
+    self.controlnet_query_cond_embedding = ControlNetConditioningEmbedding(
+        emb_channels, query_conditioning_channels, out_channels)
+    self.controlnet_cond_embedding.bind_query(self.controlnet_query_cond_embedding)
+
+
+# `register_to_config` records the arguments named in the signature, so the signature must list the
+# parent's arguments as well as ours (a bare **kwargs would drop them from config.json).
+_parent = inspect.signature(ControlNetModel.__init__).parameters
+_init.__signature__ = inspect.Signature([
+    *(p for p in _parent.values()),
+    inspect.Parameter("query_conditioning_channels", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=3),
+    inspect.Parameter("hint_range", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="-1,1"),
+])
+
+
+class PromptDiffusionControlNet(ControlNetModel):
+    """`forward(sample, t, text_emb, controlnet_cond=pair (B,6,H,W), controlnet_query_cond=query (B,3,H,W))`.
+
+    `config.hint_range` is the range the hints were trained in ("-1,1" for the original and this
+    pipeline, "0,1" for weights trained through the diffusers research port); pipelines honour it.
+    """
+
+    __init__ = register_to_config(_init)
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+                  hint_range: HintRange = "-1,1", **kwargs) -> "PromptDiffusionControlNet":
+        """Copy the UNet's encoder, as ControlNet does; the pair stack takes 6 channels."""
+        net = super().from_unet(unet, conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+                                conditioning_channels=PAIR_CHANNELS, **kwargs)
+        net.register_to_config(hint_range=hint_range)
+        return net
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, controlnet_query_cond=None, **kwargs):
+        if controlnet_query_cond is None:
+            raise ValueError("PromptDiffusionControlNet needs controlnet_query_cond (the query image, B x 3 x H x W)")
+        hint = torch.cat([controlnet_cond, controlnet_query_cond], dim=1)  # (B, 6 + 3, H, W)
+        return super().forward(sample, timestep, encoder_hidden_states, hint, **kwargs)
