@@ -1,0 +1,88 @@
+"""Benchmark generation: every model under test on the same materialised prompts and seeds, then metrics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pd_data.dataset import SplitData
+from pd_data.tasks import get_task
+from pd_eval.config import EvalConfig
+from pd_eval.features import load_extractor
+from pd_eval.metrics import fid, rmse
+from pd_eval.visuals import prompt_grid
+from pd_model.base import BaseModel
+from pd_model.sampling import generate
+from pd_model.train import TextCache
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    model_id: str             # "prompt-diffusion", "cn-ft/depth->image", ...
+    controlnet: object        # a loaded ControlNet (Prompt Diffusion or stock)
+    tasks: tuple[str, ...]    # the tasks it is benchmarked on
+
+
+def slug(name: str) -> str:
+    return name.replace("->", "-to-").replace("/", "_")
+
+
+def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for a, n in zip(arrays, names):
+        p = folder / f"{n}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData, prompts_path: Path,
+                  cfg: EvalConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows)."""
+    eff = cfg.effective()
+    extractor_name, extractor = load_extractor()
+    prompts = pq.read_table(prompts_path).to_pylist()
+    text_cache = TextCache(base)
+    metric_rows, sample_rows = [], []
+    for m in models:
+        for task in m.tasks:
+            spec = get_task(task)
+            rows = [r for r in prompts if r["task"] == task]
+            if not rows:
+                continue
+            t0 = time.perf_counter()
+            built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in rows]
+            outs = []
+            for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.model_id} {task}", unit="batch"):
+                chunk = slice(i, i + eff.batch_size)
+                outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
+                                     scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
+                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
+                                     text_cache=text_cache))
+            outputs = np.concatenate(outs)
+            targets = np.stack([p.target for p in built])
+            names = [r["prompt_id"].split("/")[-1] for r in rows]
+            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
+            paths = _save_pngs(gen_dir, outputs, names)
+            (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+            prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")
+            if spec.metric == "rmse":
+                value, extractor_used = rmse(outputs, targets, cfg.bootstrap, cfg.seed), ""
+            else:
+                real_dir = out_dir / "real" / slug(task)
+                if not real_dir.exists():
+                    _save_pngs(real_dir, targets, names)
+                value, extractor_used = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed), extractor_name
+            metric_rows.append({"model_id": m.model_id, "task": task, "metric": spec.metric, "value": value.value,
+                                "ci_low": value.ci_low, "ci_high": value.ci_high, "n": value.n,
+                                "feature_extractor": extractor_used, "protocol": eff.protocol,
+                                "seconds": round(time.perf_counter() - t0, 2)})
+            sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(p)}
+                            for r, p in zip(rows, paths)]
+    return metric_rows, sample_rows

@@ -1,0 +1,122 @@
+"""Results in DuckDB: runs, models, metrics, samples; views `paper_table` and `latest_paper_table`.
+
+DuckDB lets one process write a file at a time. Writers here open a connection, write in one
+transaction and close it at once; a writer that finds the file locked waits and retries, so two
+flow runs finishing together both land their rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, profile VARCHAR, eval_id VARCHAR, started_at TIMESTAMP,
+    finished_at TIMESTAMP, status VARCHAR, report_path VARCHAR, config JSON);
+CREATE TABLE IF NOT EXISTS models (
+    model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, task VARCHAR, path VARCHAR,
+    train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
+CREATE TABLE IF NOT EXISTS metrics (
+    eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
+    ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (eval_id, model_id, task, metric));
+CREATE TABLE IF NOT EXISTS samples (
+    eval_id VARCHAR, model_id VARCHAR, task VARCHAR, prompt_id VARCHAR, path VARCHAR,
+    PRIMARY KEY (eval_id, model_id, prompt_id));
+CREATE TABLE IF NOT EXISTS paper_reference (
+    model VARCHAR, "fid_depth->image" DOUBLE, "fid_hed->image" DOUBLE, "fid_seg->image" DOUBLE,
+    "rmse_image->depth" DOUBLE, "rmse_image->hed" DOUBLE, "rmse_image->seg" DOUBLE);
+"""
+PAPER_ROWS = [("CN(FT) [paper]", 19.81, 13.07, 20.71, 0.20, 0.18, 0.36),
+              ("Prompt Diffusion [paper]", 18.60, 13.35, 19.46, 0.21, 0.14, 0.31)]
+TABLE1 = [("fid", "depth->image"), ("fid", "hed->image"), ("fid", "seg->image"),
+          ("rmse", "image->depth"), ("rmse", "image->hed"), ("rmse", "image->seg")]
+_cols = ",\n    ".join(f"max(value) FILTER (WHERE metric = '{m}' AND task = '{t}') AS \"{m}_{t}\"" for m, t in TABLE1)
+VIEWS = f"""
+CREATE OR REPLACE VIEW paper_table AS
+SELECT r.run_id, r.profile, m.model_id AS model, any_value(m.feature_extractor) AS feature_extractor,
+    {_cols}
+FROM runs r JOIN metrics m USING (eval_id)
+GROUP BY r.run_id, r.profile, m.model_id
+UNION ALL BY NAME
+SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)
+FROM paper_reference;
+CREATE OR REPLACE VIEW latest_paper_table AS
+SELECT * FROM paper_table
+WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'completed'
+                                  ORDER BY finished_at DESC LIMIT 1);
+"""
+
+
+def _is_lock_error(e: Exception) -> bool:
+    text = str(e).lower()
+    return "lock" in text or "conflicting" in text or "being used" in text
+
+
+@contextlib.contextmanager
+def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived connection; waits (with jitter) while another process holds the write lock."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    deadline, delay = time.monotonic() + timeout_s, 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(db), read_only=read_only)
+            break
+        except (duckdb.IOException, duckdb.Error) as e:
+            if not _is_lock_error(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def init_db(db: Path) -> None:
+    with connect(db) as con:
+        con.execute(SCHEMA)
+        if con.execute("SELECT count(*) FROM paper_reference").fetchall()[0][0] == 0:
+            con.executemany("INSERT INTO paper_reference VALUES (?, ?, ?, ?, ?, ?, ?)", PAPER_ROWS)
+        con.execute(VIEWS)
+
+
+def write_rows(db: Path, table: str, rows: list[dict]) -> int:
+    """Insert or replace rows (by primary key) in one transaction; returns the count."""
+    if not rows:
+        return 0
+    init_db(db)
+    cols = list(rows[0])
+    sql = f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    with connect(db) as con:
+        con.execute("BEGIN")
+        con.executemany(sql, [[r[c] for c in cols] for r in rows])
+        con.execute("COMMIT")
+    return len(rows)
+
+
+def query(db: Path, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+    """Run a read-only query: (column names, rows)."""
+    if not db.exists():
+        raise FileNotFoundError(f"no results database at {db}; run a benchmark first (make benchmark)")
+    with connect(db, read_only=True) as con:
+        cur = con.execute(sql, params or [])
+        names = [d[0] for d in cur.description] if cur.description else []
+        return names, cur.fetchall()
+
+
+def format_table(names: list[str], rows: list[tuple], floatfmt: str = "{:.4g}") -> str:
+    """A plain-text table for terminals."""
+    def fmt(v) -> str:
+        return "" if v is None else floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    cells = [names] + [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(names))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
