@@ -23,7 +23,8 @@ from pd_model.train import TextCache
 
 @dataclass(frozen=True)
 class ModelUnderTest:
-    model_id: str             # "prompt-diffusion", "cn-ft/depth->image", ...
+    model_id: str             # the row of Table 1: "prompt-diffusion", "cn-ft" (one checkpoint per task)
+    checkpoint: str           # which trained network: "prompt-diffusion", "cn-ft_depth-to-image", ...
     controlnet: object        # a loaded ControlNet (Prompt Diffusion or stock)
     tasks: tuple[str, ...]    # the tasks it is benchmarked on
 
@@ -59,7 +60,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             t0 = time.perf_counter()
             built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in rows]
             outs = []
-            for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.model_id} {task}", unit="batch"):
+            for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
                 chunk = slice(i, i + eff.batch_size)
                 outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
@@ -68,7 +69,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]
-            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
+            gen_dir = out_dir / "samples" / slug(m.checkpoint) / slug(task)
             paths = _save_pngs(gen_dir, outputs, names)
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")

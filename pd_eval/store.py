@@ -19,9 +19,10 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, profile VARCHAR, eval_id VARCHAR, started_at TIMESTAMP,
     finished_at TIMESTAMP, status VARCHAR, report_path VARCHAR, config JSON);
 CREATE TABLE IF NOT EXISTS models (
-    model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, task VARCHAR, path VARCHAR,
+    model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, tasks VARCHAR[], path VARCHAR,
     train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
 CREATE TABLE IF NOT EXISTS metrics (
+    -- model_id is the Table 1 row: 'prompt-diffusion' or 'cn-ft' (its per-task checkpoints in models)
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
     ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (eval_id, model_id, task, metric));
@@ -39,7 +40,7 @@ TABLE1 = [("fid", "depth->image"), ("fid", "hed->image"), ("fid", "seg->image"),
 _cols = ",\n    ".join(f"max(value) FILTER (WHERE metric = '{m}' AND task = '{t}') AS \"{m}_{t}\"" for m, t in TABLE1)
 VIEWS = f"""
 CREATE OR REPLACE VIEW paper_table AS
-SELECT r.run_id, r.profile, m.model_id AS model, any_value(m.feature_extractor) AS feature_extractor,
+SELECT r.run_id, r.profile, m.model_id AS model, max(NULLIF(m.feature_extractor, '')) AS feature_extractor,
     {_cols}
 FROM runs r JOIN metrics m USING (eval_id)
 GROUP BY r.run_id, r.profile, m.model_id

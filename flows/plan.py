@@ -1,0 +1,41 @@
+"""The stage DAG as data: each stage's cache key is a hash of its config and its upstream keys.
+
+A changed parameter changes the keys of the stages that read it and of everything downstream,
+and nothing else; a finished stage is a folder with a `_DONE.json` marker under its key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.profiles import Profile
+from pd_data.state import StateDir, fingerprint
+from pd_data.tasks import TRAINING_TASKS
+
+# Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
+CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 1, "train": 1, "evaluate": 1}
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: Profile
+    state: StateDir
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TRAINING_TASKS
+
+    def key(self, stage: str) -> str:
+        p = self.profile
+        parts = {  # lambdas: only the asked stage's upstream keys are computed
+            "ingest": lambda: (p.data.model_dump(exclude={"modalities", "shard_size"}), p.data.shard_size),
+            "annotate": lambda: (self.key("ingest"), p.data.modalities, "procedural"),
+            "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.tasks),
+            "base": lambda: (self.key("ingest"), p.base.model_dump()),
+            "train": lambda: (self.key("annotate"), self.key("base"), p.train.model_dump(), self.tasks),
+            "evaluate": lambda: (self.key("train"), self.key("prompts"), p.eval.model_dump()),
+        }[stage]()
+        return fingerprint(stage, CODE_VERSIONS[stage], parts)
+
+    def dir(self, stage: str) -> Path:
+        return self.state.stage_dir(stage, self.key(stage))

@@ -1,0 +1,106 @@
+"""The local Prefect stack: a server bound to 127.0.0.1 and a process worker, with pid and log files
+in the state directory. `up` reuses whatever is already running; `down` stops what `up` started.
+
+`prefect server start --background` dies at the first error it logs (its stderr pipe is closed), so
+the server runs in the foreground of its own session with its output in a log file.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pd_data.state import StateDir
+
+HOST, PORT = "127.0.0.1", int(os.environ.get("PD_PREFECT_PORT", "4200"))
+API_URL = f"http://{HOST}:{PORT}/api"
+POOL = "pd-local"
+
+
+def stack_env(state: StateDir) -> dict[str, str]:
+    """Environment for every Prefect process of the stack: home, API and database inside the state dir."""
+    state.prefect_home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "PD_STATE_DIR": str(state.root), "PREFECT_HOME": str(state.prefect_home),
+            "PREFECT_API_URL": API_URL, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(PORT),
+            "PREFECT_LOGGING_COLORS": "false", "PD_PROJECT_DIR": str(Path.cwd())}
+
+
+def healthy(timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{API_URL}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _alive(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _spawn(cmd: list[str], name: str, state: StateDir) -> int:
+    logs = state.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=stack_env(state), cwd=Path.cwd(), start_new_session=True)
+    (state.root / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _prefect(*args: str, state: StateDir) -> None:
+    exe = Path(sys.executable).with_name("prefect")
+    subprocess.run([str(exe), *args], env=stack_env(state), check=True, stdout=subprocess.DEVNULL)
+
+
+def up(state: StateDir, wait_s: float = 90.0) -> None:
+    """Server (if not healthy), work pool, deployments of prefect.yaml, worker (if not running)."""
+    exe = str(Path(sys.executable).with_name("prefect"))
+    if healthy():
+        print(f"prefect server: already up at {API_URL}")
+    else:
+        pid = _spawn([exe, "server", "start", "--host", HOST, "--port", str(PORT)], "server", state)
+        print(f"prefect server: starting (pid {pid}, log {state.root / 'logs/server.log'})", flush=True)
+        deadline = time.monotonic() + wait_s
+        while not healthy():
+            if time.monotonic() > deadline or _alive(state.root / "server.pid") is None:
+                raise RuntimeError(f"the Prefect server did not become healthy; see {state.root / 'logs/server.log'}")
+            time.sleep(1)
+        print(f"prefect server: healthy at {API_URL}")
+    _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", state=state)
+    _prefect("--no-prompt", "deploy", "--all", state=state)
+    print(f"deployments of prefect.yaml registered on pool {POOL!r}")
+    env_file = state.root / "env.sh"
+    env_file.write_text(f"export PD_STATE_DIR={state.root}\nexport PREFECT_HOME={state.prefect_home}\n"
+                        f"export PREFECT_API_URL={API_URL}\n")
+    print(f"in another shell, `source {env_file}` to talk to this server")
+    if (pid := _alive(state.root / "worker.pid")) is not None:
+        print(f"prefect worker: already running (pid {pid})")
+    else:
+        pid = _spawn([exe, "worker", "start", "--pool", POOL, "--type", "process"], "worker", state)
+        print(f"prefect worker: started (pid {pid}, log {state.root / 'logs/worker.log'})")
+
+
+def down(state: StateDir) -> None:
+    for name in ("worker", "server"):
+        pidfile = state.root / f"{name}.pid"
+        pid = _alive(pidfile)
+        if pid is None:
+            print(f"{name}: not running")
+        else:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(100):
+                if _alive(pidfile) is None:
+                    break
+                time.sleep(0.1)
+            print(f"{name}: stopped (pid {pid})")
+        pidfile.unlink(missing_ok=True)

@@ -1,0 +1,273 @@
+"""Stage flows: ingest, annotate, train, evaluate, report. Each runs on its own (running any missing
+upstream stage first) and skips itself when its output for the same inputs is already complete."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from flows.plan import Plan
+from flows.profiles import load_profile
+from pd_data.state import StateDir, is_done, mark_done, read_done
+
+Overrides = dict[str, Any] | None
+
+
+def make_plan(profile: str, overrides: Overrides, state_dir: str | None) -> Plan:
+    return Plan(load_profile(profile, overrides), StateDir.resolve(state_dir))
+
+
+def require(plan: Plan, stage: str) -> None:
+    if not is_done(plan.dir(stage)):
+        raise RuntimeError(f"stage {stage!r} has not been run for these inputs (expected {plan.dir(stage)}); "
+                           f"run it first or call this flow with upstream=True")
+
+
+def _cached(plan: Plan, stage: str) -> dict | None:
+    out = plan.dir(stage)
+    if is_done(out):
+        get_run_logger().info("%s: already computed for these inputs (key %s) at %s; skipping", stage, plan.key(stage), out)
+        return read_done(out)
+    return None
+
+
+# ---------------------------------------------------------------- ingest
+@task(cache_policy=NO_CACHE, name="ingest-procedural")
+def ingest_task(plan: Plan) -> dict:
+    from pd_data.ingest import ingest
+
+    return ingest(plan.profile.data, plan.dir("ingest"))
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None) -> dict:
+    plan = make_plan(profile, overrides, state_dir)
+    if (done := _cached(plan, "ingest")) is not None:
+        return done
+    summary = ingest_task(plan)
+    mark_done(plan.dir("ingest"), summary)
+    get_run_logger().info("ingest: %s", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- annotate (+ evaluation prompts)
+@task(cache_policy=NO_CACHE, name="annotate-shard")
+def annotate_shard_task(images: Path, out: Path, modalities: tuple[str, ...]) -> dict:
+    from pd_data.annotate import annotate_shard
+
+    return annotate_shard(images, out, modalities, "procedural")
+
+
+@task(cache_policy=NO_CACHE, name="materialise-prompts")
+def prompts_task(plan: Plan) -> dict:
+    from pd_data.dataset import load_split
+    from pd_data.prompts import materialise_prompts
+
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    n = materialise_prompts(data, plan.tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
+    return {"rows": n, "tasks": list(plan.tasks)}
+
+
+@flow(name="annotate", log_prints=True)
+def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                 upstream: bool = True) -> dict:
+    plan = make_plan(profile, overrides, state_dir)
+    if upstream:
+        ingest_flow(profile, overrides, state_dir)
+    require(plan, "ingest")
+    summary = _cached(plan, "annotate")
+    if summary is None:
+        shards = sorted(plan.dir("ingest").glob("images-*.parquet"))
+        outs = [plan.dir("annotate") / s.name.replace("images-", "annotations-") for s in shards]
+        futures = annotate_shard_task.map(shards, outs, unmapped(plan.profile.data.modalities))
+        results = futures.result()
+        summary = {"shards": len(results), "rows": sum(r["rows"] for r in results),
+                   "resumed": sum(r["resumed"] for r in results), "modalities": list(plan.profile.data.modalities)}
+        mark_done(plan.dir("annotate"), summary)
+        get_run_logger().info("annotate: %s", summary)
+    if _cached(plan, "prompts") is None:
+        mark_done(plan.dir("prompts"), prompts_task(plan))
+    return summary
+
+
+# ---------------------------------------------------------------- train
+@task(cache_policy=NO_CACHE, name="train-base")
+def train_base_task(plan: Plan) -> dict:
+    from pd_data.dataset import load_split
+    from pd_model.base import build_tiny_base
+    from pd_model.train import save_losses, train_base
+
+    out = plan.dir("base")
+    cfg = plan.profile.base
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
+    base = build_tiny_base(cfg, sorted(set(data.captions.values())), plan.profile.data.resolution)
+    losses = train_base(base, data, cfg)
+    base.save(out)
+    save_losses(out / "losses.json", losses)
+    return {"path": str(out), "steps": cfg.train_steps, "final_loss": losses[-1] if losses else None}
+
+
+@task(cache_policy=NO_CACHE, name="train-controlnet")
+def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: int, seed_offset: int, name: str) -> dict:
+    from pd_data.dataset import load_split
+    from pd_model.train import save_losses, train_controlnet
+
+    out = plan.dir("train") / name
+    if (out / "losses.json").exists():  # finished in an earlier, interrupted run of this stage
+        losses = json.loads((out / "losses.json").read_text())["loss"]
+        return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": True}
+    base = load_base_for(plan)
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
+    net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset)
+    net.save_pretrained(out / "controlnet")
+    save_losses(out / "losses.json", losses)  # written last: marks this model complete
+    return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": False}
+
+
+def load_base_for(plan: Plan):
+    from pd_model.base import load_base
+
+    cfg = plan.profile.base
+    return load_base(plan.dir("base") if cfg.kind == "tiny" else cfg.pretrained_path).freeze()
+
+
+def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """model name -> (mode, tasks): the joint model and one CN(FT) per task."""
+    models = {"prompt-diffusion": ("prompt_diffusion", plan.tasks)}
+    if plan.profile.train.baseline_steps_per_task > 0:
+        models |= {f"cn-ft_{t.replace('->', '-to-')}": ("cnft", (t,)) for t in plan.tasks}
+    return models
+
+
+@flow(name="train", log_prints=True)
+def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+              upstream: bool = True) -> dict:
+    plan = make_plan(profile, overrides, state_dir)
+    if upstream:
+        annotate_flow(profile, overrides, state_dir)
+    require(plan, "annotate")
+    if plan.profile.base.kind == "tiny" and _cached(plan, "base") is None:
+        mark_done(plan.dir("base"), train_base_task(plan))
+    if (done := _cached(plan, "train")) is not None:
+        return done
+    cfg = plan.profile.train
+    results = []
+    for i, (name, (mode, tasks)) in enumerate(model_dirs(plan).items()):
+        steps = cfg.steps if mode == "prompt_diffusion" else cfg.baseline_steps_per_task
+        results.append(train_controlnet_task(plan, mode, tasks, steps, i, name))
+    summary = {"models": results, "budget_rule": "equal steps per task for CN(FT)"}
+    mark_done(plan.dir("train"), summary)
+    create_table_artifact(key="training-summary", table=[{k: r[k] for k in ("name", "steps", "final_loss")} for r in results],
+                          description="Final training loss of every model of this run")
+    return summary
+
+
+# ---------------------------------------------------------------- evaluate
+@task(cache_policy=NO_CACHE, name="benchmark")
+def benchmark_task(plan: Plan) -> dict:
+    from diffusers import ControlNetModel
+
+    from pd_data.dataset import load_split
+    from pd_eval.benchmark import ModelUnderTest, run_benchmark
+    from pd_model.controlnet import PromptDiffusionControlNet
+
+    base = load_base_for(plan)
+    models = []
+    for name, (mode, tasks) in model_dirs(plan).items():
+        cls = PromptDiffusionControlNet if mode == "prompt_diffusion" else ControlNetModel
+        family = "prompt-diffusion" if mode == "prompt_diffusion" else "cn-ft"
+        models.append(ModelUnderTest(family, name, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval(), tasks))
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    metrics, samples = run_benchmark(base, models, data, plan.dir("prompts") / "prompts.parquet",
+                                     plan.profile.eval, plan.dir("evaluate"))
+    return {"metrics": metrics, "samples": samples}
+
+
+@task(cache_policy=NO_CACHE, name="store-results")
+def store_task(plan: Plan, result: dict) -> int:
+    from datetime import datetime, timezone
+
+    from pd_eval.store import write_rows
+
+    eval_id, now = plan.key("evaluate"), datetime.now(timezone.utc)
+    train = read_done(plan.dir("train"))
+    model_rows = [{"model_id": m["name"], "eval_id": eval_id, "kind": mode, "tasks": list(tasks),
+                   "path": m["path"], "train_steps": m["steps"], "final_loss": m["final_loss"]}
+                  for m, (mode, tasks) in zip(train["models"], model_dirs(plan).values())]
+    metric_rows = [{"eval_id": eval_id, "created_at": now, **{k: v for k, v in r.items() if k != "seconds"}}
+                   for r in result["metrics"]]
+    sample_rows = [{"eval_id": eval_id, **r} for r in result["samples"]]
+    db = plan.state.db
+    write_rows(db, "models", model_rows)
+    write_rows(db, "samples", sample_rows)
+    return write_rows(db, "metrics", metric_rows)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                 upstream: bool = True) -> dict:
+    plan = make_plan(profile, overrides, state_dir)
+    if upstream:
+        train_flow(profile, overrides, state_dir)
+    require(plan, "train")
+    if (done := _cached(plan, "evaluate")) is not None:
+        return done
+    result = benchmark_task(plan)
+    n = store_task(plan, result)
+    summary = {"eval_id": plan.key("evaluate"), "metrics": result["metrics"], "rows_stored": n}
+    mark_done(plan.dir("evaluate"), summary)
+    create_table_artifact(key="benchmark-metrics", table=result["metrics"], description="Every metric of this evaluation")
+    return summary
+
+
+# ---------------------------------------------------------------- report
+@task(cache_policy=NO_CACHE, name="build-report")
+def report_task(plan: Plan, run_id: str) -> str:
+    from pd_eval.report import build_report
+    from pd_eval.visuals import loss_plot
+
+    curves = {}
+    for name in model_dirs(plan):
+        curves[name] = json.loads((plan.dir("train") / name / "losses.json").read_text())["loss"]
+    if plan.profile.base.kind == "tiny":
+        curves["base (text->image)"] = json.loads((plan.dir("base") / "losses.json").read_text())["loss"]
+    out = plan.state.reports / run_id
+    png = loss_plot(curves, out / "losses-src.png")
+    notes = [f"profile: {plan.profile.name}; evaluation protocol: {plan.profile.eval.protocol} "
+             f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
+             f"guidance {plan.profile.eval.effective().guidance_scale})",
+             f"trained: the ControlNets only (base frozen; train_unet_decoder={plan.profile.train.train_unet_decoder}); "
+             f"CN(FT) budget: {plan.profile.train.baseline_steps_per_task} steps per task, Prompt Diffusion "
+             f"{plan.profile.train.steps} steps over {len(plan.tasks)} tasks",
+             f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
+    return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
+
+
+@flow(name="report", log_prints=True)
+def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+               upstream: bool = True) -> str:
+    """Evaluate (if needed), record this run in DuckDB, and write its report."""
+    from datetime import datetime, timezone
+
+    from pd_eval.store import write_rows
+
+    plan = make_plan(profile, overrides, state_dir)
+    started = datetime.now(timezone.utc)
+    if upstream:
+        evaluate_flow(profile, overrides, state_dir)
+    require(plan, "evaluate")
+    run_id = str(flow_run.root_flow_run_id or flow_run.get_id() or f"local-{started:%Y%m%dT%H%M%S}")
+    row = {"run_id": run_id, "profile": profile, "eval_id": plan.key("evaluate"), "started_at": started,
+           "finished_at": None, "status": "running", "report_path": None, "config": plan.profile.model_dump_json()}
+    write_rows(plan.state.db, "runs", [row])
+    path = report_task(plan, run_id)
+    write_rows(plan.state.db, "runs", [row | {"finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": path}])
+    create_link_artifact(key="benchmark-report", link=f"file://{Path(path).with_suffix('.html')}", description="HTML report of this run")
+    create_markdown_artifact(key="benchmark-report-md", markdown=Path(path).read_text(), description="Report of this run")
+    get_run_logger().info("report: %s", path)
+    return path
