@@ -23,7 +23,9 @@ install: $(VENV)/.installed
 # Server + worker (reused when running), deployments, one full-benchmark run, then the results.
 benchmark: install
 	$(BIN)/pd up
-	PREFECT_API_URL=$(API) $(BIN)/prefect deployment run full-benchmark/$(PROFILE) --watch
+	@PREFECT_API_URL=$(API) $(BIN)/prefect deployment run full-benchmark/$(PROFILE) --watch \
+	  || { echo "full-benchmark/$(PROFILE) failed; the error, from $(PD_STATE_DIR)/logs/worker.log:"; \
+	       grep -E "ERROR|Error|Exception" $(PD_STATE_DIR)/logs/worker.log | tail -n 8; exit 1; }
 	@$(BIN)/pd results
 
 smoke:

@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - a CLI prints the reason, not a traceback
+        if os.environ.get("PD_DEBUG"):
+            raise
         print(f"pd {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid
@@ -55,7 +57,11 @@ def folder_features(folder: Path, extractor: FeatureExtractor) -> np.ndarray:
 def fid(generated: Path, real: Path, extractor: FeatureExtractor, resamples: int = 200, seed: int = 0) -> MetricValue:
     """FID between two folders of images; the interval resamples both sets' features."""
     f1, f2 = folder_features(generated, extractor), folder_features(real, extractor)
-    value = float(cleanfid.fid_from_feats(f1, f2))
-    n = min(len(f1), len(f2))
-    lo, hi = bootstrap(lambda idx: cleanfid.fid_from_feats(f1[idx % len(f1)], f2[idx % len(f2)]), n, resamples, seed)
+    with warnings.catch_warnings():
+        # Fewer images than feature dimensions make singular covariances: expected on small sets,
+        # where sqrtm warns but clean-fid's offset keeps the value finite. KID suits small sets better.
+        warnings.simplefilter("ignore")
+        value = float(cleanfid.fid_from_feats(f1, f2))
+        n = min(len(f1), len(f2))
+        lo, hi = bootstrap(lambda idx: cleanfid.fid_from_feats(f1[idx % len(f1)], f2[idx % len(f2)]), n, resamples, seed)
     return MetricValue(value, lo, hi, len(f1))

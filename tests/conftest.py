@@ -1,0 +1,40 @@
+"""Shared fixtures: a real Prefect engine (test harness), a state directory per test, tiny sizes."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect's home for the whole test session lives in a temporary folder, never in ~/.prefect.
+_HOME = Path(tempfile.mkdtemp(prefix="pd-tests-prefect-"))
+os.environ["PREFECT_HOME"] = str(_HOME)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+
+# Sizes that keep an end-to-end run to seconds; the smoke profile with these overrides.
+TINY = {
+    "data": {"n_groups": 12, "split_fractions": [0.5, 0.0, 0.5]},
+    "prompts": {"per_task": 3},
+    "base": {"train_steps": 8, "batch_size": 4},
+    "train": {"steps": 4, "batch_size": 4, "baseline_steps_per_task": 2},
+    "eval": {"steps": 3, "bootstrap": 20},
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_engine():
+    """A real Prefect API (temporary SQLite database), shared by the tests of one session."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "state"
+    monkeypatch.setenv("PD_STATE_DIR", str(root))
+    return root

@@ -1,0 +1,79 @@
+"""End to end through the real Prefect engine: Parquet, checkpoints, DuckDB rows, report, caching."""
+import json
+import logging
+
+import pyarrow.parquet as pq
+
+from conftest import TINY
+from flows.full_benchmark import full_benchmark
+from flows.plan import Plan
+from flows.profiles import load_profile
+from pd_data.state import StateDir
+from pd_eval.store import query
+
+
+def _mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
+    report = full_benchmark("smoke", TINY)
+    plan = Plan(load_profile("smoke", TINY), StateDir.resolve())
+
+    # 1. Parquet: every image of 12 groups x 2, three maps each, 3 prompts x 6 tasks.
+    n_images = sum(pq.read_metadata(p).num_rows for p in plan.dir("ingest").glob("images-*.parquet"))
+    n_maps = sum(pq.read_metadata(p).num_rows for p in plan.dir("annotate").glob("annotations-*.parquet"))
+    prompts = pq.read_table(plan.dir("prompts") / "prompts.parquet").to_pylist()
+    assert (n_images, n_maps, len(prompts)) == (24, 72, 18)
+    assert {p["task"] for p in prompts} == set(plan.tasks)
+
+    # 2. Checkpoints: base in diffusers layout, Prompt Diffusion and six CN(FT), all safetensors.
+    assert (plan.dir("base") / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
+    assert len(ckpts) == 7 and "prompt-diffusion" in ckpts
+
+    # 3. DuckDB: 12 metric rows (6 tasks x 2 model families), one completed run pointing at the report.
+    db = plan.state.db
+    assert query(db, "SELECT count(*) FROM metrics")[1] == [(12,)]
+    names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
+                            "WHERE profile = 'smoke' ORDER BY model")
+    assert [r[0] for r in rows] == ["cn-ft", "prompt-diffusion"]
+    assert all(0 < r[1] < 1 and r[2] >= 0 for r in rows)
+    _, runs = query(db, "SELECT status, report_path FROM runs")
+    assert runs == [("completed", report)]
+
+    # 4. Report: Markdown and HTML with the table, grids and loss curves.
+    md = open(report).read()
+    assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
+    assert (plan.state.reports.glob("*/report.html")) and len(list(plan.state.reports.glob("*/*__*.png"))) == 12
+    assert "losses.png" in md
+
+    # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
+    before = _mtimes(plan.state.root / "models")
+    caplog.set_level(logging.INFO)
+    full_benchmark("smoke", TINY)
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert {m.split(":")[0] for m in skipped} >= {"ingest", "annotate", "prompts", "base", "train", "evaluate"}
+    assert _mtimes(plan.state.root / "models") == before
+    assert query(db, "SELECT count(*) FROM runs")[1] == [(2,)]
+
+    # 6. A new evaluation parameter reruns only the evaluation.
+    caplog.clear()
+    changed = json.loads(json.dumps(TINY))
+    changed["eval"]["guidance_scale"] = 1.5
+    full_benchmark("smoke", changed)
+    skipped = {r.getMessage().split(":")[0] for r in caplog.records if "skipping" in r.getMessage()}
+    assert skipped >= {"ingest", "annotate", "base", "train"} and "evaluate" not in skipped
+    assert _mtimes(plan.state.root / "models") == before
+    assert query(db, "SELECT count(DISTINCT eval_id) FROM metrics")[1] == [(2,)]
+
+
+def test_a_stage_runs_its_missing_upstream_and_refuses_without_it(prefect_engine, state_dir):
+    import pytest
+
+    from flows.stages import annotate_flow
+
+    with pytest.raises(RuntimeError, match="has not been run"):
+        annotate_flow("smoke", TINY, upstream=False)
+    summary = annotate_flow("smoke", TINY)
+    assert summary["rows"] == 72

@@ -1,0 +1,44 @@
+import numpy as np
+from PIL import Image
+
+from pd_eval.features import RandomConvFeatures, load_extractor
+from pd_eval.metrics import bootstrap, fid, per_image_mse, rmse
+
+
+def test_rmse_matches_hand_computation():
+    out = np.zeros((2, 2, 2, 1), np.uint8)
+    tgt = np.zeros((2, 2, 2, 1), np.uint8)
+    tgt[0] = 255          # image 0: every pixel off by 1.0 -> mse 1
+    tgt[1, 0, 0, 0] = 51  # image 1: one of 4 pixels off by 0.2 -> mse 0.04 / 4 = 0.01
+    assert np.allclose(per_image_mse(out, tgt), [1.0, 0.01])
+    assert np.isclose(rmse(out, tgt, resamples=0).value, np.sqrt((1.0 + 0.01) / 2))
+
+
+def _folder(path, images):
+    path.mkdir(parents=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(path / f"{i}.png")
+    return path
+
+
+def test_fid_is_near_zero_for_the_same_set_and_larger_for_a_shifted_one(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 200, (40, 32, 32, 3), dtype=np.uint8)
+    a = _folder(tmp_path / "a", imgs)
+    same = _folder(tmp_path / "same", imgs)
+    shifted = _folder(tmp_path / "shift", np.clip(imgs.astype(int) + 55, 0, 255).astype(np.uint8))
+    name, extractor = load_extractor()
+    assert name == RandomConvFeatures.name  # no Inception weights on this machine
+    f_same = fid(a, same, extractor, resamples=0).value
+    f_shift = fid(a, shifted, extractor, resamples=0).value
+    assert abs(f_same) < 1e-3 and f_shift > 100 * max(abs(f_same), 1e-3)
+
+
+def test_bootstrap_interval_covers_the_truth():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(40):
+        x = rng.normal(3.0, 1.0, 200)
+        lo, hi = bootstrap(lambda idx: x[idx].mean(), len(x), 300, trial)
+        covered += lo <= 3.0 <= hi
+    assert covered >= 34  # ~95% nominal

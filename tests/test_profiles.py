@@ -1,0 +1,54 @@
+import pytest
+from pydantic import ValidationError
+
+from flows.profiles import PROFILES, load_profile, parse_override
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_validates(name):
+    p = load_profile(name)
+    assert p.name == name and p.data.resolution % 8 == 0
+
+
+def test_override_changes_one_value_and_keeps_the_rest():
+    p = load_profile("demo", {"train": {"steps": 7}})
+    assert p.train.steps == 7
+    assert p.train.batch_size == load_profile("demo").train.batch_size
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ValidationError, match="stepz"):
+        load_profile("smoke", {"train": {"stepz": 3}})
+
+
+def test_unknown_profile_names_the_choices():
+    with pytest.raises(ValueError, match="choose one of"):
+        load_profile("fast")
+
+
+def test_bad_values_are_rejected_before_work_starts():
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        load_profile("smoke", {"data": {"resolution": 30}})
+    with pytest.raises(ValidationError, match="sum to 1"):
+        load_profile("smoke", {"data": {"split_fractions": [0.5, 0.5, 0.5]}})
+    with pytest.raises(ValidationError, match="pretrained_path"):
+        load_profile("smoke", {"base": {"kind": "sd15", "pretrained_path": None}})
+
+
+def test_profiles_are_frozen():
+    p = load_profile("smoke")
+    with pytest.raises(ValidationError):
+        p.train.steps = 3
+
+
+def test_parse_override():
+    assert parse_override("train.steps=10") == {"train": {"steps": 10}}
+    assert parse_override("eval.scheduler=unipc") == {"eval": {"scheduler": "unipc"}}
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("train.steps")
+
+
+def test_paper_protocol_pins_its_sampler():
+    e = load_profile("paper").eval.effective()
+    assert (e.scheduler, e.steps, e.guidance_scale) == ("ddim", 100, 9.0)
+    assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
