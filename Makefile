@@ -6,6 +6,9 @@ PROFILE ?= demo
 export PD_STATE_DIR ?= $(CURDIR)/.pd
 export PREFECT_HOME ?= $(PD_STATE_DIR)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Nothing is fetched from a model hub at run time, and caches stay in the state directory.
+export HF_HUB_OFFLINE := 1
+export MPLCONFIGDIR ?= $(PD_STATE_DIR)/cache/matplotlib
 PD_PREFECT_PORT ?= 4200
 API := http://127.0.0.1:$(PD_PREFECT_PORT)/api
 

@@ -24,6 +24,8 @@ def _prepare_env() -> "StateDir":  # noqa: F821
     state = StateDir.resolve()
     os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLCONFIGDIR", str(state.root / "cache" / "matplotlib"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return state
 

@@ -17,15 +17,14 @@ class Profile(Frozen):
     eval: EvalConfig = EvalConfig()
 
 
-# Sizes measured on the 2-core CPU (README "Durations"): smoke finishes in about a minute,
-# demo in about a quarter of an hour.
+# Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {},
+    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "eval": {"bootstrap": 50}},
     "demo": {
         "data": {"n_groups": 240, "resolution": 32},
         "prompts": {"per_task": 16},
-        "base": {"train_steps": 1200, "batch_size": 16, "block_out_channels": (32, 64, 64)},
-        "train": {"steps": 400, "batch_size": 16, "learning_rate": 3e-4, "baseline_steps_per_task": 150},
+        "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64)},
+        "train": {"steps": 300, "batch_size": 16, "learning_rate": 3e-4, "baseline_steps_per_task": 50},
         "eval": {"steps": 20, "guidance_scale": 3.0},
     },
     "paper": {

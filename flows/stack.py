@@ -27,7 +27,8 @@ def stack_env(state: StateDir) -> dict[str, str]:
     return {**os.environ, "PD_STATE_DIR": str(state.root), "PREFECT_HOME": str(state.prefect_home),
             "PREFECT_API_URL": API_URL, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(PORT),
-            "PREFECT_LOGGING_COLORS": "false", "PD_PROJECT_DIR": str(Path.cwd())}
+            "PREFECT_LOGGING_COLORS": "false", "HF_HUB_OFFLINE": "1",
+            "MPLCONFIGDIR": str(state.root / "cache" / "matplotlib"), "PD_PROJECT_DIR": str(Path.cwd())}
 
 
 def healthy(timeout: float = 2.0) -> bool:

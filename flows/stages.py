@@ -265,7 +265,11 @@ def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
     row = {"run_id": run_id, "profile": profile, "eval_id": plan.key("evaluate"), "started_at": started,
            "finished_at": None, "status": "running", "report_path": None, "config": plan.profile.model_dump_json()}
     write_rows(plan.state.db, "runs", [row])
-    path = report_task(plan, run_id)
+    try:
+        path = report_task(plan, run_id)
+    except BaseException:
+        write_rows(plan.state.db, "runs", [row | {"finished_at": datetime.now(timezone.utc), "status": "failed"}])
+        raise
     write_rows(plan.state.db, "runs", [row | {"finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": path}])
     create_link_artifact(key="benchmark-report", link=f"file://{Path(path).with_suffix('.html')}", description="HTML report of this run")
     create_markdown_artifact(key="benchmark-report-md", markdown=Path(path).read_text(), description="Report of this run")

@@ -8,8 +8,8 @@ from diffusers import ControlNetModel, DDIMScheduler, DPMSolverMultistepSchedule
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
 from pd_model.controlnet import PromptDiffusionControlNet
-from pd_model.hints import to_hint, to_uint8
-from pd_model.train import TextCache
+from pd_model.hints import to_uint8
+from pd_model.train import TextCache, prompt_batch
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 
@@ -18,14 +18,6 @@ def make_scheduler(base: BaseModel, name: str):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(base.scheduler.config)
-
-
-def _hints(prompts: list[Prompt], hint_range: str) -> tuple[torch.Tensor, torch.Tensor]:
-    def stack(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(p, key) for p in prompts])).permute(0, 3, 1, 2)  # (B, 3, H, W)
-
-    pair = torch.cat([to_hint(stack("example_source"), hint_range), to_hint(stack("example_target"), hint_range)], 1)
-    return pair, to_hint(stack("query"), hint_range)
 
 
 @torch.no_grad()
@@ -46,7 +38,8 @@ def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     x = x * sched.init_noise_sigma
     hint_range = getattr(getattr(controlnet, "config", None), "hint_range", "-1,1")
-    pair, query = _hints(prompts, hint_range)
+    batch = prompt_batch(prompts, hint_range)
+    pair, query = batch.pair, batch.query
     pair2, query2 = torch.cat([pair, pair]), torch.cat([query, query])
     for t in sched.timesteps:
         xin = sched.scale_model_input(torch.cat([x, x]), t)

@@ -1,0 +1,65 @@
+"""The user's path: `pd up` (server, pool, deployments, worker), `prefect deployment run ... --watch`,
+`pd sql`, `pd down`, all real processes on a free local port."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PD_STATE_DIR": str(tmp_path / "state"), "PD_PREFECT_PORT": str(port),
+           "PREFECT_HOME": str(tmp_path / "state" / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run([BIN / "pd", "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    finally:
+        subprocess.run([BIN / "pd", "down"], cwd=REPO, env=env, capture_output=True, timeout=60)
+
+
+def _deploy_run(env, params: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "prefect", "deployment", "run", "full-benchmark/smoke", "--params", json.dumps(params),
+                           "--watch", "--watch-timeout", "600"], cwd=REPO, env=env, capture_output=True, text=True, timeout=700)
+
+
+def test_deployment_runs_through_server_and_worker(stack):
+    ls = subprocess.run([BIN / "prefect", "deployment", "ls"], env=stack, capture_output=True, text=True, timeout=60)
+    for name in ("full-benchmark/smoke", "full-benchmark/demo", "full-benchmark/paper", "train/demo", "report/demo"):
+        assert name in ls.stdout
+
+    ok = _deploy_run(stack, {"profile": "smoke", "overrides": TINY})
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "Completed" in ok.stdout
+
+    sql = subprocess.run([BIN / "pd", "sql", "SELECT count(*) AS n FROM metrics"], env=stack, capture_output=True, text=True)
+    assert sql.returncode == 0 and int(sql.stdout.split()[-1]) == 12
+    res = subprocess.run([BIN / "pd", "results"], env=stack, capture_output=True, text=True)
+    assert "prompt-diffusion" in res.stdout and "report:" in res.stdout
+
+    bad = _deploy_run(stack, {"profile": "nosuch"})
+    assert bad.returncode == 1 and "Failed" in bad.stdout
+    log = (Path(stack["PD_STATE_DIR"]) / "logs" / "worker.log").read_text()
+    assert "unknown profile 'nosuch'" in log
+
+    # `pd up` again reuses the running server and worker.
+    again = subprocess.run([BIN / "pd", "up"], cwd=REPO, env={k: v for k, v in stack.items() if k != "PREFECT_API_URL"},
+                           capture_output=True, text=True, timeout=300)
+    assert "already up" in again.stdout and "already running" in again.stdout
