@@ -28,6 +28,15 @@ def require(plan: Plan, stage: str) -> None:
                            f"run it first or call this flow with upstream=True")
 
 
+def after(upstream_flow, stage: str, profile: str, overrides: Overrides, state_dir: str | None, upstream: bool) -> Plan:
+    """The plan of a stage whose input is `stage`: run that stage first (cached) or require it done."""
+    plan = make_plan(profile, overrides, state_dir)
+    if upstream:
+        upstream_flow(profile, overrides, state_dir)
+    require(plan, stage)
+    return plan
+
+
 def _cached(plan: Plan, stage: str) -> dict | None:
     out = plan.dir(stage)
     if is_done(out):
@@ -76,10 +85,7 @@ def prompts_task(plan: Plan) -> dict:
 @flow(name="annotate", log_prints=True)
 def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                  upstream: bool = True) -> dict:
-    plan = make_plan(profile, overrides, state_dir)
-    if upstream:
-        ingest_flow(profile, overrides, state_dir)
-    require(plan, "ingest")
+    plan = after(ingest_flow, "ingest", profile, overrides, state_dir, upstream)
     summary = _cached(plan, "annotate")
     if summary is None:
         shards = sorted(plan.dir("ingest").glob("images-*.parquet"))
@@ -147,10 +153,7 @@ def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
 @flow(name="train", log_prints=True)
 def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
               upstream: bool = True) -> dict:
-    plan = make_plan(profile, overrides, state_dir)
-    if upstream:
-        annotate_flow(profile, overrides, state_dir)
-    require(plan, "annotate")
+    plan = after(annotate_flow, "annotate", profile, overrides, state_dir, upstream)
     if plan.profile.base.kind == "tiny" and _cached(plan, "base") is None:
         mark_done(plan.dir("base"), train_base_task(plan))
     if (done := _cached(plan, "train")) is not None:
@@ -211,10 +214,7 @@ def store_task(plan: Plan, result: dict) -> int:
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                  upstream: bool = True) -> dict:
-    plan = make_plan(profile, overrides, state_dir)
-    if upstream:
-        train_flow(profile, overrides, state_dir)
-    require(plan, "train")
+    plan = after(train_flow, "train", profile, overrides, state_dir, upstream)
     if (done := _cached(plan, "evaluate")) is not None:
         return done
     result = benchmark_task(plan)
@@ -256,11 +256,8 @@ def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
 
     from pd_eval.store import write_rows
 
-    plan = make_plan(profile, overrides, state_dir)
     started = datetime.now(timezone.utc)
-    if upstream:
-        evaluate_flow(profile, overrides, state_dir)
-    require(plan, "evaluate")
+    plan = after(evaluate_flow, "evaluate", profile, overrides, state_dir, upstream)
     run_id = str(flow_run.root_flow_run_id or flow_run.get_id() or f"local-{started:%Y%m%dT%H%M%S}")
     row = {"run_id": run_id, "profile": profile, "eval_id": plan.key("evaluate"), "started_at": started,
            "finished_at": None, "status": "running", "report_path": None, "config": plan.profile.model_dump_json()}
