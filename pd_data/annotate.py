@@ -38,17 +38,30 @@ class ProceduralAnnotator:
         return maps[self.modality]
 
 
-ANNOTATORS: dict[str, dict[str, Callable[[str], Annotator]]] = {
-    "procedural": {m: (lambda m=m: ProceduralAnnotator(m)) for m in ("depth", "hed", "seg")},
+# backend -> modality -> factory(weights_dir) -> Annotator. Backends register themselves here.
+AnnotatorFactory = Callable[[Path | None], Annotator]
+ANNOTATORS: dict[str, dict[str, AnnotatorFactory]] = {
+    "procedural": {m: (lambda weights_dir, m=m: ProceduralAnnotator(m)) for m in ("depth", "hed", "seg")},
 }
 
 
-def get_annotator(backend: str, modality: str) -> Annotator:
+def _register_optional_backends() -> None:
+    """Backends with heavy imports register lazily (controlnet-aux takes ~5 s to import)."""
     try:
-        return ANNOTATORS[backend][modality]()
+        from pd_data import annotators_ext  # noqa: F401  (registers "controlnet_aux", "transformers")
+    except ImportError:
+        pass
+
+
+def get_annotator(backend: str, modality: str, weights_dir: Path | None = None) -> Annotator:
+    if backend not in ANNOTATORS:
+        _register_optional_backends()
+    try:
+        factory = ANNOTATORS[backend][modality]
     except KeyError:
         known = {b: sorted(ms) for b, ms in ANNOTATORS.items()}
         raise ValueError(f"no annotator for modality {modality!r} in backend {backend!r}; known: {known}") from None
+    return factory(weights_dir)
 
 
 def annotate_shard(images_path: Path, out_path: Path, modalities: tuple[str, ...], backend: str) -> dict:
