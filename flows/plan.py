@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.profiles import Profile
+from pd_data.sources import make_source
 from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TRAINING_TASKS
 
@@ -28,8 +29,9 @@ class Plan:
     def key(self, stage: str) -> str:
         p = self.profile
         parts = {  # lambdas: only the asked stage's upstream keys are computed
-            "ingest": lambda: (p.data.model_dump(exclude={"modalities", "shard_size"}), p.data.shard_size),
-            "annotate": lambda: (self.key("ingest"), p.data.modalities, "procedural"),
+            "ingest": lambda: (p.data.model_dump(exclude={"annotators", "annotator_weights", "workers"}),
+                               make_source(p.data).fingerprint()),
+            "annotate": lambda: (self.key("ingest"), p.data.annotators, p.data.annotator_weights),
             "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.tasks),
             "base": lambda: (self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"), p.train.model_dump(), self.tasks),

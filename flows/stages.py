@@ -66,10 +66,25 @@ def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
 
 # ---------------------------------------------------------------- annotate (+ evaluation prompts)
 @task(cache_policy=NO_CACHE, name="annotate-shard")
-def annotate_shard_task(images: Path, out: Path, modalities: tuple[str, ...]) -> dict:
+def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], weights_dir: str | None) -> dict:
     from pd_data.annotate import annotate_shard
 
-    return annotate_shard(images, out, modalities, "procedural")
+    return annotate_shard(images, out, annotators, Path(weights_dir) if weights_dir else None)
+
+
+def annotate_shards(shards: list[Path], outs: list[Path], cfg) -> list[dict]:
+    """One task per shard: threads in this process, or a local Dask cluster when data.workers > 1."""
+    def fan_out() -> list[dict]:
+        futures = annotate_shard_task.map(shards, outs, unmapped(cfg.annotators), unmapped(cfg.annotator_weights))
+        return futures.result()
+
+    if cfg.workers == 1:
+        return fan_out()
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
+                                            "processes": True, "dashboard_address": None})
+    return flow(fan_out, name="annotate-shards", task_runner=runner)()
 
 
 @task(cache_policy=NO_CACHE, name="materialise-prompts")
@@ -90,10 +105,10 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
     if summary is None:
         shards = sorted(plan.dir("ingest").glob("images-*.parquet"))
         outs = [plan.dir("annotate") / s.name.replace("images-", "annotations-") for s in shards]
-        futures = annotate_shard_task.map(shards, outs, unmapped(plan.profile.data.modalities))
-        results = futures.result()
+        results = annotate_shards(shards, outs, plan.profile.data)
         summary = {"shards": len(results), "rows": sum(r["rows"] for r in results),
-                   "resumed": sum(r["resumed"] for r in results), "modalities": list(plan.profile.data.modalities)}
+                   "rejects": sum(r["rejects"] for r in results), "resumed": sum(r["resumed"] for r in results),
+                   "annotators": plan.profile.data.annotators}
         mark_done(plan.dir("annotate"), summary)
         get_run_logger().info("annotate: %s", summary)
     if _cached(plan, "prompts") is None:

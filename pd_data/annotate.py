@@ -64,21 +64,35 @@ def get_annotator(backend: str, modality: str, weights_dir: Path | None = None) 
     return factory(weights_dir)
 
 
-def annotate_shard(images_path: Path, out_path: Path, modalities: tuple[str, ...], backend: str) -> dict:
-    """Annotate every image of one shard with every modality; an existing output is kept (resume)."""
+def annotate_shard(images_path: Path, out_path: Path, annotators: dict[str, str],
+                   weights_dir: Path | None = None) -> dict:
+    """Annotate every image of one shard with every modality; an existing output is kept (resume).
+
+    A map that fails is a reject (stage "annotate"), not a crash; its rejects file is written
+    before the annotations file, whose presence marks the shard complete.
+    """
     if out_path.exists():
-        return {"shard": images_path.name, "rows": pq.read_metadata(out_path).num_rows, "resumed": True}
+        return {"shard": images_path.name, "rows": pq.read_metadata(out_path).num_rows, "resumed": True, "rejects": 0}
     t0 = time.perf_counter()
-    from pd_data.shards import decode_png
+    from pd_data.shards import REJECTS_SCHEMA, decode_png
 
     table = pq.read_table(images_path, columns=["image_id", "image", "provenance"]).to_pylist()
-    annotators = [get_annotator(backend, m) for m in modalities]
-    rows = []
+    built = {m: get_annotator(b, m, weights_dir) for m, b in annotators.items()}
+    rows, rejects = [], []
     for r in table:
         img, prov = decode_png(r["image"]), json.loads(r["provenance"])
-        for m, a in zip(modalities, annotators):
-            rows.append({"image_id": r["image_id"], "modality": m, "map": png_bytes(a(img, prov)),
+        for m, a in built.items():
+            try:
+                out = a(img, prov)
+                if out.shape != img.shape or out.dtype != np.uint8:
+                    raise ValueError(f"{a.name} returned {out.shape} {out.dtype}, expected {img.shape} uint8")
+            except Exception as e:  # noqa: BLE001 - one bad image never kills the shard
+                rejects.append({"image_id": r["image_id"], "ref": images_path.name, "stage": "annotate",
+                                "reason": f"annotator-error:{m}", "detail": f"{type(e).__name__}: {e}"[:500]})
+                continue
+            rows.append({"image_id": r["image_id"], "modality": m, "map": png_bytes(out),
                          "annotator": a.name, "annotator_version": a.version, "weights_hash": a.weights_hash})
+    write_shard(out_path.with_name(out_path.name.replace("annotations-", "rejects-")), rejects, REJECTS_SCHEMA)
     write_shard(out_path, rows, ANNOTATIONS_SCHEMA)
-    return {"shard": images_path.name, "rows": len(rows), "resumed": False,
+    return {"shard": images_path.name, "rows": len(rows), "resumed": False, "rejects": len(rejects),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -13,17 +13,33 @@ class Frozen(BaseModel):
 
 
 class DataConfig(Frozen):
-    source: Literal["procedural"] = "procedural"
+    source: Literal["procedural", "folder", "instructpix2pix", "parquet"] = "procedural"
+    source_path: str | None = Field(None, description="folder / InstructPix2Pix root / Parquet file or folder")
+    captions_file: str | None = Field(None, description="folder source: JSONL or CSV side file of captions")
+    parquet_preset: Literal["instructpix2pix-hf"] | None = None
+    parquet_columns: list[dict[str, str]] | None = Field(None, description='e.g. [{"image": "img", "caption": "text"}]')
     n_groups: int = Field(24, ge=2, description="prompt groups (each a set of edited twins)")
     images_per_group: int = Field(2, ge=2, le=8)
     resolution: int = Field(32, ge=16, le=1024)
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     shard_size: int = Field(64, ge=1, description="rows per Parquet shard")
-    modalities: tuple[str, ...] = ("depth", "hed", "seg")
+    # modality -> annotator backend ("procedural" exact maps need the procedural source).
+    annotators: dict[str, str] = Field(default_factory=lambda: {"depth": "procedural", "hed": "procedural", "seg": "procedural"})
+    annotator_weights: str | None = Field(None, description="folder of annotator weights (else $PD_ANNOTATOR_WEIGHTS or the HF cache)")
+    min_side: int = Field(16, ge=1, description="smaller images are rejected")
+    max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected as decompression bombs")
+    workers: int = Field(1, ge=1, description="annotation processes; > 1 runs shards on a Dask cluster")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.annotators)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        if self.source != "procedural" and "procedural" in self.annotators.values():
+            raise ValueError(f"data.annotators={self.annotators} uses 'procedural' maps, which only the procedural "
+                             f"source has; choose controlnet_aux / transformers backends for source {self.source!r}")
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError(f"split_fractions={self.split_fractions} must be >= 0 and sum to 1")
         if self.resolution % 8:

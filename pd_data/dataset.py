@@ -49,7 +49,13 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str) -> SplitData
         groups[r["group_id"]].append(r["image_id"])
     out.groups = {g: sorted(ids) for g, ids in groups.items()}
     ann = read_shards(annotations_dir, "annotations")
+    modalities = set(ann.column("modality").to_pylist())
     for r in ann.select(["image_id", "modality", "map"]).to_pylist():
         if r["image_id"] in keep:
             out.arrays[r["image_id"]][r["modality"]] = decode_png(r["map"])
+    # An image with a rejected map takes part in no prompt: every task sees the same images.
+    incomplete = {i for i, a in out.arrays.items() if not modalities <= set(a)}
+    for i in incomplete:
+        del out.arrays[i], out.captions[i]
+    out.groups = {g: [i for i in ids if i not in incomplete] for g, ids in out.groups.items()}
     return out

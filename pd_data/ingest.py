@@ -1,30 +1,23 @@
-"""Ingestion: a source's records into image shards, with a deterministic split by group."""
+"""Ingestion: a source's records into image shards and rejects shards, split by group, resumable.
+
+Shard s holds items [s * shard_size, (s + 1) * shard_size) of the source's deterministic listing.
+Each shard writes its rejects file and then its images file, both atomically: a shard whose images
+file exists is complete, so a rerun after a crash skips it and redoes only the rest.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from pd_data import procedural
 from pd_data.config import DataConfig
-from pd_data.shards import IMAGES_SCHEMA, png_bytes, write_shard
-
-
-@dataclass(frozen=True)
-class Record:
-    image_id: str
-    group_id: str
-    caption: str
-    image_png: bytes
-    width: int
-    height: int
-    source: str
-    provenance: str
+from pd_data.normalize import Reject, normalise_caption, normalise_image
+from pd_data.shards import IMAGES_SCHEMA, REJECTS_SCHEMA, png_bytes, read_shards, write_shard
+from pd_data.sources import Item, Source, make_source
 
 
 def split_of(group_id: str, seed: int, fractions: tuple[float, float, float]) -> str:
@@ -34,37 +27,53 @@ def split_of(group_id: str, seed: int, fractions: tuple[float, float, float]) ->
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
-def procedural_records(cfg: DataConfig, groups: range) -> Iterator[Record]:
-    for g in groups:
-        group_seed = cfg.seed * 1_000_003 + g
-        for k, (scene, text) in enumerate(procedural.make_group(group_seed, cfg.images_per_group)):
-            img = procedural.render(scene, cfg.resolution, texture_seed=group_seed)["image"]
-            prov = json.dumps({"scene": scene, "texture_seed": group_seed}, sort_keys=True)
-            yield Record(f"g{g:06d}-{k}", f"g{g:06d}", text, png_bytes(img), cfg.resolution,
-                         cfg.resolution, "procedural", prov)
+def _ingest_item(source: Source, item: Item, cfg: DataConfig) -> dict:
+    rec = source.load(item)
+    caption, repaired = normalise_caption(rec.caption)
+    img = normalise_image(rec.image, cfg.resolution, cfg.min_side, cfg.max_pixels)
+    prov = dict(rec.provenance, **({"caption_repaired": True} if repaired else {}))
+    return {"image_id": item.image_id, "group_id": item.group_id,
+            "split": split_of(item.group_id, cfg.seed, cfg.split_fractions), "caption": caption,
+            "image": png_bytes(img), "width": cfg.resolution, "height": cfg.resolution,
+            "source": source.name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
 
 
-def ingest(cfg: DataConfig, out_dir: Path) -> dict:
-    """Write `images-NNNNN.parquet` shards to `out_dir`; shards already written are kept (resume)."""
+def ingest(cfg: DataConfig, out_dir: Path, source: Source | None = None) -> dict:
+    """Write `images-NNNNN.parquet` and `rejects-NNNNN.parquet`; returns the run's summary."""
     t0 = time.perf_counter()
+    source = source or make_source(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups_per_shard = max(1, cfg.shard_size // cfg.images_per_group)
-    n_shards = -(-cfg.n_groups // groups_per_shard)
-    rows_out, skipped = 0, 0
-    for s in tqdm(range(n_shards), desc="ingest shards", unit="shard"):
+    for stale in out_dir.glob(".*.tmp"):  # left by a write that was killed before its rename
+        stale.unlink()
+    items = source.items()
+    seen: set[str] = set()
+    duplicate = []
+    for it in items:  # the first occurrence of an id wins, deterministically
+        duplicate.append(it.image_id in seen)
+        seen.add(it.image_id)
+    n_shards = -(-len(items) // cfg.shard_size)
+    resumed = 0
+    for s in tqdm(range(n_shards), desc=f"ingest {source.name}", unit="shard"):
         path = out_dir / f"images-{s:05d}.parquet"
-        groups = range(s * groups_per_shard, min(cfg.n_groups, (s + 1) * groups_per_shard))
-        if path.exists():  # atomically written earlier: complete by construction
-            skipped += 1
-            rows_out += len(groups) * cfg.images_per_group
+        if path.exists():
+            resumed += 1
             continue
-        rows = [{
-            "image_id": r.image_id, "group_id": r.group_id,
-            "split": split_of(r.group_id, cfg.seed, cfg.split_fractions),
-            "caption": r.caption, "image": r.image_png, "width": r.width, "height": r.height,
-            "source": r.source, "provenance": r.provenance,
-        } for r in procedural_records(cfg, groups)]
-        write_shard(path, rows, IMAGES_SCHEMA)
-        rows_out += len(rows)
-    return {"rows_out": rows_out, "shards": n_shards, "shards_resumed": skipped,
+        rows, rejects = [], []
+        for i in range(s * cfg.shard_size, min(len(items), (s + 1) * cfg.shard_size)):
+            item = items[i]
+            try:
+                if duplicate[i]:
+                    raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
+                rows.append(_ingest_item(source, item, cfg))
+            except Reject as r:
+                rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": r.reason, "detail": r.detail})
+            except Exception as e:  # noqa: BLE001 - one bad record never kills the run
+                rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest",
+                                "reason": "load-error", "detail": f"{type(e).__name__}: {e}"[:500]})
+        write_shard(out_dir / f"rejects-{s:05d}.parquet", rejects, REJECTS_SCHEMA)
+        write_shard(path, rows, IMAGES_SCHEMA)  # last: its presence marks the shard complete
+    images = read_shards(out_dir, "images") if n_shards else None
+    rej = read_shards(out_dir, "rejects").column("reason").to_pylist() if n_shards else []
+    return {"source": source.name, "rows_in": len(items), "rows_out": images.num_rows if images is not None else 0,
+            "rejects": dict(Counter(rej)), "shards": n_shards, "shards_resumed": resumed,
             "seconds": round(time.perf_counter() - t0, 2)}

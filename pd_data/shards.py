@@ -30,6 +30,13 @@ ANNOTATIONS_SCHEMA = pa.schema([
     ("annotator_version", pa.string()),
     ("weights_hash", pa.string()),  # sha256 of the weights file, "" for weight-free annotators
 ])
+REJECTS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("ref", pa.string()),           # where the source holds it (path, row, ...)
+    ("stage", pa.string()),         # ingest | annotate
+    ("reason", pa.string()),        # empty-file, not-an-image, truncated, decompression-bomb, too-small, ...
+    ("detail", pa.string()),
+])
 PROMPTS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("task", pa.string()),

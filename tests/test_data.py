@@ -66,7 +66,7 @@ def test_annotation_covers_every_image_with_provenance(tmp_path):
     cfg = DataConfig(n_groups=6, split_fractions=(0.5, 0.0, 0.5))
     ingest(cfg, tmp_path / "img")
     for p in sorted((tmp_path / "img").glob("images-*.parquet")):
-        annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.modalities, "procedural")
+        annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
     ann = read_shards(tmp_path / "ann", "annotations").to_pylist()
     assert len(ann) == 12 * 3
     assert {(r["annotator"], r["annotator_version"]) for r in ann} == {("procedural", "1")}
@@ -85,7 +85,7 @@ def test_task_prompts_follow_the_paper(tmp_path, name):
     cfg = DataConfig(n_groups=4, split_fractions=(1.0, 0.0, 0.0))
     ingest(cfg, tmp_path / "img")
     for p in sorted((tmp_path / "img").glob("images-*.parquet")):
-        annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.modalities, "procedural")
+        annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
     data = load_split(tmp_path / "img", tmp_path / "ann", "train")
     spec = get_task(name)
     p = data.sample_prompt(spec, np.random.default_rng(0))

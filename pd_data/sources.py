@@ -1,0 +1,260 @@
+"""Sources: one interface over the shapes users' data come in.
+
+A source lists cheap `Item`s up front, in a deterministic order (so shard s always holds the same
+items and a rerun can skip finished shards without reading them), and `load`s one item on demand.
+`load` may raise: ingestion turns any exception into a reject and carries on.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pd_data import procedural
+from pd_data.config import DataConfig
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass(frozen=True)
+class Item:
+    image_id: str
+    group_id: str
+    ref: tuple  # where to find it: a path, (file, row, column), (group, k), ...
+
+
+@dataclass
+class RawRecord:
+    image: bytes | np.ndarray
+    caption: str | bytes | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    name: str
+
+    def items(self) -> list[Item]: ...
+
+    def load(self, item: Item) -> RawRecord: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def _listing_hash(paths: list[Path]) -> str:
+    """Changes when a file is added, removed, resized or rewritten: part of the ingest stage's key."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ProceduralSource:
+    """Seeded scenes in groups of edited twins; the scene goes into the provenance for exact maps."""
+
+    name = "procedural"
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self._group_cache: tuple[int, list] | None = None
+
+    def items(self) -> list[Item]:
+        return [Item(f"g{g:06d}-{k}", f"g{g:06d}", (g, k))
+                for g in range(self.cfg.n_groups) for k in range(self.cfg.images_per_group)]
+
+    def load(self, item: Item) -> RawRecord:
+        g, k = item.ref
+        seed = self.cfg.seed * 1_000_003 + g
+        if self._group_cache is None or self._group_cache[0] != g:
+            self._group_cache = (g, procedural.make_group(seed, self.cfg.images_per_group))
+        scene, text = self._group_cache[1][k]
+        img = procedural.render(scene, self.cfg.resolution, texture_seed=seed)["image"]
+        return RawRecord(img, text, {"scene": scene, "texture_seed": seed})
+
+    def fingerprint(self) -> str:
+        return "procedural"  # fully determined by the data config
+
+
+def _read_side_captions(path: Path) -> dict[str, dict[str, str]]:
+    """JSONL or CSV with a file column (`file`, `image` or `file_name`) and `caption`/`text`, optional `group`."""
+    rows: list[dict] = []
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove that line") from None
+    elif path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"captions file {path} must be .jsonl or .csv")
+    out = {}
+    for r in rows:
+        key = r.get("file") or r.get("image") or r.get("file_name")
+        if key:
+            out[str(key)] = {"caption": r.get("caption", r.get("text")), "group": r.get("group")}
+    return out
+
+
+class FolderSource:
+    """Images under a folder; captions from a JSONL/CSV side file or a `.txt` beside each image.
+
+    Groups: the side file's `group` column if given, else the image's sub-folder (images directly
+    in the root form one group each). Prompts pair images of one group.
+    """
+
+    name = "folder"
+
+    def __init__(self, root: str | Path, captions_file: str | Path | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"folder source {self.root} does not exist; set data.source_path to your image folder")
+        self.captions_file = Path(captions_file).expanduser() if captions_file else None
+        self._side = _read_side_captions(self.captions_file) if self.captions_file else {}
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def items(self) -> list[Item]:
+        items = []
+        for p in self._files():
+            rel = p.relative_to(self.root).as_posix()
+            side = self._side.get(rel) or self._side.get(p.name) or {}
+            group = side.get("group") or (p.parent.relative_to(self.root).as_posix() if p.parent != self.root else rel)
+            items.append(Item(rel, str(group), (rel,)))
+        return items
+
+    def load(self, item: Item) -> RawRecord:
+        path = self.root / item.ref[0]
+        side = self._side.get(item.ref[0]) or self._side.get(path.name)
+        if side is not None:
+            caption = side.get("caption")
+        else:
+            txt = path.with_suffix(".txt")
+            caption = txt.read_bytes() if txt.exists() else None
+        return RawRecord(path.read_bytes(), caption, {"path": str(path)})
+
+    def fingerprint(self) -> str:
+        files = self._files() + ([self.captions_file] if self.captions_file else [])
+        return _listing_hash(files)
+
+
+class InstructPix2PixSource:
+    """The original layout: `seeds.json` = [[prompt_dir, [seed, ...]], ...]; both images of every seed."""
+
+    name = "instructpix2pix"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        seeds = self.root / "seeds.json"
+        if not seeds.is_file():
+            raise FileNotFoundError(f"{seeds} not found; data.source_path must be the InstructPix2Pix folder holding seeds.json")
+        self.seeds = json.loads(seeds.read_text())
+        self._prompts: dict[str, dict] = {}
+
+    def items(self) -> list[Item]:
+        return [Item(f"{d}/{s}_{k}", str(d), (str(d), int(s), k)) for d, seeds in self.seeds for s in seeds for k in (0, 1)]
+
+    def _prompt(self, d: str) -> dict:
+        if d not in self._prompts:
+            self._prompts[d] = json.loads((self.root / d / "prompt.json").read_text(encoding="utf-8"))
+        return self._prompts[d]
+
+    def load(self, item: Item) -> RawRecord:
+        d, seed, k = item.ref
+        path = self.root / d / f"{seed}_{k}.jpg"
+        prompt = self._prompt(d)
+        caption = prompt.get("input") if k == 0 else prompt.get("output")
+        return RawRecord(path.read_bytes(), caption, {"path": str(path), "edit": prompt.get("edit")})
+
+    def fingerprint(self) -> str:
+        return _listing_hash([self.root / "seeds.json", *sorted(self.root.glob("*/prompt.json"))])
+
+
+PARQUET_PRESETS: dict[str, list[dict[str, str]]] = {
+    # The Hugging Face export of InstructPix2Pix: each row is a before/after pair, one group.
+    "instructpix2pix-hf": [{"image": "original_image", "caption": "original_prompt"},
+                           {"image": "edited_image", "caption": "edited_prompt"}],
+}
+
+
+class ParquetSource:
+    """Parquet files with image bytes and captions, columns mapped by name.
+
+    `columns` is a list of {"image": col, "caption": col} views of a row: each view becomes one
+    image, and the images of one row form a group (or the `group` column's value, if mapped).
+    Image cells may be raw bytes or Hugging Face's {"bytes": ..., "path": ...} struct.
+    """
+
+    name = "parquet"
+
+    def __init__(self, path: str | Path, columns: list[dict[str, str]] | None = None, preset: str | None = None):
+        p = Path(path).expanduser()
+        self.files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+        if not self.files or not all(f.is_file() for f in self.files):
+            raise FileNotFoundError(f"no Parquet files at {p}; set data.source_path to a .parquet file or a folder of them")
+        if preset:
+            if preset not in PARQUET_PRESETS:
+                raise ValueError(f"unknown parquet preset {preset!r}; known: {sorted(PARQUET_PRESETS)}")
+            columns = PARQUET_PRESETS[preset]
+        self.views = columns or [{"image": "image", "caption": "caption"}]
+        self._cache: tuple[tuple[str, int], Any] | None = None
+
+    def items(self) -> list[Item]:
+        items = []
+        for f in self.files:
+            try:
+                md = pq.ParquetFile(f).metadata
+            except Exception:  # noqa: BLE001 - an unreadable file becomes one reject, not a crash
+                items.append(Item(f"{f.stem}/unreadable", f.stem, (str(f), -1, -1, -1)))
+                continue
+            row = 0
+            for rg in range(md.num_row_groups):
+                for _ in range(md.row_group(rg).num_rows):
+                    for v, view in enumerate(self.views):
+                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, row, v)))
+                    row += 1
+        return items
+
+    def _row_group(self, f: str, rg: int):
+        if self._cache is None or self._cache[0] != (f, rg):
+            self._cache = ((f, rg), pq.ParquetFile(f).read_row_group(rg))
+        return self._cache[1]
+
+    def load(self, item: Item) -> RawRecord:
+        f, rg, row, v = item.ref
+        if rg < 0:
+            raise ValueError(f"{f} is not a readable Parquet file")
+        table = self._row_group(f, rg)
+        first = sum(pq.ParquetFile(f).metadata.row_group(i).num_rows for i in range(rg))
+        view = self.views[v]
+        missing = [c for c in view.values() if c not in table.column_names]
+        if missing:
+            raise ValueError(f"column(s) {missing} not in {f}; map them with data.parquet_columns")
+        cell = table.column(view["image"])[row - first].as_py()
+        image = cell.get("bytes") if isinstance(cell, dict) else cell
+        caption = table.column(view["caption"])[row - first].as_py()
+        return RawRecord(image or b"", caption, {"path": f, "row": row, "column": view["image"]})
+
+    def fingerprint(self) -> str:
+        return _listing_hash(self.files) + json.dumps(self.views, sort_keys=True)
+
+
+def make_source(cfg: DataConfig) -> Source:
+    if cfg.source == "procedural":
+        return ProceduralSource(cfg)
+    if not cfg.source_path:
+        raise ValueError(f"data.source={cfg.source!r} needs data.source_path")
+    if cfg.source == "folder":
+        return FolderSource(cfg.source_path, cfg.captions_file)
+    if cfg.source == "instructpix2pix":
+        return InstructPix2PixSource(cfg.source_path)
+    return ParquetSource(cfg.source_path, cfg.parquet_columns, cfg.parquet_preset)
