@@ -61,6 +61,9 @@ def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
     summary = ingest_task(plan)
     mark_done(plan.dir("ingest"), summary)
     get_run_logger().info("ingest: %s", summary)
+    create_table_artifact(key="ingest-summary", table=[{"rows in": summary["rows_in"], "rows out": summary["rows_out"],
+                                                        "seconds": summary["seconds"], **{f"rejected: {k}": v for k, v in summary["rejects"].items()}}],
+                          description=f"Ingestion of the {summary['source']} source")
     return summary
 
 
@@ -70,6 +73,23 @@ def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], wei
     from pd_data.annotate import annotate_shard
 
     return annotate_shard(images, out, annotators, Path(weights_dir) if weights_dir else None)
+
+
+def write_lineage(plan: Plan) -> None:
+    """Which dataset (ingest key) an annotation set was made from: the `annotations` view joins on it."""
+    import pyarrow as pa
+
+    from pd_data.shards import write_shard
+
+    schema = pa.schema([("annotation_set", pa.string()), ("dataset", pa.string()), ("annotators", pa.string())])
+    write_shard(plan.dir("annotate") / "lineage.parquet", [{"annotation_set": plan.key("annotate"), "dataset": plan.key("ingest"),
+                                                            "annotators": json.dumps(plan.profile.data.annotators)}], schema)
+
+
+def register_views(plan: Plan) -> None:
+    from pd_eval.store import register_data_views
+
+    register_data_views(plan.state.db, plan.state.data)
 
 
 def annotate_shards(shards: list[Path], outs: list[Path], cfg) -> list[dict]:
@@ -109,8 +129,10 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
         summary = {"shards": len(results), "rows": sum(r["rows"] for r in results),
                    "rejects": sum(r["rejects"] for r in results), "resumed": sum(r["resumed"] for r in results),
                    "annotators": plan.profile.data.annotators}
+        write_lineage(plan)
         mark_done(plan.dir("annotate"), summary)
         get_run_logger().info("annotate: %s", summary)
+    register_views(plan)
     if _cached(plan, "prompts") is None:
         mark_done(plan.dir("prompts"), prompts_task(plan))
     return summary

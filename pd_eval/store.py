@@ -54,6 +54,32 @@ WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'comple
 """
 
 
+def data_views_sql(data_root: Path) -> str:
+    """Views over the Parquet shards; the globs are read at query time, so new shards show up."""
+    d = str(data_root).replace("'", "''")
+    return f"""
+CREATE OR REPLACE VIEW images AS
+SELECT regexp_extract(filename, '/ingest/([^/]+)/', 1) AS dataset, * EXCLUDE (filename)
+FROM read_parquet('{d}/ingest/*/images-*.parquet', filename = true, union_by_name = true);
+CREATE OR REPLACE VIEW annotations AS
+SELECT l.dataset, a.* EXCLUDE (filename) FROM
+    (SELECT *, regexp_extract(filename, '/annotate/([^/]+)/', 1) AS annotation_set
+     FROM read_parquet('{d}/annotate/*/annotations-*.parquet', filename = true)) a
+JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set);
+CREATE OR REPLACE VIEW rejects AS
+SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/', 2) AS stage_key, * EXCLUDE (filename)
+FROM read_parquet(['{d}/ingest/*/rejects-*.parquet', '{d}/annotate/*/rejects-*.parquet'], filename = true, union_by_name = true);
+CREATE OR REPLACE VIEW splits AS
+SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL;
+"""
+
+
+def register_data_views(db: Path, data_root: Path) -> None:
+    init_db(db)
+    with connect(db) as con:
+        con.execute(data_views_sql(data_root))
+
+
 def _is_lock_error(e: Exception) -> bool:
     text = str(e).lower()
     return "lock" in text or "conflicting" in text or "being used" in text

@@ -42,6 +42,13 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     _, runs = query(db, "SELECT status, report_path FROM runs")
     assert runs == [("completed", report)]
 
+    # 3b. Views over the shards answer data questions.
+    _, per = query(db, "SELECT i.split, a.modality, count(*) FROM annotations a JOIN images i USING (dataset, image_id) "
+                       "GROUP BY ALL ORDER BY ALL")
+    assert sum(r[2] for r in per) == 72 and {r[1] for r in per} == {"depth", "hed", "seg"}
+    assert query(db, "SELECT sum(images) FROM splits")[1] == [(24,)]
+    assert query(db, "SELECT reason, count(*) FROM rejects GROUP BY reason")[1] == []
+
     # 4. Report: Markdown and HTML with the table, grids and loss curves.
     md = open(report).read()
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
