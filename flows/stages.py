@@ -46,11 +46,26 @@ def _cached(plan: Plan, stage: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- ingest
-@task(cache_policy=NO_CACHE, name="ingest-procedural")
-def ingest_task(plan: Plan) -> dict:
-    from pd_data.ingest import ingest
+@task(cache_policy=NO_CACHE, name="ingest-shard")
+def ingest_shard_task(cfg, s: int, out_dir: Path) -> dict:
+    from pd_data.ingest import ingest_shard
 
-    return ingest(plan.profile.data, plan.dir("ingest"))
+    return ingest_shard(cfg, s, out_dir)
+
+
+def ingest_task(plan: Plan) -> dict:
+    """One Prefect task per shard (threads, or Dask processes when data.workers > 1)."""
+    import time
+
+    from pd_data.ingest import count_shards, prepare, summarise
+    from pd_data.sources import make_source
+
+    t0, cfg, out = time.perf_counter(), plan.profile.data, plan.dir("ingest")
+    source = make_source(cfg)
+    prepare(out)
+    n = count_shards(cfg, source)
+    done = run_mapped(ingest_shard_task, cfg.workers, "ingest-shards", unmapped(cfg), list(range(n)), unmapped(out))
+    return summarise(out, source.name, len(source.items()), sum(d["resumed"] for d in done), time.perf_counter() - t0)
 
 
 @flow(name="ingest", log_prints=True)
@@ -92,19 +107,18 @@ def register_views(plan: Plan) -> None:
     register_data_views(plan.state.db, plan.state.data)
 
 
-def annotate_shards(shards: list[Path], outs: list[Path], cfg) -> list[dict]:
-    """One task per shard: threads in this process, or a local Dask cluster when data.workers > 1."""
-    def fan_out() -> list[dict]:
-        futures = annotate_shard_task.map(shards, outs, unmapped(cfg.annotators), unmapped(cfg.annotator_weights))
-        return futures.result()
+def run_mapped(task_fn, workers: int, name: str, *args) -> list:
+    """`task_fn.map(*args)`: threads in this process, or a local Dask cluster of `workers` processes."""
+    def fan_out() -> list:
+        return task_fn.map(*args).result()
 
-    if cfg.workers == 1:
+    if workers == 1:
         return fan_out()
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                             "processes": True, "dashboard_address": None})
-    return flow(fan_out, name="annotate-shards", task_runner=runner)()
+    return flow(fan_out, name=name, task_runner=runner)()
 
 
 @task(cache_policy=NO_CACHE, name="materialise-prompts")
@@ -125,7 +139,9 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
     if summary is None:
         shards = sorted(plan.dir("ingest").glob("images-*.parquet"))
         outs = [plan.dir("annotate") / s.name.replace("images-", "annotations-") for s in shards]
-        results = annotate_shards(shards, outs, plan.profile.data)
+        cfg = plan.profile.data
+        results = run_mapped(annotate_shard_task, cfg.workers, "annotate-shards", shards, outs,
+                             unmapped(cfg.annotators), unmapped(cfg.annotator_weights))
         summary = {"shards": len(results), "rows": sum(r["rows"] for r in results),
                    "rejects": sum(r["rejects"] for r in results), "resumed": sum(r["resumed"] for r in results),
                    "annotators": plan.profile.data.annotators}

@@ -38,42 +38,62 @@ def _ingest_item(source: Source, item: Item, cfg: DataConfig) -> dict:
             "source": source.name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
 
 
-def ingest(cfg: DataConfig, out_dir: Path, source: Source | None = None) -> dict:
-    """Write `images-NNNNN.parquet` and `rejects-NNNNN.parquet`; returns the run's summary."""
-    t0 = time.perf_counter()
+def _listing(cfg: DataConfig, source: Source) -> tuple[list[Item], list[bool]]:
+    """The source's items and, for each, whether its id appeared earlier (the first occurrence wins)."""
+    items, seen, duplicate = source.items(), set(), []
+    for it in items:
+        duplicate.append(it.image_id in seen)
+        seen.add(it.image_id)
+    return items, duplicate
+
+
+def count_shards(cfg: DataConfig, source: Source | None = None) -> int:
+    return -(-len((source or make_source(cfg)).items()) // cfg.shard_size)
+
+
+def ingest_shard(cfg: DataConfig, s: int, out_dir: Path, source: Source | None = None) -> dict:
+    """Write shard s (its rejects, then its images); a shard already written is kept as it is."""
+    path = out_dir / f"images-{s:05d}.parquet"
+    if path.exists():
+        return {"shard": s, "resumed": True}
     source = source or make_source(cfg)
+    items, duplicate = _listing(cfg, source)
+    rows, rejects = [], []
+    for i in range(s * cfg.shard_size, min(len(items), (s + 1) * cfg.shard_size)):
+        item = items[i]
+        try:
+            if duplicate[i]:
+                raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
+            rows.append(_ingest_item(source, item, cfg))
+        except Reject as r:
+            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": r.reason, "detail": r.detail})
+        except Exception as e:  # noqa: BLE001 - one bad record never kills the run
+            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest",
+                            "reason": "load-error", "detail": f"{type(e).__name__}: {e}"[:500]})
+    write_shard(out_dir / f"rejects-{s:05d}.parquet", rejects, REJECTS_SCHEMA)
+    write_shard(path, rows, IMAGES_SCHEMA)  # last: its presence marks the shard complete
+    return {"shard": s, "resumed": False}
+
+
+def summarise(out_dir: Path, source_name: str, rows_in: int, resumed: int, seconds: float) -> dict:
+    images = read_shards(out_dir, "images") if rows_in else None
+    rej = read_shards(out_dir, "rejects").column("reason").to_pylist() if rows_in else []
+    return {"source": source_name, "rows_in": rows_in, "rows_out": images.num_rows if images is not None else 0,
+            "rejects": dict(sorted(Counter(rej).items())), "shards": len(list(out_dir.glob("images-*.parquet"))),
+            "shards_resumed": resumed, "seconds": round(seconds, 2)}
+
+
+def prepare(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp"):  # left by a write that was killed before its rename
         stale.unlink()
-    items = source.items()
-    seen: set[str] = set()
-    duplicate = []
-    for it in items:  # the first occurrence of an id wins, deterministically
-        duplicate.append(it.image_id in seen)
-        seen.add(it.image_id)
-    n_shards = -(-len(items) // cfg.shard_size)
-    resumed = 0
-    for s in tqdm(range(n_shards), desc=f"ingest {source.name}", unit="shard"):
-        path = out_dir / f"images-{s:05d}.parquet"
-        if path.exists():
-            resumed += 1
-            continue
-        rows, rejects = [], []
-        for i in range(s * cfg.shard_size, min(len(items), (s + 1) * cfg.shard_size)):
-            item = items[i]
-            try:
-                if duplicate[i]:
-                    raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
-                rows.append(_ingest_item(source, item, cfg))
-            except Reject as r:
-                rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": r.reason, "detail": r.detail})
-            except Exception as e:  # noqa: BLE001 - one bad record never kills the run
-                rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest",
-                                "reason": "load-error", "detail": f"{type(e).__name__}: {e}"[:500]})
-        write_shard(out_dir / f"rejects-{s:05d}.parquet", rejects, REJECTS_SCHEMA)
-        write_shard(path, rows, IMAGES_SCHEMA)  # last: its presence marks the shard complete
-    images = read_shards(out_dir, "images") if n_shards else None
-    rej = read_shards(out_dir, "rejects").column("reason").to_pylist() if n_shards else []
-    return {"source": source.name, "rows_in": len(items), "rows_out": images.num_rows if images is not None else 0,
-            "rejects": dict(Counter(rej)), "shards": n_shards, "shards_resumed": resumed,
-            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def ingest(cfg: DataConfig, out_dir: Path, source: Source | None = None) -> dict:
+    """Every shard in this process, in order; returns the run's summary (rows, rejects by reason, time)."""
+    t0 = time.perf_counter()
+    source = source or make_source(cfg)
+    prepare(out_dir)
+    n = count_shards(cfg, source)
+    done = [ingest_shard(cfg, s, out_dir, source) for s in tqdm(range(n), desc=f"ingest {source.name}", unit="shard")]
+    return summarise(out_dir, source.name, len(source.items()), sum(d["resumed"] for d in done), time.perf_counter() - t0)
