@@ -1,6 +1,7 @@
 """Annotators: one signature, a registry by modality; each map records how it was made."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def _register_optional_backends() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=16)
 def get_annotator(backend: str, modality: str, weights_dir: Path | None = None) -> Annotator:
+    """One instance per (backend, modality, weights) and process: networks load once, not per shard."""
     if backend not in ANNOTATORS:
         _register_optional_backends()
     try:

@@ -187,3 +187,41 @@ def test_killed_ingest_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path):
     assert summary["shards_resumed"] == done
     assert _digest(tmp_path / "killed") == _digest(tmp_path / "whole")
     assert not list((tmp_path / "killed").glob(".*.tmp"))  # a killed write's temporary file is swept
+
+
+def test_folder_source_annotated_by_a_real_backend_and_a_failing_map_is_a_reject(tmp_path, monkeypatch):
+    from pd_data import annotate
+    from pd_data.annotate import ANNOTATORS, annotate_shard
+    from pd_data.dataset import load_split
+
+    class Flaky:
+        name, version, weights_hash = "test.flaky", "0", ""
+
+        def __call__(self, image, provenance):
+            if image.mean() < 100:  # fails on the dark image only
+                raise RuntimeError("cannot annotate this one")
+            return image[..., ::-1].copy()
+
+    monkeypatch.setitem(ANNOTATORS, "test", {"flaky": lambda weights_dir: Flaky()})
+    annotate.get_annotator.cache_clear()
+    root = tmp_path / "photos" / "g1"
+    root.mkdir(parents=True)
+    (root / "bright.png").write_bytes(_img(64, 64, color=(250, 250, 250)))
+    (root / "dark.png").write_bytes(_img(64, 64, color=(5, 5, 5)))
+    (root / "mid.png").write_bytes(_img(64, 64, color=(200, 120, 200)))
+    for p in root.glob("*.png"):
+        p.with_suffix(".txt").write_text(f"a {p.stem} square")
+    cfg = DataConfig(source="folder", source_path=str(tmp_path / "photos"), split_fractions=(1.0, 0.0, 0.0),
+                     annotators={"canny": "controlnet_aux", "flaky": "test"})
+    out = tmp_path / "out"
+    ingest(cfg, out / "img")
+    shard = next((out / "img").glob("images-*.parquet"))
+    result = annotate_shard(shard, out / "ann" / "annotations-00000.parquet", cfg.annotators)
+    assert result["rows"] == 3 + 2 and result["rejects"] == 1
+    rej = read_shards(out / "ann", "rejects").to_pylist()
+    assert [(r["image_id"], r["reason"]) for r in rej] == [("g1/dark.png", "annotator-error:flaky")]
+    ann = read_shards(out / "ann", "annotations").to_pylist()
+    assert {(r["modality"], r["annotator"]) for r in ann} == {("canny", "controlnet_aux.CannyDetector"), ("flaky", "test.flaky")}
+    data = load_split(out / "img", out / "ann", "train")
+    assert sorted(data.arrays) == ["g1/bright.png", "g1/mid.png"]  # the image with a missing map is left out
+    annotate.get_annotator.cache_clear()
