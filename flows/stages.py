@@ -110,7 +110,13 @@ def register_views(plan: Plan) -> None:
 def run_mapped(task_fn, workers: int, name: str, *args) -> list:
     """`task_fn.map(*args)`: threads in this process, or a local Dask cluster of `workers` processes."""
     def fan_out() -> list:
-        return task_fn.map(*args).result()
+        from prefect.futures import as_completed
+        from tqdm.auto import tqdm
+
+        futures = task_fn.map(*args)
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=name, unit="shard"):
+            pass
+        return [f.result() for f in futures]
 
     if workers == 1:
         return fan_out()
