@@ -1,6 +1,8 @@
 """`pd`: run the pipeline, manage the local Prefect stack, and query results.
 
     pd run [--profile smoke] [--stage full-benchmark] [-o train.steps=50 ...]
+    pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR]
+    pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
     pd results                           Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics"
@@ -73,6 +75,80 @@ def cmd_results(args) -> int:
     return 0
 
 
+def _pipeline(args):
+    """The pipeline of `--model DIR`, or of the latest trained Prompt Diffusion model in the results."""
+    from pd_data.state import StateDir
+    from pd_eval.store import query
+    from pd_model.pipeline import PromptDiffusionPipeline
+
+    model = args.model
+    if model is None:
+        _, rows = query(StateDir.resolve().db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE "
+                        "m.kind = 'prompt_diffusion' AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
+        if not rows:
+            raise FileNotFoundError("no trained Prompt Diffusion model in the results; run a benchmark or pass --model DIR")
+        model = rows[0][0]
+    pipe = PromptDiffusionPipeline.from_trained(model, args.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sampling_kwargs(args) -> dict:
+    import torch
+
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
+            "pair_guidance_scale": args.pair_guidance, "generator": torch.Generator().manual_seed(args.seed)}
+
+
+def _open(path: str):
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    return Image.open(path).convert("RGB")
+
+
+def cmd_generate(args) -> int:
+    pipe = _pipeline(args)
+    out = pipe(args.prompt, image_pair=(_open(args.pair[0]), _open(args.pair[1])), image=_open(args.query),
+               **_sampling_kwargs(args))[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out)
+    print(args.out)
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from pd_model.editing import edit_one_step, edit_two_steps
+
+    pipe = _pipeline(args)
+    inverse = (_open(args.inverse_pair[0]), _open(args.inverse_pair[1]))
+    if args.map:
+        out = edit_one_step(pipe, _open(args.map), args.text, inverse, **_sampling_kwargs(args))
+    else:
+        if not (args.image and args.forward_pair):
+            raise ValueError("two-step editing needs --image and --forward-pair IMAGE MAP (or give --map for one step)")
+        predicted, out = edit_two_steps(pipe, _open(args.image), args.text, args.modality,
+                                        (_open(args.forward_pair[0]), _open(args.forward_pair[1])), inverse,
+                                        **_sampling_kwargs(args))
+        predicted.save(Path(args.out).with_name(Path(args.out).stem + f"-{args.modality}.png"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out)
+    print(args.out)
+    return 0
+
+
+def _add_sampling_args(p) -> None:
+    p.add_argument("--model", help="trained model folder (default: the latest Prompt Diffusion model)")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=9.0, help="text guidance scale (paper: 9.0)")
+    p.add_argument("--pair-guidance", type=float, default=None, help="separate guidance over the example pair")
+    p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm", "unipc"))
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cmd_profile(args) -> int:
     from flows.profiles import load_profile
 
@@ -104,6 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(fn=cmd_profile)
+    g = sub.add_parser("generate", help="one prompt from image files: example pair + query + text -> PNG")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--pair", nargs=2, required=True, metavar=("SOURCE", "TARGET"), help="the example pair")
+    g.add_argument("--query", required=True)
+    _add_sampling_args(g)
+    g.set_defaults(fn=cmd_generate)
+    e = sub.add_parser("edit", help="edit an image: one step (--map) or two steps (--image, --forward-pair)")
+    e.add_argument("--text", required=True, help="the new text")
+    e.add_argument("--inverse-pair", nargs=2, required=True, metavar=("MAP", "IMAGE"), help="example of map -> image")
+    e.add_argument("--map", help="one step: the map of the image to edit")
+    e.add_argument("--image", help="two steps: the image to edit")
+    e.add_argument("--forward-pair", nargs=2, metavar=("IMAGE", "MAP"), help="two steps: example of image -> map")
+    e.add_argument("--modality", default="depth", choices=("depth", "hed", "seg"))
+    _add_sampling_args(e)
+    e.set_defaults(fn=cmd_edit)
     sub.add_parser("up", help="start the local Prefect server, pool, deployments and worker").set_defaults(fn=cmd_stack)
     sub.add_parser("down", help="stop the local Prefect server and worker").set_defaults(fn=cmd_stack)
     args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from flows.plan import Plan
 from flows.profiles import load_profile
-from pd_data.state import StateDir, is_done, mark_done, read_done
+from pd_data.state import StateDir, atomic_write_json, is_done, mark_done, read_done
 
 Overrides = dict[str, Any] | None
 
@@ -174,7 +174,26 @@ def train_base_task(plan: Plan) -> dict:
     losses = train_base(base, data, cfg)
     base.save(out)
     save_losses(out / "losses.json", losses)
+    base_samples(base, plan, out / "samples.png")
     return {"path": str(out), "steps": cfg.train_steps, "final_loss": losses[-1] if losses else None}
+
+
+def base_samples(base, plan: Plan, path: Path, n: int = 8) -> None:
+    """Text -> image samples of the base from held-out captions: does it draw the scenes it is told?"""
+    import torch
+
+    from pd_data.dataset import load_split
+    from pd_eval.visuals import caption_grid
+    from pd_model.pipeline import PromptDiffusionPipeline
+
+    held_out = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    captions = [held_out.captions[i] for i in sorted(held_out.captions)[:n]]
+    pipe = PromptDiffusionPipeline.from_parts(base, None, plan.profile.eval.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    res = plan.profile.data.resolution
+    images = pipe(captions, num_inference_steps=plan.profile.eval.effective().steps, guidance_scale=plan.profile.eval.guidance_scale,
+                  generator=[torch.Generator().manual_seed(i) for i in range(len(captions))], output_type="np", height=res, width=res)
+    caption_grid(images, captions).save(path)
 
 
 @task(cache_policy=NO_CACHE, name="train-controlnet")
@@ -190,6 +209,8 @@ def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: 
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
     net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset)
     net.save_pretrained(out / "controlnet")
+    base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
+    atomic_write_json(out / "pipeline.json", {"base": str(base_path), "kind": mode, "tasks": list(tasks)})
     save_losses(out / "losses.json", losses)  # written last: marks this model complete
     return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": False}
 
@@ -297,6 +318,11 @@ def report_task(plan: Plan, run_id: str) -> str:
         curves["base (text->image)"] = json.loads((plan.dir("base") / "losses.json").read_text())["loss"]
     out = plan.state.reports / run_id
     png = loss_plot(curves, out / "losses-src.png")
+    if (plan.dir("base") / "samples.png").exists():
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plan.dir("base") / "samples.png", out / "base-samples.png")
     notes = [f"profile: {plan.profile.name}; evaluation protocol: {plan.profile.eval.protocol} "
              f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
              f"guidance {plan.profile.eval.effective().guidance_scale})",

@@ -18,7 +18,6 @@ from pd_eval.metrics import fid, rmse
 from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
 from pd_model.sampling import generate
-from pd_model.train import TextCache
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,6 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
     eff = cfg.effective()
     extractor_name, extractor = load_extractor()
     prompts = pq.read_table(prompts_path).to_pylist()
-    text_cache = TextCache(base)
     metric_rows, sample_rows = [], []
     for m in models:
         for task in m.tasks:
@@ -64,8 +62,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
                 chunk = slice(i, i + eff.batch_size)
                 outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
-                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
-                                     text_cache=text_cache))
+                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt))
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]

@@ -49,6 +49,8 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
           _md_table(*t1), "", "## Every metric with its bootstrap 95% interval", "", _md_table(*per_task), ""]
     if loss_png and loss_png.exists():
         md += ["## Training loss", "", "![losses](losses.png)", ""]
+    if (out_dir / "base-samples.png").exists():
+        md += ["## Base model: text -> image from held-out captions", "", "![base samples](base-samples.png)", ""]
     md += ["## Prompts: example source | example target | query | output | target", ""]
     md += [f"### {cap}\n\n![{cap}]({name})\n" for cap, name in images]
     md_path = out_dir / "report.md"
@@ -58,6 +60,8 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
             _html_table(*per_task)]
     if loss_png and loss_png.exists():
         body += ["<h2>Training loss</h2>", '<img src="losses.png">']
+    if (out_dir / "base-samples.png").exists():
+        body += ["<h2>Base model: text -> image from held-out captions</h2>", '<img src="base-samples.png">']
     body += ["<h2>Prompts: example source | example target | query | output | target</h2>"]
     body += [f"<h3>{html.escape(cap)}</h3><img src='{name}'>" for cap, name in images]
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"

@@ -27,6 +27,21 @@ def prompt_grid(prompts: list[Prompt], outputs: np.ndarray, cell: int = 96) -> I
     return grid
 
 
+def caption_grid(images: np.ndarray, captions: list[str], cell: int = 128, per_row: int = 4) -> Image.Image:
+    """Generated images with the caption each was made from, wrapped under it."""
+    import textwrap
+
+    rows = -(-len(images) // per_row)
+    text_h = 44
+    grid = Image.new("RGB", (per_row * (cell + 6) + 6, rows * (cell + text_h + 6) + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = 6 + (i % per_row) * (cell + 6), 6 + (i // per_row) * (cell + text_h + 6)
+        grid.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
+        draw.multiline_text((x, y + cell + 2), "\n".join(textwrap.wrap(cap, 24)[:4]), fill=(0, 0, 0), spacing=0)
+    return grid
+
+
 def loss_plot(curves: dict[str, list[float]], path: Path, smooth: int = 20) -> Path:
     """Smoothed training-loss curves, one line per model, saved as PNG."""
     import matplotlib

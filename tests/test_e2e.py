@@ -29,6 +29,8 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
 
     # 2. Checkpoints: base in diffusers layout, Prompt Diffusion and six CN(FT), all safetensors.
     assert (plan.dir("base") / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (plan.dir("base") / "samples.png").exists()
+    assert all((plan.dir("train") / n / "pipeline.json").exists() for n in ("prompt-diffusion", "cn-ft_image-to-depth"))
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 7 and "prompt-diffusion" in ckpts
 
@@ -53,7 +55,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     md = open(report).read()
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
     assert (plan.state.reports.glob("*/report.html")) and len(list(plan.state.reports.glob("*/*__*.png"))) == 12
-    assert "losses.png" in md
+    assert "losses.png" in md and "base-samples.png" in md
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")

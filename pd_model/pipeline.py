@@ -1,0 +1,175 @@
+"""`PromptDiffusionPipeline`: in-context generation from (text, example pair, query), the diffusers way.
+
+    pipe = PromptDiffusionPipeline.from_parts(base, controlnet)
+    out = pipe("a red ball", image_pair=(source, target), image=query, generator=torch.Generator().manual_seed(0))
+
+Guidance (one batched forward pass per step):
+- text only (the paper's rule): eps = e(neg, pair) + s_text * (e(text, pair) - e(neg, pair));
+- with `pair_guidance_scale` as well: eps = e(neg, 0) + s_pair * (e(neg, pair) - e(neg, 0))
+  + s_text * (e(text, pair) - e(neg, pair)), where 0 is the dropped (zero) pair of training.
+`guidance_scale=1` and no pair guidance runs the conditional branch alone. A stock ControlNet
+(the CN(FT) baseline) works too: it sees the query only and `image_pair` must be None.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from PIL import Image
+
+from pd_model.base import BaseModel
+from pd_model.controlnet import PromptDiffusionControlNet
+from pd_model.hints import to_hint, to_uint8
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+ImageLike = Image.Image | np.ndarray
+
+
+def _uint8_batch(images: ImageLike | Sequence[ImageLike], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL or (H, W, 3) uint8 arrays -> (B, 3, H, W) uint8, resized to `size` (W, H) if given."""
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    arrs = []
+    for im in images:
+        pil = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
+        pil = pil.convert("RGB")
+        if size is not None and pil.size != size:
+            pil = pil.resize(size, Image.BICUBIC)
+        arrs.append(np.asarray(pil))
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)  # (B, 3, H, W)
+
+
+class PromptDiffusionPipeline(DiffusionPipeline):
+    _optional_components = ["vae", "controlnet"]
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, controlnet=None, vae=None):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                              controlnet=controlnet, vae=vae)
+
+    @classmethod
+    def from_parts(cls, base: BaseModel, controlnet: ControlNetModel | None, scheduler: str | None = None):
+        sched = base.scheduler if scheduler is None else SCHEDULERS[scheduler].from_config(base.scheduler.config)
+        return cls(base.unet, base.text_encoder, base.tokenizer, sched, controlnet, base.vae)
+
+    def set_scheduler(self, name: str) -> None:
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+
+    @property
+    def base(self) -> BaseModel:
+        return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae)
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> torch.Tensor:
+        return self.base.encode_text(texts)  # (B, T, D)
+
+    def _residuals(self, x, t, emb, pair, query):
+        if self.controlnet is None:
+            return {}
+        if isinstance(self.controlnet, PromptDiffusionControlNet):
+            down, mid = self.controlnet(x, t, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
+        else:
+            down, mid = self.controlnet(x, t, emb, controlnet_cond=query, return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], image_pair: tuple | None = None, image: ImageLike | Sequence[ImageLike] | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 9.0, pair_guidance_scale: float | None = None,
+                 negative_prompt: str | list[str] = "", generator: torch.Generator | list[torch.Generator] | None = None,
+                 output_type: str = "pil", height: int | None = None, width: int | None = None):
+        """Returns a list of PIL images (`output_type='pil'`), a (B, H, W, 3) uint8 array ('np') or
+        a (B, 3, H, W) float tensor in [-1, 1] ('pt')."""
+        # 1. inputs
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        is_pd = isinstance(self.controlnet, PromptDiffusionControlNet)
+        if self.controlnet is not None and image is None:
+            raise ValueError("a ControlNet needs the query: pass image=...")
+        if image_pair is not None and not is_pd:
+            raise ValueError("image_pair needs a PromptDiffusionControlNet; this pipeline's controlnet sees the query only")
+        if is_pd and image_pair is None:
+            raise ValueError("Prompt Diffusion needs image_pair=(example source, example target)")
+        size = None
+        query = pair = None
+        if image is not None:
+            query_u8 = _uint8_batch(image)
+            size = (query_u8.shape[3], query_u8.shape[2])
+            hint_range = getattr(self.controlnet.config, "hint_range", "-1,1")
+            query = to_hint(query_u8, hint_range)
+            if is_pd:
+                src, tgt = (_uint8_batch(im, size) for im in image_pair)
+                pair = torch.cat([to_hint(src, hint_range), to_hint(tgt, hint_range)], 1)  # (B, 6, H, W)
+            if query.shape[0] == 1 and b > 1:
+                query = query.expand(b, -1, -1, -1)
+                pair = pair.expand(b, -1, -1, -1) if pair is not None else None
+        h = size[1] if size else (height or self.unet.config.sample_size * self._scale)
+        w = size[0] if size else (width or self.unet.config.sample_size * self._scale)
+        # 2. guidance branches, batched: [neg + zero pair] [neg + pair] [text + pair]
+        use_text = guidance_scale != 1.0
+        use_pair = pair_guidance_scale is not None and is_pd
+        cond = self.encode_prompt(prompts)
+        neg = self.encode_prompt(negatives) if (use_text or use_pair) else None
+        embs, pairs = [], []
+        if use_pair:
+            embs.append(neg)
+            pairs.append(torch.zeros_like(pair))
+        if use_text or use_pair:
+            embs.append(neg)
+            pairs.append(pair)
+        embs.append(cond)
+        pairs.append(pair)
+        n = len(embs)
+        emb = torch.cat(embs)  # (n * B, T, D)
+        pair_all = torch.cat(pairs) if is_pd else None
+        query_all = torch.cat([query] * n) if query is not None else None
+        # 3. noise: one generator per image, so an image never depends on its batch
+        gens = generator if isinstance(generator, list) else [generator] * b
+        shape = (self.unet.config.in_channels, h // self._scale, w // self._scale)
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * self.scheduler.init_noise_sigma
+        # 4. denoising loop
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            xin = self.scheduler.scale_model_input(torch.cat([x] * n), t)
+            eps_all = self.unet(xin, t, emb, **self._residuals(xin, t, emb, pair_all, query_all)).sample
+            parts = eps_all.chunk(n)
+            if use_pair:
+                e0, e_pair, e_text = parts
+                eps = e0 + pair_guidance_scale * (e_pair - e0) + guidance_scale * (e_text - e_pair)
+            elif use_text:
+                e_neg, e_text = parts
+                eps = e_neg + guidance_scale * (e_text - e_neg)
+            else:
+                eps = parts[0]
+            x = self.scheduler.step(eps, t, x).prev_sample
+        # 5. decode
+        images = self.base.to_image_space(x)
+        if output_type == "pt":
+            return images
+        arr = to_uint8(images).numpy()
+        return arr if output_type == "np" else [Image.fromarray(a) for a in arr]
+
+    @classmethod
+    def from_trained(cls, model_dir: str | Path, scheduler: str | None = "ddim") -> "PromptDiffusionPipeline":
+        """A trained model folder (`<state>/models/train/<key>/<name>`): its `pipeline.json` names the base."""
+        from pd_model.base import load_base
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "pipeline.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found; pass a model folder written by the train stage "
+                                    f"(it holds controlnet/ and pipeline.json)")
+        meta = json.loads(meta_path.read_text())
+        cls_ = PromptDiffusionControlNet if meta["kind"] == "prompt_diffusion" else ControlNetModel
+        controlnet = cls_.from_pretrained(model_dir / "controlnet").eval()
+        return cls.from_parts(load_base(meta["base"]).freeze(), controlnet, scheduler)
+
+    @property
+    def _scale(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
