@@ -2,6 +2,7 @@
 
     pd run [--profile smoke] [--stage full-benchmark] [-o train.steps=50 ...]
     pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR]
+    pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
     pd results                           Table 1 of the latest completed run, and its report
@@ -149,6 +150,15 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def cmd_convert(args) -> int:
+    from pd_model.convert import convert_checkpoint
+
+    net = convert_checkpoint(args.checkpoint, args.base, args.out, hint_range="-1,1")
+    n = sum(p.numel() for p in net.parameters())
+    print(f"converted {args.checkpoint} -> {args.out} ({n / 1e6:.1f} M parameters, hint_range -1,1)")
+    return 0
+
+
 def cmd_profile(args) -> int:
     from flows.profiles import load_profile
 
@@ -195,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--modality", default="depth", choices=("depth", "hed", "seg"))
     _add_sampling_args(e)
     e.set_defaults(fn=cmd_edit)
+    c = sub.add_parser("convert", help="original Prompt Diffusion checkpoint (ldm layout) -> diffusers folder")
+    c.add_argument("checkpoint", help="network-step=04999.ckpt or a .safetensors of it")
+    c.add_argument("--base", required=True, help="the Stable Diffusion 1.5 folder (or its unet/config.json)")
+    c.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
+    c.set_defaults(fn=cmd_convert)
     sub.add_parser("up", help="start the local Prefect server, pool, deployments and worker").set_defaults(fn=cmd_stack)
     sub.add_parser("down", help="stop the local Prefect server and worker").set_defaults(fn=cmd_stack)
     args = ap.parse_args(argv)

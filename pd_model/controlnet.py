@@ -74,6 +74,17 @@ class PromptDiffusionControlNet(ControlNetModel):
         net.register_to_config(hint_range=hint_range)
         return net
 
+    @classmethod
+    def from_research_port(cls, path, hint_range: HintRange) -> "PromptDiffusionControlNet":
+        """Weights saved by the diffusers research port (`PromptDiffusionControlNetModel`, same key layout).
+
+        Say which range they were trained with: "-1,1" for weights converted from the original
+        release, "0,1" for weights trained through the port's own pipeline.
+        """
+        net = cls.from_pretrained(path)
+        net.register_to_config(hint_range=hint_range)
+        return net
+
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, controlnet_query_cond=None, **kwargs):
         if controlnet_query_cond is None:
             raise ValueError("PromptDiffusionControlNet needs controlnet_query_cond (the query image, B x 3 x H x W)")

@@ -98,3 +98,19 @@ def test_dropout_rates_follow_the_paper():
     assert abs((drop_text & ~drop_pair).mean() - 0.05) < 0.003
     assert abs((drop_text & drop_pair).mean() - 0.05) < 0.003
     assert abs((~drop_text & drop_pair).mean() - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("hint_range", ["0,1", "-1,1"])
+def test_loads_the_research_ports_saved_layout(base, tmp_path, hint_range):
+    import json
+
+    net = build_controlnet(base, "prompt_diffusion")
+    net.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["_class_name"] = "PromptDiffusionControlNetModel"  # as the port writes it, without our two keys
+    del cfg["hint_range"], cfg["query_conditioning_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    port = PromptDiffusionControlNet.from_research_port(tmp_path, hint_range=hint_range)
+    assert port.config.hint_range == hint_range
+    a, b = net.state_dict(), port.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
