@@ -23,7 +23,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "data": {"n_groups": 240, "resolution": 32},
         "prompts": {"per_task": 16},
-        "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64)},
+        # EMA: random-conv FID of held-out-caption samples 3.33 -> 2.12 at equal cost (README).
+        "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999},
         "train": {"steps": 300, "batch_size": 16, "learning_rate": 3e-4, "baseline_steps_per_task": 50},
         "eval": {"steps": 20, "guidance_scale": 3.0},
     },

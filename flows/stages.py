@@ -207,7 +207,8 @@ def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: 
         return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": True}
     base = load_base_for(plan)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
-    net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset)
+    net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset,
+                                   checkpoint_dir=out / "checkpoints")
     net.save_pretrained(out / "controlnet")
     base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
     atomic_write_json(out / "pipeline.json", {"base": str(base_path), "kind": mode, "tasks": list(tasks)})

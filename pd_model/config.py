@@ -22,6 +22,7 @@ class BaseModelConfig(Frozen):
     train_steps: int = Field(60, ge=0)
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights (diffusers EMAModel); 0 is off")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -45,6 +46,10 @@ class TrainConfig(Frozen):
     drop_pair: float = 0.05
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
     baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT): equal steps per task; 0 skips baselines")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
     seed: int = 0
 
     @model_validator(mode="after")

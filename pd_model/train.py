@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
@@ -23,6 +24,7 @@ from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
+from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from pd_model.hints import to_hint, to_unit
 
 Mode = Literal["prompt_diffusion", "cnft"]
@@ -83,22 +85,57 @@ def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gen: torch.
     return F.mse_loss(pred, noise)
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often `_loop` checkpoints; an existing checkpoint there is resumed from."""
+
+    root: Path
+    model: torch.nn.Module
+    every: int
+    keep_last: int = 2
+
+
 def _loop(params: list[torch.nn.Parameter], steps: int, lr: float, weight_decay: float, grad_clip: float,
-          step_loss, desc: str) -> list[float]:
+          step_loss, desc: str, warmup_steps: int = 0, ckpt: Checkpointing | None = None,
+          ema_decay: float = 0.0) -> list[float]:
+    """AdamW steps of `step_loss(step)`; with `ema_decay` > 0 the parameters end as their EMA."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ema = EMAModel(params, decay=ema_decay) if ema_decay > 0 else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2.0)
+    start = 0
+    if ckpt is not None and (saved := list_checkpoints(ckpt.root)):
+        start, losses, states = load_checkpoint(saved[-1], ckpt.model)
+        opt.load_state_dict(states["optimizer"])
+        sched.load_state_dict(states["lr_scheduler"])
+        if ema is not None:
+            ema.load_state_dict(states["ema"])
+        print(f"{desc}: resuming from {saved[-1]} (step {start} of {steps})")
+    bar = tqdm(range(start, steps), desc=desc, unit="step", mininterval=2.0, initial=start, total=steps)
     t0 = time.perf_counter()
     for step in bar:
         loss = step_loss(step)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; lower the learning rate")
+            last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; training stopped. Last good "
+                                     f"checkpoint: {last or 'none'}. Lower train.learning_rate or check the data.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        sched.step()
+        if ema is not None:
+            ema.step(params)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{(step + 1) / (time.perf_counter() - t0):.1f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{(step + 1 - start) / (time.perf_counter() - t0):.1f}",
+                        refresh=False)
+        if ckpt is not None and ckpt.every and ((step + 1) % ckpt.every == 0 or step + 1 == steps):
+            states = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}
+            if ema is not None:
+                states["ema"] = ema.state_dict()
+            save_checkpoint(ckpt.root, step + 1, ckpt.model, states, losses, ckpt.keep_last)
+    if ema is not None:
+        ema.copy_to(params)
     return losses
 
 
@@ -118,7 +155,8 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[f
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
         return denoising_loss(base, Batch(to_unit(x) * 2 - 1, texts), text_cache(texts), gen)
 
-    losses = _loop(list(base.unet.parameters()), cfg.train_steps, cfg.learning_rate, 0.0, 1.0, step_loss, "base")
+    losses = _loop(list(base.unet.parameters()), cfg.train_steps, cfg.learning_rate, 0.0, 1.0, step_loss, "base",
+                   ema_decay=cfg.ema_decay)
     base.unet.eval()
     return losses
 
@@ -132,7 +170,8 @@ def build_controlnet(base: BaseModel, mode: Mode) -> ControlNetModel:
 
 
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
-                     mode: Mode, steps: int, seed_offset: int = 0) -> tuple[ControlNetModel, list[float]]:
+                     mode: Mode, steps: int, seed_offset: int = 0,
+                     checkpoint_dir: Path | None = None) -> tuple[ControlNetModel, list[float]]:
     """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task."""
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
@@ -158,7 +197,13 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
         return denoising_loss(base, batch, emb, gen, controlnet)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
-    losses = _loop(params, steps, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, step_loss, desc)
+    ckpt = None
+    if checkpoint_dir is not None and cfg.checkpoint_every:
+        if cfg.train_unet_decoder:  # the decoder is trained too: checkpoint both
+            raise ValueError("train.checkpoint_every with train.train_unet_decoder is not supported yet; set one of them off")
+        ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last)
+    losses = _loop(params, steps, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, step_loss, desc,
+                   cfg.warmup_steps, ckpt, cfg.ema_decay)
     return controlnet.eval(), losses
 
 

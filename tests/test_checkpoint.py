@@ -1,0 +1,100 @@
+"""Training checkpoints: a killed run resumes to bitwise the same weights; a broken save loses nothing."""
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from pd_data.annotate import annotate_shard
+from pd_data.config import DataConfig
+from pd_data.dataset import load_split
+from pd_data.ingest import ingest
+from pd_data.tasks import TRAINING_TASKS
+from pd_model import checkpoint as ckpt_mod
+from pd_model.base import build_tiny_base, load_base
+from pd_model.checkpoint import list_checkpoints
+from pd_model.config import BaseModelConfig, TrainConfig
+from pd_model.train import train_controlnet
+
+STEPS = 8
+CFG = TrainConfig(steps=STEPS, batch_size=4, checkpoint_every=2, keep_last=2, learning_rate=1e-3, warmup_steps=3,
+                  ema_decay=0.9)  # EMA state must survive the kill too
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = DataConfig(n_groups=6, split_fractions=(1.0, 0.0, 0.0))
+    ingest(cfg, root / "img")
+    for p in sorted((root / "img").glob("images-*.parquet")):
+        annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
+    data = load_split(root / "img", root / "ann", "train")
+    build_tiny_base(BaseModelConfig(), sorted(set(data.captions.values())), 32).save(root / "base")
+    return root
+
+
+def _train(root, ckpt_dir, steps=STEPS):
+    base = load_base(root / "base").freeze()
+    data = load_split(root / "img", root / "ann", "train")
+    net, losses = train_controlnet(base, data, TRAINING_TASKS, CFG.model_copy(update={"steps": steps}),
+                                   "prompt_diffusion", steps, checkpoint_dir=ckpt_dir)
+    return net, losses
+
+
+def _train_in_child(root, ckpt_dir):
+    torch.set_num_threads(1)
+    _train(root, ckpt_dir)
+
+
+def test_killed_training_resumes_to_bitwise_identical_weights(world, tmp_path):
+    torch.set_num_threads(1)  # the child runs single-threaded too: same kernels, same sums
+    whole, whole_losses = _train(world, tmp_path / "whole")
+    proc = mp.get_context("spawn").Process(target=_train_in_child, args=(world, tmp_path / "killed"))
+    proc.start()
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(tmp_path / "killed") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.join()
+    done = list_checkpoints(tmp_path / "killed")
+    assert done and int(done[-1].name.split("-")[1]) < STEPS, "the kill should land before the end"
+    resumed, resumed_losses = _train(world, tmp_path / "killed")
+    torch.set_num_threads(torch.get_num_threads())
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_losses == whole_losses
+    assert len(list_checkpoints(tmp_path / "whole")) == CFG.keep_last
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_usable(world, tmp_path, monkeypatch):
+    _train(world, tmp_path / "c", steps=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002"]
+
+    def dying_save(tensors, path):
+        path.write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed during the save")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _train(world, tmp_path / "c", steps=4)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002"]
+    net, losses = _train(world, tmp_path / "c", steps=4)  # resumes from step 2 and finishes
+    assert len(losses) == 4 and [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002", "step-0000004"]
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path):
+    from pd_model.train import Checkpointing, _loop
+
+    w = torch.nn.Parameter(torch.ones(3))
+    model = torch.nn.Module()
+    model.w = w
+    calls = []
+
+    def step_loss(step):
+        calls.append(step)
+        return (w * (float("nan") if step == 5 else 1.0)).sum()
+
+    with pytest.raises(FloatingPointError, match="step-0000004"):
+        _loop([w], 10, 1e-2, 0.0, 1.0, step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
+    assert calls[-1] == 5
