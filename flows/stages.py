@@ -47,25 +47,27 @@ def _cached(plan: Plan, stage: str) -> dict | None:
 
 # ---------------------------------------------------------------- ingest
 @task(cache_policy=NO_CACHE, name="ingest-shard")
-def ingest_shard_task(cfg, s: int, out_dir: Path) -> dict:
+def ingest_shard_task(cfg, s: int, out_dir: Path, listed) -> dict:
     from pd_data.ingest import ingest_shard
 
-    return ingest_shard(cfg, s, out_dir)
+    return ingest_shard(cfg, s, out_dir, listed)
 
 
 def ingest_task(plan: Plan) -> dict:
     """One Prefect task per shard (threads, or Dask processes when data.workers > 1)."""
     import time
 
-    from pd_data.ingest import count_shards, prepare, summarise
+    from pd_data.ingest import count_shards, listing, prepare, summarise
     from pd_data.sources import make_source
 
     t0, cfg, out = time.perf_counter(), plan.profile.data, plan.dir("ingest")
     source = make_source(cfg)
     prepare(out)
-    n = count_shards(cfg, source)
-    done = run_mapped(ingest_shard_task, cfg.workers, "ingest-shards", unmapped(cfg), list(range(n)), unmapped(out))
-    return summarise(out, source.name, len(source.items()), sum(d["resumed"] for d in done), time.perf_counter() - t0)
+    listed = listing(source)
+    n = count_shards(cfg, listed)
+    done = run_mapped(ingest_shard_task, cfg.workers, "ingest-shards", unmapped(cfg), list(range(n)), unmapped(out),
+                      unmapped(listed))
+    return summarise(out, source.name, len(listed[0]), sum(d["resumed"] for d in done), time.perf_counter() - t0)
 
 
 @flow(name="ingest", log_prints=True)

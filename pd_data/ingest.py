@@ -38,8 +38,14 @@ def _ingest_item(source: Source, item: Item, cfg: DataConfig) -> dict:
             "source": source.name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
 
 
-def _listing(cfg: DataConfig, source: Source) -> tuple[list[Item], list[bool]]:
-    """The source's items and, for each, whether its id appeared earlier (the first occurrence wins)."""
+Listing = tuple[list[Item], list[bool]]
+
+
+def listing(source: Source) -> Listing:
+    """The source's items and, for each, whether its id appeared earlier (the first occurrence wins).
+
+    Made once per run and handed to every shard: listing a folder source walks the whole folder.
+    """
     items, seen, duplicate = source.items(), set(), []
     for it in items:
         duplicate.append(it.image_id in seen)
@@ -47,17 +53,17 @@ def _listing(cfg: DataConfig, source: Source) -> tuple[list[Item], list[bool]]:
     return items, duplicate
 
 
-def count_shards(cfg: DataConfig, source: Source | None = None) -> int:
-    return -(-len((source or make_source(cfg)).items()) // cfg.shard_size)
+def count_shards(cfg: DataConfig, listed: Listing) -> int:
+    return -(-len(listed[0]) // cfg.shard_size)
 
 
-def ingest_shard(cfg: DataConfig, s: int, out_dir: Path, source: Source | None = None) -> dict:
+def ingest_shard(cfg: DataConfig, s: int, out_dir: Path, listed: Listing, source: Source | None = None) -> dict:
     """Write shard s (its rejects, then its images); a shard already written is kept as it is."""
     path = out_dir / f"images-{s:05d}.parquet"
     if path.exists():
         return {"shard": s, "resumed": True}
     source = source or make_source(cfg)
-    items, duplicate = _listing(cfg, source)
+    items, duplicate = listed
     rows, rejects = [], []
     for i in range(s * cfg.shard_size, min(len(items), (s + 1) * cfg.shard_size)):
         item = items[i]
@@ -94,6 +100,7 @@ def ingest(cfg: DataConfig, out_dir: Path, source: Source | None = None) -> dict
     t0 = time.perf_counter()
     source = source or make_source(cfg)
     prepare(out_dir)
-    n = count_shards(cfg, source)
-    done = [ingest_shard(cfg, s, out_dir, source) for s in tqdm(range(n), desc=f"ingest {source.name}", unit="shard")]
-    return summarise(out_dir, source.name, len(source.items()), sum(d["resumed"] for d in done), time.perf_counter() - t0)
+    listed = listing(source)
+    n = count_shards(cfg, listed)
+    done = [ingest_shard(cfg, s, out_dir, listed, source) for s in tqdm(range(n), desc=f"ingest {source.name}", unit="shard")]
+    return summarise(out_dir, source.name, len(listed[0]), sum(d["resumed"] for d in done), time.perf_counter() - t0)

@@ -214,13 +214,13 @@ class ParquetSource:
             try:
                 md = pq.ParquetFile(f).metadata
             except Exception:  # noqa: BLE001 - an unreadable file becomes one reject, not a crash
-                items.append(Item(f"{f.stem}/unreadable", f.stem, (str(f), -1, -1, -1)))
+                items.append(Item(f"{f.stem}/unreadable", f.stem, (str(f), -1, -1, -1, -1)))
                 continue
-            row = 0
+            row = 0  # the file's row names the item; the ref also holds the row within its row group
             for rg in range(md.num_row_groups):
-                for _ in range(md.row_group(rg).num_rows):
+                for local in range(md.row_group(rg).num_rows):
                     for v, view in enumerate(self.views):
-                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, row, v)))
+                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, local, row, v)))
                     row += 1
         return items
 
@@ -230,18 +230,17 @@ class ParquetSource:
         return self._cache[1]
 
     def load(self, item: Item) -> RawRecord:
-        f, rg, row, v = item.ref
+        f, rg, local, row, v = item.ref
         if rg < 0:
             raise ValueError(f"{f} is not a readable Parquet file")
         table = self._row_group(f, rg)
-        first = sum(pq.ParquetFile(f).metadata.row_group(i).num_rows for i in range(rg))
         view = self.views[v]
         missing = [c for c in view.values() if c not in table.column_names]
         if missing:
             raise ValueError(f"column(s) {missing} not in {f}; map them with data.parquet_columns")
-        cell = table.column(view["image"])[row - first].as_py()
+        cell = table.column(view["image"])[local].as_py()
         image = cell.get("bytes") if isinstance(cell, dict) else cell
-        caption = table.column(view["caption"])[row - first].as_py()
+        caption = table.column(view["caption"])[local].as_py()
         return RawRecord(image or b"", caption, {"path": f, "row": row, "column": view["image"]})
 
     def fingerprint(self) -> str:
