@@ -75,8 +75,8 @@ SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FR
 
 
 def register_data_views(db: Path, data_root: Path) -> None:
-    init_db(db)
     with connect(db) as con:
+        _ensure_schema(con)
         con.execute(data_views_sql(data_root))
 
 
@@ -105,22 +105,26 @@ def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iter
         con.close()
 
 
+def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(SCHEMA)
+    if con.execute("SELECT count(*) FROM paper_reference").fetchall()[0][0] == 0:
+        con.executemany("INSERT INTO paper_reference VALUES (?, ?, ?, ?, ?, ?, ?)", PAPER_ROWS)
+    con.execute(VIEWS)
+
+
 def init_db(db: Path) -> None:
     with connect(db) as con:
-        con.execute(SCHEMA)
-        if con.execute("SELECT count(*) FROM paper_reference").fetchall()[0][0] == 0:
-            con.executemany("INSERT INTO paper_reference VALUES (?, ?, ?, ?, ?, ?, ?)", PAPER_ROWS)
-        con.execute(VIEWS)
+        _ensure_schema(con)
 
 
 def write_rows(db: Path, table: str, rows: list[dict]) -> int:
     """Insert or replace rows (by primary key) in one transaction; returns the count."""
     if not rows:
         return 0
-    init_db(db)
     cols = list(rows[0])
     sql = f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-    with connect(db) as con:
+    with connect(db) as con:  # one connection: schema (idempotent) and rows
+        _ensure_schema(con)
         con.execute("BEGIN")
         con.executemany(sql, [[r[c] for c in cols] for r in rows])
         con.execute("COMMIT")

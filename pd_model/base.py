@@ -27,10 +27,6 @@ class BaseModel:
     scheduler: SchedulerMixin
     vae: AutoencoderKL | None = None
 
-    @property
-    def image_channels(self) -> int:
-        return 3
-
     def freeze(self) -> "BaseModel":
         for m in (self.unet, self.text_encoder, self.vae):
             if m is not None:

@@ -53,8 +53,10 @@ class PromptDiffusionPipeline(DiffusionPipeline):
 
     @classmethod
     def from_parts(cls, base: BaseModel, controlnet: ControlNetModel | None, scheduler: str | None = None):
-        sched = base.scheduler if scheduler is None else SCHEDULERS[scheduler].from_config(base.scheduler.config)
-        return cls(base.unet, base.text_encoder, base.tokenizer, sched, controlnet, base.vae)
+        pipe = cls(base.unet, base.text_encoder, base.tokenizer, base.scheduler, controlnet, base.vae)
+        if scheduler is not None:
+            pipe.set_scheduler(scheduler)
+        return pipe
 
     def set_scheduler(self, name: str) -> None:
         if name not in SCHEDULERS:
