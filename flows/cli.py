@@ -8,6 +8,9 @@
     pd results                           Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics"
     pd profile demo [-o ...]             print a profile's resolved configuration
+    pd retrain [--profile demo] [--dataset default] [--from-scratch] [-o ...]   one retraining round
+    pd models [--dataset D]              the model registry: candidates, decisions, the current model
+    pd rollback [--dataset D] [--to MODEL_ID]   make an earlier model current again (default: the previous one)
 """
 from __future__ import annotations
 
@@ -51,6 +54,38 @@ def cmd_run(args) -> int:
           "report": stages.report_flow}[args.stage]
     result = fn(profile=args.profile, overrides=_overrides(args.override))
     print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    _prepare_env()
+    from flows.retrain import retrain_flow
+
+    result = retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
+                          from_scratch=args.from_scratch)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from pd_data.state import StateDir
+    from pd_eval.registry import listing
+    from pd_eval.store import format_table
+
+    names, rows = listing(StateDir.resolve().db, args.dataset)
+    if not rows:
+        print("no models in the registry yet; run `pd retrain` (or the retrain deployment)")
+        return 0
+    print(format_table(names, rows))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from pd_data.state import StateDir
+    from pd_eval.registry import rollback
+
+    to = rollback(StateDir.resolve().db, args.dataset, args.to)
+    print(f"dataset {args.dataset}: current model is now {to}")
     return 0
 
 
@@ -210,6 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--base", required=True, help="the Stable Diffusion 1.5 folder (or its unet/config.json)")
     c.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
     c.set_defaults(fn=cmd_convert)
+    rt = sub.add_parser("retrain", help="one retraining round in this process (incremental data, candidate, decision)")
+    rt.add_argument("--profile", default="demo")
+    rt.add_argument("--dataset", default="default", help="name of the live dataset (a folder under data/live)")
+    rt.add_argument("--from-scratch", action="store_true", help="train the candidate from scratch, not from the current model")
+    rt.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    rt.set_defaults(fn=cmd_retrain)
+    ml = sub.add_parser("models", help="the model registry: every candidate, its decision, the current model")
+    ml.add_argument("--dataset", default=None)
+    ml.set_defaults(fn=cmd_models)
+    rb = sub.add_parser("rollback", help="make an earlier registry model current again")
+    rb.add_argument("--dataset", default="default")
+    rb.add_argument("--to", default=None, metavar="MODEL_ID", help="default: the model current before the present one")
+    rb.set_defaults(fn=cmd_rollback)
     sub.add_parser("up", help="start the local Prefect server, pool, deployments and worker").set_defaults(fn=cmd_stack)
     sub.add_parser("down", help="stop the local Prefect server and worker").set_defaults(fn=cmd_stack)
     args = ap.parse_args(argv)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pd_data.shards import decode_png, read_shards
@@ -36,10 +37,15 @@ class SplitData:
 
 
 def load_split(images_dir: Path, annotations_dir: Path, split: str) -> SplitData:
-    images = read_shards(images_dir, "images")
+    return split_from_tables(read_shards(images_dir, "images"), read_shards(annotations_dir, "annotations"), split,
+                             where=str(images_dir))
+
+
+def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = "the dataset") -> SplitData:
+    """One split of an images table and its annotations table (both in the shard schemas)."""
     images = images.filter(pc.equal(images["split"], split))
     if images.num_rows == 0:
-        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions or data.n_groups")
+        raise ValueError(f"split {split!r} has no images in {where}; adjust data.split_fractions or data.n_groups")
     keep = set(images["image_id"].to_pylist())
     out = SplitData()
     groups: dict[str, list[str]] = defaultdict(list)
@@ -48,7 +54,6 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str) -> SplitData
         out.captions[r["image_id"]] = r["caption"]
         groups[r["group_id"]].append(r["image_id"])
     out.groups = {g: sorted(ids) for g, ids in groups.items()}
-    ann = read_shards(annotations_dir, "annotations")
     modalities = set(ann.column("modality").to_pylist())
     for r in ann.select(["image_id", "modality", "map"]).to_pylist():
         if r["image_id"] in keep:

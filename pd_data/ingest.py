@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from pd_data.config import DataConfig
 from pd_data.normalize import Reject, normalise_caption, normalise_image
 from pd_data.shards import IMAGES_SCHEMA, REJECTS_SCHEMA, png_bytes, read_shards, write_shard
-from pd_data.sources import Item, Source, make_source
+from pd_data.sources import Item, RawRecord, Source, make_source
 
 
 def split_of(group_id: str, seed: int, fractions: tuple[float, float, float]) -> str:
@@ -28,14 +28,18 @@ def split_of(group_id: str, seed: int, fractions: tuple[float, float, float]) ->
 
 
 def _ingest_item(source: Source, item: Item, cfg: DataConfig) -> dict:
-    rec = source.load(item)
+    return record_row(item, source.load(item), cfg, source.name)
+
+
+def record_row(item: Item, rec: RawRecord, cfg: DataConfig, source_name: str) -> dict:
+    """A loaded record, normalised into an images-shard row; raises `Reject` for bad input."""
     caption, repaired = normalise_caption(rec.caption)
     img = normalise_image(rec.image, cfg.resolution, cfg.min_side, cfg.max_pixels)
     prov = dict(rec.provenance, **({"caption_repaired": True} if repaired else {}))
     return {"image_id": item.image_id, "group_id": item.group_id,
             "split": split_of(item.group_id, cfg.seed, cfg.split_fractions), "caption": caption,
             "image": png_bytes(img), "width": cfg.resolution, "height": cfg.resolution,
-            "source": source.name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
+            "source": source_name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
 
 
 Listing = tuple[list[Item], list[bool]]

@@ -171,11 +171,17 @@ def build_controlnet(base: BaseModel, mode: Mode) -> ControlNetModel:
 
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
                      mode: Mode, steps: int, seed_offset: int = 0,
-                     checkpoint_dir: Path | None = None) -> tuple[ControlNetModel, list[float]]:
-    """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task."""
+                     checkpoint_dir: Path | None = None, init: Path | None = None) -> tuple[ControlNetModel, list[float]]:
+    """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task.
+
+    `init`: a saved ControlNet folder to continue from (retraining) instead of the base's copy.
+    """
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
-    controlnet = build_controlnet(base, mode).train()
+    controlnet = build_controlnet(base, mode)
+    if init is not None:
+        controlnet = type(controlnet).from_pretrained(init)
+    controlnet.train()
     params = list(controlnet.parameters())
     if cfg.train_unet_decoder:
         for m in (base.unet.up_blocks, base.unet.conv_norm_out, base.unet.conv_out):
