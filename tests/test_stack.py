@@ -42,14 +42,29 @@ def _deploy_run(env, params: dict) -> subprocess.CompletedProcess:
 
 def test_deployment_runs_through_server_and_worker(stack):
     ls = subprocess.run([BIN / "prefect", "deployment", "ls"], env=stack, capture_output=True, text=True, timeout=60)
-    for name in ("full-benchmark/smoke", "full-benchmark/demo", "full-benchmark/paper", "train/demo", "report/demo"):
+    for name in ("full-benchmark/smoke", "full-benchmark/demo", "full-benchmark/paper", "train/demo", "report/demo",
+                 "retrain/demo", "retrain/smoke", "watch-source/demo"):
         assert name in ls.stdout
+    # Weekly retraining is scheduled on the server, and its event trigger is an automation there.
+    inspect = subprocess.run([BIN / "prefect", "deployment", "inspect", "retrain/demo"], env=stack, capture_output=True,
+                             text=True, timeout=60)
+    assert "0 3 * * 1" in inspect.stdout and "'active': True" in inspect.stdout.replace('"', "'")
+    autos = subprocess.run([BIN / "prefect", "automation", "ls"], env=stack, capture_output=True, text=True, timeout=60)
+    assert "pd.source.changed" in autos.stdout or "retrain" in autos.stdout
+
+    # A scheduled run of the retrain deployment is picked up and executed by the worker.
+    sched = subprocess.run([BIN / "prefect", "deployment", "run", "retrain/smoke", "--start-in", "2 seconds",
+                            "--params", json.dumps({"overrides": TINY}), "--watch", "--watch-timeout", "600"],
+                           cwd=REPO, env=stack, capture_output=True, text=True, timeout=700)
+    assert sched.returncode == 0 and "Completed" in sched.stdout, sched.stdout[-2000:] + sched.stderr[-2000:]
+    models = subprocess.run([BIN / "pd", "models"], env=stack, capture_output=True, text=True)
+    assert "r0001" in models.stdout and "promoted" in models.stdout
 
     ok = _deploy_run(stack, {"profile": "smoke", "overrides": TINY})
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     assert "Completed" in ok.stdout
 
-    sql = subprocess.run([BIN / "pd", "sql", "SELECT count(*) AS n FROM metrics"], env=stack, capture_output=True, text=True)
+    sql = subprocess.run([BIN / "pd", "sql", "SELECT count(*) AS n FROM metrics JOIN runs USING (eval_id)"], env=stack, capture_output=True, text=True)
     assert sql.returncode == 0 and int(sql.stdout.split()[-1]) == 12
     res = subprocess.run([BIN / "pd", "results"], env=stack, capture_output=True, text=True)
     assert "prompt-diffusion" in res.stdout and "report:" in res.stdout
