@@ -200,22 +200,18 @@ def base_samples(base, plan: Plan, path: Path, n: int = 8) -> None:
 
 @task(cache_policy=NO_CACHE, name="train-controlnet")
 def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: int, seed_offset: int, name: str) -> dict:
-    from pd_data.dataset import load_split
-    from pd_model.train import save_losses, train_controlnet
+    """One model; in this process, or on train.processes local processes (torchrun) when > 1."""
+    from pd_model.train_dist import TrainJob, launch, run_job
 
     out = plan.dir("train") / name
-    if (out / "losses.json").exists():  # finished in an earlier, interrupted run of this stage
-        losses = json.loads((out / "losses.json").read_text())["loss"]
-        return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": True}
-    base = load_base_for(plan)
-    data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
-    net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset,
-                                   checkpoint_dir=out / "checkpoints")
-    net.save_pretrained(out / "controlnet")
-    base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
-    atomic_write_json(out / "pipeline.json", {"base": str(base_path), "kind": mode, "tasks": list(tasks)})
-    save_losses(out / "losses.json", losses)  # written last: marks this model complete
-    return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": False}
+    resumed = (out / "losses.json").exists()  # finished in an earlier, interrupted run of this stage
+    if not resumed:
+        base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
+        job = TrainJob(base=str(base_path), images=str(plan.dir("ingest")), annotations=str(plan.dir("annotate")),
+                       cfg=plan.profile.train, mode=mode, tasks=tasks, steps=steps, seed_offset=seed_offset, out=str(out))
+        launch(job) if plan.profile.train.processes > 1 else run_job(job)
+    losses = json.loads((out / "losses.json").read_text())["loss"]
+    return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": resumed}
 
 
 def load_base_for(plan: Plan):

@@ -50,10 +50,23 @@ class TrainConfig(Frozen):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
+    # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)
+    # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")
+    processes: int = Field(1, ge=1, description="data-parallel processes the train stage launches (torch.distributed)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.drop_text + self.drop_text_and_pair + self.drop_pair > 1:
             raise ValueError("the three dropout rates must sum to at most 1")
+        split = self.processes * self.grad_accum_steps
+        if self.batch_size < self.processes:
+            raise ValueError(f"train.batch_size={self.batch_size} is smaller than train.processes={self.processes}: "
+                             f"every process needs at least one sample; raise batch_size or lower processes")
+        if self.batch_size % split:
+            raise ValueError(f"train.batch_size={self.batch_size} does not split into train.processes={self.processes} x "
+                             f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches; use a batch_size that "
+                             f"is a multiple of {split} (e.g. {-(-self.batch_size // split) * split})")
         return self

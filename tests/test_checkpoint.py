@@ -84,17 +84,17 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_usable(world, tm
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path):
-    from pd_model.train import Checkpointing, _loop
+    from pd_model.train import Checkpointing, Optim, _loop
 
     w = torch.nn.Parameter(torch.ones(3))
     model = torch.nn.Module()
     model.w = w
     calls = []
 
-    def step_loss(step):
+    def step_loss(step, idx):
         calls.append(step)
         return (w * (float("nan") if step == 5 else 1.0)).sum()
 
     with pytest.raises(FloatingPointError, match="step-0000004"):
-        _loop([w], 10, 1e-2, 0.0, 1.0, step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
+        _loop([w], Optim(10, 1, 1e-2), step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
     assert calls[-1] == 5
