@@ -233,6 +233,9 @@ def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
 def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
               upstream: bool = True) -> dict:
     plan = after(annotate_flow, "annotate", profile, overrides, state_dir, upstream)
+    from pd_model.train_dist import check_devices
+
+    check_devices(plan.profile.train)  # before the base is trained, not after
     if plan.profile.base.kind == "tiny" and _cached(plan, "base") is None:
         mark_done(plan.dir("base"), train_base_task(plan))
     if (done := _cached(plan, "train")) is not None:

@@ -32,6 +32,14 @@ class BaseModelConfig(Frozen):
         return self
 
 
+def resolution_multiple(base: BaseModelConfig) -> int:
+    """What image sides must divide by: each UNet level but the last halves the map, and a latent
+    base (SD 1.5: four levels) works on images 8x smaller still."""
+    if base.kind == "sd15":
+        return 8 * 2 ** (4 - 1)
+    return 2 ** (len(base.block_out_channels) - 1)
+
+
 class TrainConfig(Frozen):
     """Joint six-task Prompt Diffusion fine-tuning, and the CN(FT) baselines by the same loop."""
 

@@ -56,6 +56,16 @@ def run_job(job: TrainJob) -> list[float]:
     return losses
 
 
+def check_devices(cfg: TrainConfig) -> None:
+    """Reject a process count this machine cannot place (one GPU each on CUDA) before any training."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is visible; set train.device=cpu (or auto)")
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and cfg.processes > gpus:
+        raise ValueError(f"train.processes={cfg.processes} but this machine has {gpus} GPU(s), one per process; "
+                         f"set train.processes<={gpus}, or train.device=cpu")
+
+
 def launch(job: TrainJob) -> None:
     """Run `job` on `job.cfg.processes` local processes through torchrun; raise if any fails."""
     out = Path(job.out)
