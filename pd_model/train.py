@@ -122,6 +122,7 @@ class Optim:
     warmup_steps: int = 0
     ema_decay: float = 0.0
     grad_accum_steps: int = 1
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype), e.g. ("cuda", torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, 
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros(())
         for idx in slices:
-            part = step_loss(step, idx) * (len(idx) / o.batch_size)
+            with torch.autocast(*(o.autocast or ("cpu",)), enabled=o.autocast is not None):
+                part = step_loss(step, idx) * (len(idx) / o.batch_size)
             part.backward()
             loss = loss + part.detach().float().cpu()
         if n_proc > 1:
@@ -275,6 +277,14 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def autocast_for(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype] | None:
+    """bf16 autocast when asked, or for 'auto' on a CUDA device that supports it; None is fp32."""
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported()):
+        return device.type, torch.bfloat16
+    return None
+
+
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
                      mode: Mode, steps: int, seed_offset: int = 0, checkpoint_dir: Path | None = None,
                      ) -> tuple[ControlNetModel, list[float]]:
@@ -294,6 +304,10 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
         for m in (base.unet.up_blocks, base.unet.conv_norm_out, base.unet.conv_out):
             m.requires_grad_(True)
             params += list(m.parameters())
+    if cfg.gradient_checkpointing:  # recompute activations in backward: less memory, more compute
+        # The UNet too, frozen or not: the ControlNet's gradient flows back through its decoder.
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
     specs = [get_task(t) for t in tasks]
     text_cache = TextCache(base)
     empty = text_cache([""])[0]
@@ -316,7 +330,7 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
             raise ValueError("train.checkpoint_every with train.train_unet_decoder is not supported yet; set one of them off")
         ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last)
     o = Optim(steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
-              cfg.ema_decay, cfg.grad_accum_steps)
+              cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
     losses = _loop(params, o, step_loss, desc, ckpt)
     return controlnet.eval(), losses
 

@@ -4,13 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pd_data.annotate import annotate_shard
-from pd_data.config import DataConfig
 from pd_data.dataset import load_split
-from pd_data.ingest import ingest
 from pd_data.tasks import TRAINING_TASKS
-from pd_model.base import build_tiny_base, load_base
-from pd_model.config import BaseModelConfig, TrainConfig
+from pd_model.base import load_base
+from pd_model.config import TrainConfig
 from pd_model.train import train_controlnet
 from pd_model.train_dist import TrainJob, launch, run_job
 
@@ -18,19 +15,12 @@ CFG = TrainConfig(steps=3, batch_size=4, learning_rate=1e-4, warmup_steps=2, dev
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    cfg = DataConfig(n_groups=6, split_fractions=(1.0, 0.0, 0.0))
-    ingest(cfg, root / "img")
-    for p in sorted((root / "img").glob("images-*.parquet")):
-        annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
-    data = load_split(root / "img", root / "ann", "train")
-    build_tiny_base(BaseModelConfig(), sorted(set(data.captions.values())), 32).save(root / "base")
-    return root
+@pytest.fixture
+def world(train_world):
+    return train_world
 
 
-def _max_diff(a: dict, b: dict) -> float:
+def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -42,11 +32,11 @@ def test_two_micro_batches_of_4_train_like_one_batch_of_8(world):
         cfg = CFG.model_copy(update={"batch_size": 8, "grad_accum_steps": accum})
         net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps)
         nets[accum] = (net.state_dict(), losses)
-    assert _max_diff(nets[1][0], nets[2][0]) < TOL
+    assert max_diff(nets[1][0], nets[2][0]) < TOL
     assert nets[1][1] == pytest.approx(nets[2][1], abs=1e-6)  # the logged loss is the global-batch mean
     first = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, CFG.model_copy(update={"steps": 1}),
                              "prompt_diffusion", 1)[0].state_dict()
-    assert _max_diff(first, nets[1][0]) > 10 * TOL  # the weights did move: the comparison above means something
+    assert max_diff(first, nets[1][0]) > 10 * TOL  # the weights did move: the comparison above means something
 
 
 def test_two_gloo_processes_train_like_one_process(world, tmp_path):
@@ -58,7 +48,7 @@ def test_two_gloo_processes_train_like_one_process(world, tmp_path):
     run_job(job(1, "one"))
     launch(job(2, "two"))  # torchrun, 2 CPU processes, gloo
     one, two = (load_file(tmp_path / d / "controlnet" / "diffusion_pytorch_model.safetensors") for d in ("one", "two"))
-    assert _max_diff(one, two) < TOL
+    assert max_diff(one, two) < TOL
     losses = [torch.tensor(__import__("json").loads((tmp_path / d / "losses.json").read_text())["loss"]) for d in ("one", "two")]
     assert torch.allclose(*losses, atol=1e-6)
 
