@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import model_validator
 
 from pd_data.config import DataConfig, Frozen, PromptConfig
+from pd_data.tasks import TRAINING_TASKS
 from pd_eval.config import EvalConfig
 from pd_model.config import BaseModelConfig, TrainConfig, resolution_multiple
 
@@ -27,6 +28,10 @@ class Profile(Frozen):
                 f"pixel-space base with block_out_channels={self.base.block_out_channels}"
             raise ValueError(f"data.resolution={r} is not divisible by {m}, which the {kind} needs; "
                              f"use data.resolution={max(m, r // m * m)} or {(r // m + 1) * m}")
+        t, n = self.train, len(TRAINING_TASKS)
+        if t.baseline_steps_per_task and t.baseline_steps(n) == 0:
+            raise ValueError(f"train.baseline_budget='equal_compute' splits train.steps={t.steps} over {n} CN(FT) models: "
+                             f"0 steps each; raise train.steps to at least {n} or set train.baseline_steps_per_task=0")
         return self
 
 

@@ -243,9 +243,9 @@ def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: s
     cfg = plan.profile.train
     results = []
     for i, (name, (mode, tasks)) in enumerate(model_dirs(plan).items()):
-        steps = cfg.steps if mode == "prompt_diffusion" else cfg.baseline_steps_per_task
+        steps = cfg.steps if mode == "prompt_diffusion" else cfg.baseline_steps(len(plan.tasks))
         results.append(train_controlnet_task(plan, mode, tasks, steps, i, name))
-    summary = {"models": results, "budget_rule": "equal steps per task for CN(FT)"}
+    summary = {"models": results, "budget_rule": cfg.budget_rule(len(plan.tasks))}
     mark_done(plan.dir("train"), summary)
     create_table_artifact(key="training-summary", table=[{k: r[k] for k in ("name", "steps", "final_loss")} for r in results],
                           description="Final training loss of every model of this run")
@@ -329,8 +329,7 @@ def report_task(plan: Plan, run_id: str) -> str:
              f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
              f"guidance {plan.profile.eval.effective().guidance_scale})",
              f"trained: the ControlNets only (base frozen; train_unet_decoder={plan.profile.train.train_unet_decoder}); "
-             f"CN(FT) budget: {plan.profile.train.baseline_steps_per_task} steps per task, Prompt Diffusion "
-             f"{plan.profile.train.steps} steps over {len(plan.tasks)} tasks",
+             f"CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
              f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 

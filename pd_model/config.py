@@ -53,7 +53,9 @@ class TrainConfig(Frozen):
     drop_text_and_pair: float = 0.05
     drop_pair: float = 0.05
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
-    baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT): equal steps per task; 0 skips baselines")
+    baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT) steps each under equal_steps; 0 skips baselines")
+    baseline_budget: Literal["equal_steps", "equal_compute"] = Field(
+        "equal_steps", description="equal_steps: baseline_steps_per_task each; equal_compute: all CN(FT) together get `steps`")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
@@ -66,6 +68,19 @@ class TrainConfig(Frozen):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
     seed: int = 0
+
+    def baseline_steps(self, n_tasks: int) -> int:
+        """Steps of each CN(FT) model under the budget rule (batch size is the joint model's)."""
+        return self.baseline_steps_per_task if self.baseline_budget == "equal_steps" else self.steps // n_tasks
+
+    def budget_rule(self, n_tasks: int) -> str:
+        """The rule in words, for the train summary and the report."""
+        each = self.baseline_steps(n_tasks)
+        if self.baseline_budget == "equal_steps":
+            return (f"equal steps: each of the {n_tasks} CN(FT) models {each} steps, Prompt Diffusion {self.steps} "
+                    f"steps over all {n_tasks} tasks (batch {self.batch_size})")
+        return (f"equal compute: the {n_tasks} CN(FT) models together {each * n_tasks} steps ({each} each), as many as "
+                f"Prompt Diffusion's {self.steps} over all tasks (batch {self.batch_size})")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

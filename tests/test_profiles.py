@@ -76,3 +76,12 @@ def test_more_processes_than_gpus_is_rejected_before_training():
         with pytest.raises(ValueError, match="train.device=cpu"):
             check_devices(TrainConfig(device="cuda"))
     check_devices(TrainConfig(processes=2, device="cpu"))  # CPU processes: always placeable
+
+
+def test_baseline_budget_rule_sets_cnft_steps_and_says_so():
+    steps = load_profile("demo").train
+    assert steps.baseline_steps(6) == 50 and "each of the 6 CN(FT) models 50 steps" in steps.budget_rule(6)
+    compute = load_profile("demo", {"train": {"baseline_budget": "equal_compute"}}).train
+    assert compute.baseline_steps(6) == 300 // 6 and "together 300 steps (50 each)" in compute.budget_rule(6)
+    with pytest.raises(ValidationError, match="train.steps=4 over 6 CN.FT. models: 0 steps each; raise train.steps"):
+        load_profile("smoke", {"train": {"steps": 4, "baseline_budget": "equal_compute"}})
