@@ -59,6 +59,7 @@ class TrainConfig(Frozen):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    validation_samples: int = Field(8, ge=0, description="fixed prompts scored at each checkpoint to keep the best; 0 is off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
     # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)
     # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.

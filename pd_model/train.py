@@ -28,10 +28,11 @@ from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
-from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from pd_model.checkpoint import list_checkpoints, load_checkpoint, read_trainer, save_best, save_checkpoint
 from pd_model.hints import to_hint, to_unit
 
 Mode = Literal["prompt_diffusion", "cnft"]
+VAL_KEY = 1_000_003  # seeds of validation prompts and their noise, apart from every training step's
 
 
 class TextCache:
@@ -127,12 +128,15 @@ class Optim:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """Where and how often `_loop` checkpoints; an existing checkpoint there is resumed from."""
+    """Where and how often `_loop` checkpoints; an existing checkpoint there is resumed from.
+
+    With `val_loss`, each checkpoint also scores the (EMA) weights and keeps the best as `best`."""
 
     root: Path
     model: torch.nn.Module
     every: int
     keep_last: int = 2
+    val_loss: Callable[[], float] | None = None
 
 
 def world() -> tuple[int, int]:
@@ -183,9 +187,10 @@ def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, 
     ema = EMAModel(params, decay=o.ema_decay) if o.ema_decay > 0 else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
     losses: list[float] = []
-    start = 0
+    start, best = 0, None
     if ckpt is not None and (saved := list_checkpoints(ckpt.root)):
         start, losses, states = load_checkpoint(saved[-1], ckpt.model)
+        best = read_trainer(saved[-1]).get("best")
         opt.load_state_dict(states["optimizer"])
         sched.load_state_dict(states["lr_scheduler"])
         if ema is not None:
@@ -226,7 +231,14 @@ def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, 
             states = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}
             if ema is not None:
                 states["ema"] = ema.state_dict()
-            save_checkpoint(ckpt.root, step + 1, ckpt.model, states, losses, ckpt.keep_last)
+            extra = {}
+            if ckpt.val_loss is not None:
+                with ema_weights(ema, params):  # the weights the run would ship
+                    val = ckpt.val_loss()
+                    if best is None or val < best["val_loss"]:
+                        best = {"step": step + 1, "val_loss": val, "path": save_best(ckpt.root, step + 1, ckpt.model, val)}
+                extra = {"val_loss": val, "best": best}
+            save_checkpoint(ckpt.root, step + 1, ckpt.model, states, losses, ckpt.keep_last, extra)
     if ema is not None:
         ema.copy_to(params)
     return losses
@@ -285,13 +297,33 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dty
     return None
 
 
+def validation_prompts(data: SplitData, specs: list, n: int, seed: int) -> list[Prompt]:
+    """n fixed prompts, tasks in turn, each from its own seed: the same set at every checkpoint."""
+    return [data.sample_prompt(specs[i % len(specs)], np.random.default_rng([seed, VAL_KEY, i])) for i in range(n)]
+
+
+@torch.no_grad()
+def validation_loss(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], text_cache: TextCache,
+                    seed: int, batch_size: int = 8) -> float:
+    """Mean denoising loss on fixed prompts, noise and timesteps (no dropout): comparable across steps."""
+    total = 0.0
+    for s in range(0, len(prompts), batch_size):
+        idx = range(s, min(s + batch_size, len(prompts)))
+        batch = prompt_batch([prompts[i] for i in idx], "-1,1")
+        loss = denoising_loss(base, batch, text_cache(batch.texts), sample_generators((seed, VAL_KEY), idx), controlnet)
+        total += loss.item() * len(idx)
+    return total / len(prompts)
+
+
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
                      mode: Mode, steps: int, seed_offset: int = 0, checkpoint_dir: Path | None = None,
-                     ) -> tuple[ControlNetModel, list[float]]:
+                     val_data: SplitData | None = None) -> tuple[ControlNetModel, list[float]]:
     """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task.
 
     Sample i of step s is drawn from (seed, seed_offset, s, i) alone: its task, prompt, dropout,
-    noise and timestep; a process computes only its own slice of the global batch."""
+    noise and timestep; a process computes only its own slice of the global batch. Validation
+    prompts (for the best checkpoint) come from `val_data`, else from the training data under a
+    separate seed."""
     device = resolve_device(cfg)
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
@@ -328,7 +360,11 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
     if checkpoint_dir is not None and cfg.checkpoint_every:
         if cfg.train_unet_decoder:  # the decoder is trained too: checkpoint both
             raise ValueError("train.checkpoint_every with train.train_unet_decoder is not supported yet; set one of them off")
-        ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last)
+        held_out = val_data is not None and bool(val_data.multi_image_groups)
+        val_prompts = validation_prompts(val_data if held_out else data, specs, cfg.validation_samples,
+                                         cfg.seed + seed_offset + (0 if held_out else 1))
+        score = (lambda: validation_loss(base, controlnet, val_prompts, text_cache, cfg.seed)) if val_prompts else None
+        ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last, score)
     o = Optim(steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
               cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
     losses = _loop(params, o, step_loss, desc, ckpt)

@@ -47,8 +47,12 @@ def run_job(job: TrainJob) -> list[float]:
     out = Path(job.out)
     base = load_base(job.base).freeze()
     data = load_split(Path(job.images), Path(job.annotations), "train")
+    try:  # validation prompts for the best checkpoint; without a val split, held-out draws of train
+        val = load_split(Path(job.images), Path(job.annotations), "val")
+    except ValueError:
+        val = None
     net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,
-                                   checkpoint_dir=out / "checkpoints")
+                                   checkpoint_dir=out / "checkpoints", val_data=val)
     if world()[0] == 0:
         net.save_pretrained(out / "controlnet")
         atomic_write_json(out / "pipeline.json", {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)})
