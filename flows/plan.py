@@ -14,7 +14,7 @@ from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TRAINING_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 2, "train": 2, "evaluate": 1}
+CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 2, "train": 4, "evaluate": 1}
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Plan:
             "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.tasks),
             "base": lambda: (self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
-                              p.train.model_dump(exclude={"checkpoint_every", "keep_last"}), self.tasks),
+                              p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "gradient_checkpointing"}), self.tasks),
             "evaluate": lambda: (self.key("train"), self.key("prompts"), p.eval.model_dump()),
         }[stage]()
         return fingerprint(stage, CODE_VERSIONS[stage], parts)

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import model_validator
+
 from pd_data.config import DataConfig, Frozen, PromptConfig
+from pd_data.tasks import TRAINING_TASKS
 from pd_eval.config import EvalConfig
-from pd_model.config import BaseModelConfig, TrainConfig
+from pd_model.config import BaseModelConfig, TrainConfig, resolution_multiple
 
 
 class Profile(Frozen):
@@ -15,6 +18,21 @@ class Profile(Frozen):
     base: BaseModelConfig = BaseModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Profile":
+        """Shapes that cannot work are rejected here, before any stage starts."""
+        m, r = resolution_multiple(self.base), self.data.resolution
+        if r % m:
+            kind = "latent SD 1.5 base (8x VAE, 4 levels)" if self.base.kind == "sd15" else \
+                f"pixel-space base with block_out_channels={self.base.block_out_channels}"
+            raise ValueError(f"data.resolution={r} is not divisible by {m}, which the {kind} needs; "
+                             f"use data.resolution={max(m, r // m * m)} or {(r // m + 1) * m}")
+        t, n = self.train, len(TRAINING_TASKS)
+        if t.baseline_steps_per_task and t.baseline_steps(n) == 0:
+            raise ValueError(f"train.baseline_budget='equal_compute' splits train.steps={t.steps} over {n} CN(FT) models: "
+                             f"0 steps each; raise train.steps to at least {n} or set train.baseline_steps_per_task=0")
+        return self
 
 
 # Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").

@@ -200,22 +200,18 @@ def base_samples(base, plan: Plan, path: Path, n: int = 8) -> None:
 
 @task(cache_policy=NO_CACHE, name="train-controlnet")
 def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: int, seed_offset: int, name: str) -> dict:
-    from pd_data.dataset import load_split
-    from pd_model.train import save_losses, train_controlnet
+    """One model; in this process, or on train.processes local processes (torchrun) when > 1."""
+    from pd_model.train_dist import TrainJob, launch, run_job
 
     out = plan.dir("train") / name
-    if (out / "losses.json").exists():  # finished in an earlier, interrupted run of this stage
-        losses = json.loads((out / "losses.json").read_text())["loss"]
-        return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": True}
-    base = load_base_for(plan)
-    data = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")
-    net, losses = train_controlnet(base, data, tasks, plan.profile.train, mode, steps, seed_offset,
-                                   checkpoint_dir=out / "checkpoints")
-    net.save_pretrained(out / "controlnet")
-    base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
-    atomic_write_json(out / "pipeline.json", {"base": str(base_path), "kind": mode, "tasks": list(tasks)})
-    save_losses(out / "losses.json", losses)  # written last: marks this model complete
-    return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": False}
+    resumed = (out / "losses.json").exists()  # finished in an earlier, interrupted run of this stage
+    if not resumed:
+        base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
+        job = TrainJob(base=str(base_path), images=str(plan.dir("ingest")), annotations=str(plan.dir("annotate")),
+                       cfg=plan.profile.train, mode=mode, tasks=tasks, steps=steps, seed_offset=seed_offset, out=str(out))
+        launch(job) if plan.profile.train.processes > 1 else run_job(job)
+    losses = json.loads((out / "losses.json").read_text())["loss"]
+    return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": resumed}
 
 
 def load_base_for(plan: Plan):
@@ -237,6 +233,9 @@ def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
 def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
               upstream: bool = True) -> dict:
     plan = after(annotate_flow, "annotate", profile, overrides, state_dir, upstream)
+    from pd_model.train_dist import check_devices
+
+    check_devices(plan.profile.train)  # before the base is trained, not after
     if plan.profile.base.kind == "tiny" and _cached(plan, "base") is None:
         mark_done(plan.dir("base"), train_base_task(plan))
     if (done := _cached(plan, "train")) is not None:
@@ -244,9 +243,9 @@ def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: s
     cfg = plan.profile.train
     results = []
     for i, (name, (mode, tasks)) in enumerate(model_dirs(plan).items()):
-        steps = cfg.steps if mode == "prompt_diffusion" else cfg.baseline_steps_per_task
+        steps = cfg.steps if mode == "prompt_diffusion" else cfg.baseline_steps(len(plan.tasks))
         results.append(train_controlnet_task(plan, mode, tasks, steps, i, name))
-    summary = {"models": results, "budget_rule": "equal steps per task for CN(FT)"}
+    summary = {"models": results, "budget_rule": cfg.budget_rule(len(plan.tasks))}
     mark_done(plan.dir("train"), summary)
     create_table_artifact(key="training-summary", table=[{k: r[k] for k in ("name", "steps", "final_loss")} for r in results],
                           description="Final training loss of every model of this run")
@@ -330,8 +329,7 @@ def report_task(plan: Plan, run_id: str) -> str:
              f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
              f"guidance {plan.profile.eval.effective().guidance_scale})",
              f"trained: the ControlNets only (base frozen; train_unet_decoder={plan.profile.train.train_unet_decoder}); "
-             f"CN(FT) budget: {plan.profile.train.baseline_steps_per_task} steps per task, Prompt Diffusion "
-             f"{plan.profile.train.steps} steps over {len(plan.tasks)} tasks",
+             f"CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
              f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 

@@ -40,11 +40,14 @@ class BaseModel:
                              max_length=self.tokenizer.model_max_length, return_tensors="pt")
         return self.text_encoder(tok.input_ids)[0]
 
-    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> what the UNet denoises (latents with a VAE, pixels without)."""
+    def to_model_space(self, images: torch.Tensor,
+                       generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> what the UNet denoises (latents with a VAE, pixels without).
+
+        `generator` (one per image) makes the latent sample a function of the image's own seed."""
         if self.vae is None:
             return images
-        return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+        return self.vae.encode(images).latent_dist.sample(generator=generator) * self.vae.config.scaling_factor
 
     def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae is None:

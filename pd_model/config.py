@@ -32,6 +32,14 @@ class BaseModelConfig(Frozen):
         return self
 
 
+def resolution_multiple(base: BaseModelConfig) -> int:
+    """What image sides must divide by: each UNet level but the last halves the map, and a latent
+    base (SD 1.5: four levels) works on images 8x smaller still."""
+    if base.kind == "sd15":
+        return 8 * 2 ** (4 - 1)
+    return 2 ** (len(base.block_out_channels) - 1)
+
+
 class TrainConfig(Frozen):
     """Joint six-task Prompt Diffusion fine-tuning, and the CN(FT) baselines by the same loop."""
 
@@ -45,15 +53,46 @@ class TrainConfig(Frozen):
     drop_text_and_pair: float = 0.05
     drop_pair: float = 0.05
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
-    baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT): equal steps per task; 0 skips baselines")
+    baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT) steps each under equal_steps; 0 skips baselines")
+    baseline_budget: Literal["equal_steps", "equal_compute"] = Field(
+        "equal_steps", description="equal_steps: baseline_steps_per_task each; equal_compute: all CN(FT) together get `steps`")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    validation_samples: int = Field(8, ge=0, description="fixed prompts scored at each checkpoint to keep the best; 0 is off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
+    # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)
+    # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")
+    processes: int = Field(1, ge=1, description="data-parallel processes the train stage launches (torch.distributed)")
+    mixed_precision: Literal["no", "bf16", "auto"] = Field("auto", description="bf16 autocast; auto: on CUDA with bf16 support")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
     seed: int = 0
+
+    def baseline_steps(self, n_tasks: int) -> int:
+        """Steps of each CN(FT) model under the budget rule (batch size is the joint model's)."""
+        return self.baseline_steps_per_task if self.baseline_budget == "equal_steps" else self.steps // n_tasks
+
+    def budget_rule(self, n_tasks: int) -> str:
+        """The rule in words, for the train summary and the report."""
+        each = self.baseline_steps(n_tasks)
+        if self.baseline_budget == "equal_steps":
+            return (f"equal steps: each of the {n_tasks} CN(FT) models {each} steps, Prompt Diffusion {self.steps} "
+                    f"steps over all {n_tasks} tasks (batch {self.batch_size})")
+        return (f"equal compute: the {n_tasks} CN(FT) models together {each * n_tasks} steps ({each} each), as many as "
+                f"Prompt Diffusion's {self.steps} over all tasks (batch {self.batch_size})")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.drop_text + self.drop_text_and_pair + self.drop_pair > 1:
             raise ValueError("the three dropout rates must sum to at most 1")
+        split = self.processes * self.grad_accum_steps
+        if self.batch_size < self.processes:
+            raise ValueError(f"train.batch_size={self.batch_size} is smaller than train.processes={self.processes}: "
+                             f"every process needs at least one sample; raise batch_size or lower processes")
+        if self.batch_size % split:
+            raise ValueError(f"train.batch_size={self.batch_size} does not split into train.processes={self.processes} x "
+                             f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches; use a batch_size that "
+                             f"is a multiple of {split} (e.g. {-(-self.batch_size // split) * split})")
         return self

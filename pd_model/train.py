@@ -1,19 +1,23 @@
 """Training: the tiny base (text -> image), joint Prompt Diffusion, and per-task CN(FT) baselines.
 
-Every random choice of step `s` comes from generators seeded by (seed, s), so a step's batch does
-not depend on what ran before it.
+Every random choice of step `s` comes from generators seeded by (seed, s) (and, for the ControlNets,
+the sample index), so a step's batch depends neither on what ran before it nor on how many processes
+and micro-batches share it.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import ControlNetModel
 from diffusers.training_utils import EMAModel
@@ -24,10 +28,11 @@ from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
-from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from pd_model.checkpoint import list_checkpoints, load_checkpoint, read_trainer, save_best, save_checkpoint
 from pd_model.hints import to_hint, to_unit
 
 Mode = Literal["prompt_diffusion", "cnft"]
+VAL_KEY = 1_000_003  # seeds of validation prompts and their noise, apart from every training step's
 
 
 class TextCache:
@@ -68,72 +73,172 @@ def prompt_batch(prompts: list[Prompt], hint_range: str) -> Batch:
     return Batch(to_unit(stack("target")) * 2 - 1, [p.text for p in prompts], pair, to_hint(stack("query"), hint_range))
 
 
-def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gen: torch.Generator,
-                   controlnet: ControlNetModel | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at a random timestep; the ControlNet (if any) adds its residuals."""
-    x0 = base.to_model_space(batch.target)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(0, base.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+def sample_generators(key: tuple[int, ...], indices: range) -> list[torch.Generator]:
+    """One torch generator per sample, seeded from (key, sample index) alone: a sample's noise does not
+    depend on which process or micro-batch it landed in."""
+    return [torch.Generator().manual_seed(int(np.random.default_rng([*key, i]).integers(2**63))) for i in indices]
+
+
+def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, *shape) noise and (B,) timesteps, sample i's from gens[i] only."""
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in gens])
+    return noise, t
+
+
+def eps_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+             batch: Batch, controlnet: ControlNetModel | None = None) -> torch.Tensor:
+    """Epsilon-prediction MSE at timesteps `t`; the ControlNet (if any) adds its residuals."""
+    dev = base.unet.device
+    x0, noise, t, emb = x0.to(dev), noise.to(dev), t.to(dev), emb.to(dev)
     xt = base.scheduler.add_noise(x0, noise, t)
     extra = {}
     if controlnet is not None:
-        kw = {"controlnet_query_cond": batch.query} if isinstance(controlnet, PromptDiffusionControlNet) else {}
-        cond = batch.pair if isinstance(controlnet, PromptDiffusionControlNet) else batch.query
+        pd = isinstance(controlnet, PromptDiffusionControlNet)
+        kw = {"controlnet_query_cond": batch.query.to(dev)} if pd else {}
+        cond = (batch.pair if pd else batch.query).to(dev)
         down, mid = controlnet(xt, t, emb, controlnet_cond=cond, return_dict=False, **kw)
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = base.unet(xt, t, emb, **extra).sample
-    return F.mse_loss(pred, noise)
+    return F.mse_loss(pred.float(), noise.float())  # in fp32 under bf16 autocast too
+
+
+def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gens: list[torch.Generator],
+                   controlnet: ControlNetModel | None = None) -> torch.Tensor:
+    """`eps_loss` with each sample's latent, noise and timestep drawn from its own generator."""
+    x0 = base.to_model_space(batch.target.to(base.unet.device), gens)
+    noise, t = draw_noise(gens, tuple(x0.shape[1:]), base.scheduler.config.num_train_timesteps)
+    return eps_loss(base, x0, noise, t, emb, batch, controlnet)
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW, warm-up, clipping, EMA, and how one step's global batch is split and computed."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.0
+    grad_accum_steps: int = 1
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype), e.g. ("cuda", torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """Where and how often `_loop` checkpoints; an existing checkpoint there is resumed from."""
+    """Where and how often `_loop` checkpoints; an existing checkpoint there is resumed from.
+
+    With `val_loss`, each checkpoint also scores the (EMA) weights and keeps the best as `best`."""
 
     root: Path
     model: torch.nn.Module
     every: int
     keep_last: int = 2
+    val_loss: Callable[[], float] | None = None
 
 
-def _loop(params: list[torch.nn.Parameter], steps: int, lr: float, weight_decay: float, grad_clip: float,
-          step_loss, desc: str, warmup_steps: int = 0, ckpt: Checkpointing | None = None,
-          ema_decay: float = 0.0) -> list[float]:
-    """AdamW steps of `step_loss(step)`; with `ema_decay` > 0 the parameters end as their EMA."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    ema = EMAModel(params, decay=ema_decay) if ema_decay > 0 else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def micro_batches(batch_size: int, accum: int) -> list[range]:
+    """This process's slices of the global batch: a contiguous 1/world share, cut into `accum` pieces."""
+    rank, n = world()
+    per = batch_size // n
+    micro = per // accum
+    return [range(rank * per + m * micro, rank * per + (m + 1) * micro) for m in range(accum)]
+
+
+def _all_reduce_sum(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Sum gradients and the loss over processes in one collective (one flat buffer)."""
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype if grads else loss.dtype)])
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat[:-1].split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+    return flat[-1]
+
+
+@contextmanager
+def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
+    """The EMA weights in place of the trained ones for the duration (what the run will ship)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, range], torch.Tensor], desc: str,
+          ckpt: Checkpointing | None = None, every: tuple[int, Callable[[int], None]] | None = None) -> list[float]:
+    """AdamW steps on the global-batch mean of `step_loss(step, samples)`; with `o.ema_decay` > 0 the
+    parameters end as their EMA. `every=(n, f)` calls f(step) on the main process every n steps.
+
+    Each process backpropagates sum-over-its-samples / batch_size; summing over processes gives the
+    gradient of the global mean, whatever the number of processes and micro-batches."""
+    rank, n_proc = world()
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    ema = EMAModel(params, decay=o.ema_decay) if o.ema_decay > 0 else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
     losses: list[float] = []
-    start = 0
+    start, best = 0, None
     if ckpt is not None and (saved := list_checkpoints(ckpt.root)):
         start, losses, states = load_checkpoint(saved[-1], ckpt.model)
+        best = read_trainer(saved[-1]).get("best")
         opt.load_state_dict(states["optimizer"])
         sched.load_state_dict(states["lr_scheduler"])
         if ema is not None:
             ema.load_state_dict(states["ema"])
-        print(f"{desc}: resuming from {saved[-1]} (step {start} of {steps})")
-    bar = tqdm(range(start, steps), desc=desc, unit="step", mininterval=2.0, initial=start, total=steps)
+        if rank == 0:
+            print(f"{desc}: resuming from {saved[-1]} (step {start} of {o.steps})")
+    slices = micro_batches(o.batch_size, o.grad_accum_steps)
+    bar = tqdm(range(start, o.steps), desc=desc, unit="step", mininterval=2.0, initial=start, total=o.steps,
+               disable=rank != 0)
     t0 = time.perf_counter()
     for step in bar:
-        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.zeros(())
+        for idx in slices:
+            with torch.autocast(*(o.autocast or ("cpu",)), enabled=o.autocast is not None):
+                part = step_loss(step, idx) * (len(idx) / o.batch_size)
+            part.backward()
+            loss = loss + part.detach().float().cpu()
+        if n_proc > 1:
+            grads = [p.grad for p in params if p.grad is not None]
+            loss = _all_reduce_sum(grads, loss.to(grads[0].device)).cpu()
         if not math.isfinite(loss.item()):
             last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
             raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; training stopped. Last good "
                                      f"checkpoint: {last or 'none'}. Lower train.learning_rate or check the data.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
         opt.step()
         sched.step()
         if ema is not None:
             ema.step(params)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{(step + 1 - start) / (time.perf_counter() - t0):.1f}",
-                        refresh=False)
-        if ckpt is not None and ckpt.every and ((step + 1) % ckpt.every == 0 or step + 1 == steps):
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
+                        samples_s=f"{(step + 1 - start) * o.batch_size / (time.perf_counter() - t0):.1f}", refresh=False)
+        if rank == 0 and every is not None and every[0] and (step + 1) % every[0] == 0:
+            with ema_weights(ema, params):
+                every[1](step + 1)
+        if rank == 0 and ckpt is not None and ckpt.every and ((step + 1) % ckpt.every == 0 or step + 1 == o.steps):
             states = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict()}
             if ema is not None:
                 states["ema"] = ema.state_dict()
-            save_checkpoint(ckpt.root, step + 1, ckpt.model, states, losses, ckpt.keep_last)
+            extra = {}
+            if ckpt.val_loss is not None:
+                with ema_weights(ema, params):  # the weights the run would ship
+                    val = ckpt.val_loss()
+                    if best is None or val < best["val_loss"]:
+                        best = {"step": step + 1, "val_loss": val, "path": save_best(ckpt.root, step + 1, ckpt.model, val)}
+                extra = {"val_loss": val, "best": best}
+            save_checkpoint(ckpt.root, step + 1, ckpt.model, states, losses, ckpt.keep_last, extra)
     if ema is not None:
         ema.copy_to(params)
     return losses
@@ -146,17 +251,22 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[f
     base.unet.train()
     base.text_encoder.requires_grad_(False)
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int, idx: range) -> torch.Tensor:
+        # The whole global batch is drawn (as before slicing existed), then this micro-batch's slice taken.
         rng = np.random.default_rng([cfg.seed, step])
         pick = [ids[i] for i in rng.integers(len(ids), size=cfg.batch_size)]
         # 10% empty captions, so that classifier-free guidance has an unconditional model to use.
         texts = ["" if u < 0.1 else data.captions[i] for i, u in zip(pick, rng.random(len(pick)))]
-        x = torch.from_numpy(np.stack([data.arrays[i]["image"] for i in pick])).permute(0, 3, 1, 2)
+        x = to_unit(torch.from_numpy(np.stack([data.arrays[i]["image"] for i in pick])).permute(0, 3, 1, 2)) * 2 - 1
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-        return denoising_loss(base, Batch(to_unit(x) * 2 - 1, texts), text_cache(texts), gen)
+        noise = torch.randn(x.shape, generator=gen)
+        t = torch.randint(0, base.scheduler.config.num_train_timesteps, (x.shape[0],), generator=gen)
+        s = slice(idx.start, idx.stop)
+        texts = texts[s]
+        return eps_loss(base, x[s], noise[s], t[s], text_cache(texts), Batch(x[s], texts))
 
-    losses = _loop(list(base.unet.parameters()), cfg.train_steps, cfg.learning_rate, 0.0, 1.0, step_loss, "base",
-                   ema_decay=cfg.ema_decay)
+    losses = _loop(list(base.unet.parameters()), Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate,
+                                                       ema_decay=cfg.ema_decay), step_loss, "base")
     base.unet.eval()
     return losses
 
@@ -169,47 +279,99 @@ def build_controlnet(base: BaseModel, mode: Mode) -> ControlNetModel:
     return ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=emb_channels)
 
 
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device, with one GPU per process (LOCAL_RANK) on CUDA."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ValueError("train.device='cuda' but no CUDA device is visible; set train.device=cpu (or auto)")
+    if cfg.device == "cpu" or not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype] | None:
+    """bf16 autocast when asked, or for 'auto' on a CUDA device that supports it; None is fp32."""
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
+                                         and torch.cuda.is_bf16_supported()):
+        return device.type, torch.bfloat16
+    return None
+
+
+def validation_prompts(data: SplitData, specs: list, n: int, seed: int) -> list[Prompt]:
+    """n fixed prompts, tasks in turn, each from its own seed: the same set at every checkpoint."""
+    return [data.sample_prompt(specs[i % len(specs)], np.random.default_rng([seed, VAL_KEY, i])) for i in range(n)]
+
+
+@torch.no_grad()
+def validation_loss(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], text_cache: TextCache,
+                    seed: int, batch_size: int = 8) -> float:
+    """Mean denoising loss on fixed prompts, noise and timesteps (no dropout): comparable across steps."""
+    total = 0.0
+    for s in range(0, len(prompts), batch_size):
+        idx = range(s, min(s + batch_size, len(prompts)))
+        batch = prompt_batch([prompts[i] for i in idx], "-1,1")
+        loss = denoising_loss(base, batch, text_cache(batch.texts), sample_generators((seed, VAL_KEY), idx), controlnet)
+        total += loss.item() * len(idx)
+    return total / len(prompts)
+
+
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
-                     mode: Mode, steps: int, seed_offset: int = 0,
-                     checkpoint_dir: Path | None = None, init: Path | None = None) -> tuple[ControlNetModel, list[float]]:
+                     mode: Mode, steps: int, seed_offset: int = 0, checkpoint_dir: Path | None = None,
+                     val_data: SplitData | None = None, init: Path | None = None) -> tuple[ControlNetModel, list[float]]:
     """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task.
 
-    `init`: a saved ControlNet folder to continue from (retraining) instead of the base's copy.
-    """
+    Sample i of step s is drawn from (seed, seed_offset, s, i) alone: its task, prompt, dropout,
+    noise and timestep; a process computes only its own slice of the global batch. Validation
+    prompts (for the best checkpoint) come from `val_data`, else from the training data under a
+    separate seed. `init`: a saved ControlNet folder to continue from (retraining) instead of the
+    base's copy."""
+    device = resolve_device(cfg)
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
+    base.unet.to(device)
+    if base.vae is not None:
+        base.vae.to(device)
     controlnet = build_controlnet(base, mode)
     if init is not None:
         controlnet = type(controlnet).from_pretrained(init)
-    controlnet.train()
+    controlnet = controlnet.to(device).train()
     params = list(controlnet.parameters())
     if cfg.train_unet_decoder:
         for m in (base.unet.up_blocks, base.unet.conv_norm_out, base.unet.conv_out):
             m.requires_grad_(True)
             params += list(m.parameters())
+    if cfg.gradient_checkpointing:  # recompute activations in backward: less memory, more compute
+        # The UNet too, frozen or not: the ControlNet's gradient flows back through its decoder.
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
     specs = [get_task(t) for t in tasks]
     text_cache = TextCache(base)
     empty = text_cache([""])[0]
 
-    def step_loss(step: int) -> torch.Tensor:
-        rng = np.random.default_rng([cfg.seed, seed_offset, step])
-        prompts = [data.sample_prompt(specs[int(rng.integers(len(specs)))], rng) for _ in range(cfg.batch_size)]
+    def step_loss(step: int, idx: range) -> torch.Tensor:
+        rngs = [np.random.default_rng([cfg.seed, seed_offset, step, i]) for i in idx]
+        prompts = [data.sample_prompt(specs[int(r.integers(len(specs)))], r) for r in rngs]
         batch = prompt_batch(prompts, "-1,1")
-        drop_text, drop_pair = cfg_dropout(rng.random(cfg.batch_size), cfg)
+        drop_text, drop_pair = cfg_dropout(np.array([r.random() for r in rngs]), cfg)
         emb = text_cache(batch.texts)
         emb[torch.from_numpy(drop_text)] = empty  # dropped text = embedding of ""
         batch.pair[torch.from_numpy(drop_pair)] = 0.0  # dropped pair = zeros; the query is never dropped
-        gen = torch.Generator().manual_seed((cfg.seed + seed_offset) * 100_003 + step)
-        return denoising_loss(base, batch, emb, gen, controlnet)
+        gens = [torch.Generator().manual_seed(int(r.integers(2**63))) for r in rngs]
+        return denoising_loss(base, batch, emb, gens, controlnet)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
     ckpt = None
     if checkpoint_dir is not None and cfg.checkpoint_every:
         if cfg.train_unet_decoder:  # the decoder is trained too: checkpoint both
             raise ValueError("train.checkpoint_every with train.train_unet_decoder is not supported yet; set one of them off")
-        ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last)
-    losses = _loop(params, steps, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, step_loss, desc,
-                   cfg.warmup_steps, ckpt, cfg.ema_decay)
+        held_out = val_data is not None and bool(val_data.multi_image_groups)
+        val_prompts = validation_prompts(val_data if held_out else data, specs, cfg.validation_samples,
+                                         cfg.seed + seed_offset + (0 if held_out else 1))
+        score = (lambda: validation_loss(base, controlnet, val_prompts, text_cache, cfg.seed)) if val_prompts else None
+        ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last, score)
+    o = Optim(steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
+              cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
+    losses = _loop(params, o, step_loss, desc, ckpt)
     return controlnet.eval(), losses
 
 

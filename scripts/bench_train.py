@@ -1,11 +1,15 @@
 """Training-step throughput of the joint Prompt Diffusion ControlNet: samples/s, FLOPs, fraction of peak.
 
     .venv/bin/python scripts/bench_train.py                      # demo configuration, this CPU, fp32
-    .venv/bin/python scripts/bench_train.py --paper-size --device cuda --bf16 --batch 8 --resolution 256
+    .venv/bin/python scripts/bench_train.py --paper-size --device cuda --batch 8     # 256 px, bf16
+    .venv/bin/python scripts/bench_train.py --paper-size --steps 1 --batch 1        # does it run on this CPU?
 
 `--paper-size` builds a Stable-Diffusion-1.5-sized UNet (320, 640, 1280, 1280; 768-d text) with a
 4-channel latent input at resolution/8, at random initialisation (no weights needed), plus the
-Prompt Diffusion ControlNet with SD's 8x hint stack. FLOPs of one step (forward + backward) are
+Prompt Diffusion ControlNet with SD's 8x hint stack; it defaults to 256 px (32x32 latents), a 77x768
+text context and bf16 autocast (--fp32 to turn that off). Step time is the median of --steps after
+two warm-up steps; peak memory is torch.cuda.max_memory_allocated on a GPU, the process's peak RSS
+on a CPU. FLOPs of one step (forward + backward) are
 counted with torch.utils.flop_counter; the peak is a measured dense matmul rate on the same device
 and dtype, so the fraction is "of what this machine's matmul actually reaches", not a datasheet.
 """
@@ -68,13 +72,18 @@ def build(args):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 32; 256 with --paper-size)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    ap.add_argument("--paper-size", action="store_true")
+    ap.add_argument("--paper-size", action="store_true", help="SD-1.5-sized UNet + ControlNet, 256 px, bf16")
+    ap.add_argument("--fp32", action="store_true", help="with --paper-size: no bf16 autocast")
     ap.add_argument("--grad-checkpointing", action="store_true")
     args = ap.parse_args()
+    if args.resolution is None:
+        args.resolution = 256 if args.paper_size else 32
+    if args.paper_size and not args.fp32:
+        args.bf16 = True
     base, controlnet, in_res, (t_len, t_dim) = build(args)
     dev = args.device
     base.unet.to(dev)
@@ -128,6 +137,10 @@ def main() -> int:
     }
     if dev.startswith("cuda"):
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:  # ru_maxrss is KiB on Linux: the whole process, weights and optimizer state included
+        import resource
+
+        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(result, indent=2))
     return 0
 

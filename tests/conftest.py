@@ -38,3 +38,23 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "state"
     monkeypatch.setenv("PD_STATE_DIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory) -> Path:
+    """A tiny annotated dataset (all train split) and an untrained tiny base: what ControlNet training reads."""
+    from pd_data.annotate import annotate_shard
+    from pd_data.config import DataConfig
+    from pd_data.dataset import load_split
+    from pd_data.ingest import ingest
+    from pd_model.base import build_tiny_base
+    from pd_model.config import BaseModelConfig
+
+    root = tmp_path_factory.mktemp("train-world")
+    cfg = DataConfig(n_groups=6, split_fractions=(1.0, 0.0, 0.0))
+    ingest(cfg, root / "img")
+    for p in sorted((root / "img").glob("images-*.parquet")):
+        annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
+    data = load_split(root / "img", root / "ann", "train")
+    build_tiny_base(BaseModelConfig(), sorted(set(data.captions.values())), 32).save(root / "base")
+    return root

@@ -84,17 +84,59 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_usable(world, tm
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path):
-    from pd_model.train import Checkpointing, _loop
+    from pd_model.train import Checkpointing, Optim, _loop
 
     w = torch.nn.Parameter(torch.ones(3))
     model = torch.nn.Module()
     model.w = w
     calls = []
 
-    def step_loss(step):
+    def step_loss(step, idx):
         calls.append(step)
         return (w * (float("nan") if step == 5 else 1.0)).sum()
 
     with pytest.raises(FloatingPointError, match="step-0000004"):
-        _loop([w], 10, 1e-2, 0.0, 1.0, step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
+        _loop([w], Optim(10, 1, 1e-2), step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
     assert calls[-1] == 5
+
+
+def test_the_best_checkpoint_is_kept_by_validation_loss_not_recency(tmp_path):
+    from pd_model.checkpoint import read_trainer
+    from pd_model.train import Checkpointing, Optim, _loop
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    model = torch.nn.Module()
+    model.w = w
+    scores = iter([3.0, 1.0, 2.0, 1.5])  # step 4 is best; 6 and 8 are later but worse
+    seen = []
+
+    def val_loss():
+        seen.append(w.detach().clone())
+        return next(scores)
+
+    ck = Checkpointing(tmp_path / "toy", model, every=2, keep_last=1, val_loss=val_loss)
+    _loop([w], Optim(8, 1, 1e-1), lambda step, idx: (w - 1).pow(2).sum(), "toy", ckpt=ck)
+    best = tmp_path / "toy" / "best"
+    assert read_trainer(best) == {"step": 4, "val_loss": 1.0}
+    assert torch.equal(ckpt_mod.load_file(best / "model.safetensors")["w"], seen[1])  # the weights scored at step 4
+    assert read_trainer(list_checkpoints(tmp_path / "toy")[-1])["best"]["step"] == 4
+    assert [p.name for p in (tmp_path / "toy").glob("best-*")] == ["best-step-0000004"]  # older bests removed
+
+
+def test_validation_loss_is_deterministic_and_recorded_with_the_best_weights(world, tmp_path):
+    from pd_model.checkpoint import read_trainer
+    from pd_model.controlnet import PromptDiffusionControlNet
+    from pd_model.train import TextCache, validation_loss, validation_prompts
+    from pd_data.tasks import get_task
+
+    _train(world, tmp_path / "v", steps=4)
+    root = tmp_path / "v"
+    best = read_trainer(root / "best")
+    assert best["step"] in (2, 4) and read_trainer(list_checkpoints(root)[-1])["best"]["step"] == best["step"]
+    base = load_base(world / "base").freeze()
+    data = load_split(world / "img", world / "ann", "train")
+    net = PromptDiffusionControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(16,))
+    net.load_state_dict(ckpt_mod.load_file(root / "best" / "model.safetensors"))
+    prompts = validation_prompts(data, [get_task(t) for t in TRAINING_TASKS], CFG.validation_samples, CFG.seed + 1)
+    # EMA is on in CFG: best/ holds the EMA weights, which are what was scored.
+    assert validation_loss(base, net, prompts, TextCache(base), CFG.seed) == pytest.approx(best["val_loss"], rel=1e-6)

@@ -56,6 +56,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
     assert (plan.state.reports.glob("*/report.html")) and len(list(plan.state.reports.glob("*/*__*.png"))) == 12
     assert "losses.png" in md and "base-samples.png" in md
+    assert "CN(FT) budget: equal steps: each of the 6 CN(FT) models 2 steps" in md  # the rule the run used
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")

@@ -52,3 +52,36 @@ def test_paper_protocol_pins_its_sampler():
     e = load_profile("paper").eval.effective()
     assert (e.scheduler, e.steps, e.guidance_scale) == ("ddim", 100, 9.0)
     assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
+
+
+@pytest.mark.parametrize("over, fix", [
+    ({"data": {"resolution": 40}, "base": {"block_out_channels": [8, 8, 8, 8, 8]}}, "data.resolution=40 is not divisible by 16.*use data.resolution=32 or 48"),
+    ({"data": {"resolution": 96}, "base": {"kind": "sd15", "pretrained_path": "x"}}, "96 is not divisible by 64.*latent SD 1.5.*64 or 128"),
+])
+def test_a_resolution_the_unet_cannot_halve_is_rejected_with_the_fix(over, fix):
+    with pytest.raises(ValidationError, match=fix):
+        load_profile("smoke", over)
+
+
+def test_more_processes_than_gpus_is_rejected_before_training():
+    import torch
+
+    from pd_model.config import TrainConfig
+    from pd_model.train_dist import check_devices
+
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="GPU"):
+            check_devices(TrainConfig(processes=torch.cuda.device_count() + 1, batch_size=64))
+    else:
+        with pytest.raises(ValueError, match="train.device=cpu"):
+            check_devices(TrainConfig(device="cuda"))
+    check_devices(TrainConfig(processes=2, device="cpu"))  # CPU processes: always placeable
+
+
+def test_baseline_budget_rule_sets_cnft_steps_and_says_so():
+    steps = load_profile("demo").train
+    assert steps.baseline_steps(6) == 50 and "each of the 6 CN(FT) models 50 steps" in steps.budget_rule(6)
+    compute = load_profile("demo", {"train": {"baseline_budget": "equal_compute"}}).train
+    assert compute.baseline_steps(6) == 300 // 6 and "together 300 steps (50 each)" in compute.budget_rule(6)
+    with pytest.raises(ValidationError, match="train.steps=4 over 6 CN.FT. models: 0 steps each; raise train.steps"):
+        load_profile("smoke", {"train": {"steps": 4, "baseline_budget": "equal_compute"}})

@@ -1,0 +1,104 @@
+"""One ControlNet training job, in this process or data-parallel over several (torch.distributed).
+
+    torchrun --nproc_per_node=N -m pd_model.train_dist JOB.json
+
+The train stage writes JOB.json (a `TrainJob`) and runs this itself when `train.processes` > 1;
+with one process it calls `run_job` directly. Every process draws only its own samples of each
+step's global batch (see `pd_model.train`) and gradients are summed with one all-reduce per step,
+so N processes give the weights of one process with the same `train.batch_size`, up to float
+summation order. Backend: nccl on CUDA (one GPU per process), gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pd_data.config import Frozen
+from pd_model.config import TrainConfig
+from pd_model.train import Mode, world
+
+
+class TrainJob(Frozen):
+    """Everything a worker needs, as paths and config: what the stage would have done in-process."""
+
+    base: str  # diffusers folder (or cached repo id) of the frozen base
+    images: str  # ingest folder
+    annotations: str  # annotate folder
+    cfg: TrainConfig
+    mode: Mode
+    tasks: tuple[str, ...]
+    steps: int
+    seed_offset: int = 0
+    out: str  # the model's folder: checkpoints/, controlnet/, pipeline.json, losses.json
+
+
+def run_job(job: TrainJob) -> list[float]:
+    """Train; the main process writes the model folder, `losses.json` last (it marks it complete)."""
+    from pd_data.dataset import load_split
+    from pd_data.state import atomic_write_json
+    from pd_model.base import load_base
+    from pd_model.train import save_losses, train_controlnet
+
+    out = Path(job.out)
+    base = load_base(job.base).freeze()
+    data = load_split(Path(job.images), Path(job.annotations), "train")
+    try:  # validation prompts for the best checkpoint; without a val split, held-out draws of train
+        val = load_split(Path(job.images), Path(job.annotations), "val")
+    except ValueError:
+        val = None
+    net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,
+                                   checkpoint_dir=out / "checkpoints", val_data=val)
+    if world()[0] == 0:
+        net.save_pretrained(out / "controlnet")
+        atomic_write_json(out / "pipeline.json", {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)})
+        save_losses(out / "losses.json", losses)
+    return losses
+
+
+def check_devices(cfg: TrainConfig) -> None:
+    """Reject a process count this machine cannot place (one GPU each on CUDA) before any training."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is visible; set train.device=cpu (or auto)")
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and cfg.processes > gpus:
+        raise ValueError(f"train.processes={cfg.processes} but this machine has {gpus} GPU(s), one per process; "
+                         f"set train.processes<={gpus}, or train.device=cpu")
+
+
+def launch(job: TrainJob) -> None:
+    """Run `job` on `job.cfg.processes` local processes through torchrun; raise if any fails."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "job.json"
+    path.write_text(job.model_dump_json(indent=2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.cfg.processes}",
+           "-m", "pd_model.train_dist", str(path)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if res.returncode != 0:
+        raise RuntimeError(f"distributed training of {out.name} failed (exit {res.returncode}); its workers' output is "
+                           f"above. Rerun by hand with: {' '.join(cmd)}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    job = TrainJob.model_validate_json(Path(argv[0]).read_text())
+    cuda = job.cfg.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        run_job(job)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

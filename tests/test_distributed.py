@@ -1,0 +1,60 @@
+"""Data parallelism and gradient accumulation change how a step's global batch is computed, never
+which samples, noise and timesteps it holds: the trained weights match one process, one micro-batch."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pd_data.dataset import load_split
+from pd_data.tasks import TRAINING_TASKS
+from pd_model.base import load_base
+from pd_model.config import TrainConfig
+from pd_model.train import train_controlnet
+from pd_model.train_dist import TrainJob, launch, run_job
+
+CFG = TrainConfig(steps=3, batch_size=4, learning_rate=1e-4, warmup_steps=2, device="cpu")
+TOL = 1e-5
+
+
+@pytest.fixture
+def world(train_world):
+    return train_world
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_micro_batches_of_4_train_like_one_batch_of_8(world):
+    data = load_split(world / "img", world / "ann", "train")
+    nets = {}
+    for accum in (1, 2):
+        cfg = CFG.model_copy(update={"batch_size": 8, "grad_accum_steps": accum})
+        net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps)
+        nets[accum] = (net.state_dict(), losses)
+    assert max_diff(nets[1][0], nets[2][0]) < TOL
+    assert nets[1][1] == pytest.approx(nets[2][1], abs=1e-6)  # the logged loss is the global-batch mean
+    first = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, CFG.model_copy(update={"steps": 1}),
+                             "prompt_diffusion", 1)[0].state_dict()
+    assert max_diff(first, nets[1][0]) > 10 * TOL  # the weights did move: the comparison above means something
+
+
+def test_two_gloo_processes_train_like_one_process(world, tmp_path):
+    def job(processes: int, out: str) -> TrainJob:
+        return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"),
+                        cfg=CFG.model_copy(update={"processes": processes}), mode="prompt_diffusion",
+                        tasks=TRAINING_TASKS, steps=CFG.steps, out=str(tmp_path / out))
+
+    run_job(job(1, "one"))
+    launch(job(2, "two"))  # torchrun, 2 CPU processes, gloo
+    one, two = (load_file(tmp_path / d / "controlnet" / "diffusion_pytorch_model.safetensors") for d in ("one", "two"))
+    assert max_diff(one, two) < TOL
+    losses = [torch.tensor(__import__("json").loads((tmp_path / d / "losses.json").read_text())["loss"]) for d in ("one", "two")]
+    assert torch.allclose(*losses, atol=1e-6)
+
+
+def test_a_batch_that_does_not_split_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match=r"batch_size=6 .* multiple of 4 \(e\.g\. 8\)"):
+        TrainConfig(batch_size=6, processes=2, grad_accum_steps=2)
+    with pytest.raises(ValueError, match="smaller than train.processes=4"):
+        TrainConfig(batch_size=2, processes=4)

@@ -1,0 +1,49 @@
+"""Mixed precision and gradient checkpointing trade memory and speed, never what is learned."""
+import math
+
+import pytest
+
+from pd_data.tasks import TRAINING_TASKS
+from pd_model.base import load_base
+from pd_model.config import TrainConfig
+from pd_model.train import train_controlnet
+
+CFG = TrainConfig(steps=2, batch_size=2, learning_rate=1e-4, device="cpu")
+
+
+def _train(world, data, **update):
+    cfg = CFG.model_copy(update=update)
+    net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps)
+    return net.state_dict(), losses
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def world(train_world):
+    return train_world
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    from pd_data.dataset import load_split
+
+    return load_split(world / "img", world / "ann", "train")
+
+
+def test_bf16_autocast_trains_on_cpu_with_a_finite_loss_near_fp32(world, data):
+    fp32, fp32_losses = _train(world, data, mixed_precision="no")
+    bf16, bf16_losses = _train(world, data, mixed_precision="bf16")
+    assert all(math.isfinite(x) for x in bf16_losses)
+    assert bf16_losses != fp32_losses  # autocast really ran in bf16 ...
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.05)  # ... and computed the same loss, roughly
+    assert max_diff(fp32, bf16) < 1e-3
+
+
+def test_gradient_checkpointing_learns_the_same_weights(world, data):
+    plain, plain_losses = _train(world, data, gradient_checkpointing=False)
+    ckpt, ckpt_losses = _train(world, data, gradient_checkpointing=True)
+    assert ckpt_losses == pytest.approx(plain_losses, abs=1e-7)
+    assert max_diff(plain, ckpt) < 1e-6
