@@ -35,7 +35,8 @@ class Plan:
             "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.tasks),
             "base": lambda: (self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
-                              p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "gradient_checkpointing"}), self.tasks),
+                              p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "validate_every",
+                                                          "gradient_checkpointing"}), self.tasks),
             "evaluate": lambda: (self.key("train"), self.key("prompts"), p.eval.model_dump()),
         }[stage]()
         return fingerprint(stage, CODE_VERSIONS[stage], parts)

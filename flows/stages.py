@@ -2,13 +2,17 @@
 upstream stage first) and skips itself when its output for the same inputs is already complete."""
 from __future__ import annotations
 
+import base64
 import json
+import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
 
 from flows.plan import Plan
@@ -208,10 +212,28 @@ def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: 
     if not resumed:
         base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
         job = TrainJob(base=str(base_path), images=str(plan.dir("ingest")), annotations=str(plan.dir("annotate")),
-                       cfg=plan.profile.train, mode=mode, tasks=tasks, steps=steps, seed_offset=seed_offset, out=str(out))
-        launch(job) if plan.profile.train.processes > 1 else run_job(job)
+                       cfg=plan.profile.train, mode=mode, tasks=tasks, steps=steps, seed_offset=seed_offset, out=str(out),
+                       validation_guidance=plan.profile.eval.guidance_scale)
+        publish = partial(publish_grid, model=name)
+        if plan.profile.train.processes > 1:
+            launch(job)  # the workers are outside this run: publish their grids once they are done
+            for path in sorted((out / "validation").glob("step-*.png")):
+                publish(path, int(path.stem.split("-")[1]))
+        else:
+            run_job(job, on_grid=publish)
     losses = json.loads((out / "losses.json").read_text())["loss"]
     return {"name": name, "path": str(out), "steps": steps, "final_loss": losses[-1], "resumed": resumed}
+
+
+def publish_grid(path: Path, step: int, model: str) -> None:
+    """A validation grid as an image artifact, inside a flow or task run only (elsewhere: nothing).
+
+    The PNG is inlined as a data URL: the UI is served over http and will not load a file:// URL."""
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{model}".lower()).strip("-")
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(path.read_bytes()).decode(), key=key,
+                          description=f"{model}, step {step}: example pair | query | output | target (`{path}`)")
 
 
 def load_base_for(plan: Plan):

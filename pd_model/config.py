@@ -61,6 +61,8 @@ class TrainConfig(Frozen):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     validation_samples: int = Field(8, ge=0, description="fixed prompts scored at each checkpoint to keep the best; 0 is off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
+    validate_every: int = Field(0, ge=0, description="save a grid of outputs on fixed prompts every N steps and at the "
+                                "last (model folder's validation/); 0 is off")
     # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)
     # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")

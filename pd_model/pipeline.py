@@ -128,13 +128,14 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         embs.append(cond)
         pairs.append(pair)
         n = len(embs)
-        emb = torch.cat(embs)  # (n * B, T, D)
-        pair_all = torch.cat(pairs) if is_pd else None
-        query_all = torch.cat([query] * n) if query is not None else None
+        dev = self.unet.device  # the text encoder may stay on the CPU (training keeps it there)
+        emb = torch.cat(embs).to(dev)  # (n * B, T, D)
+        pair_all = torch.cat(pairs).to(dev) if is_pd else None
+        query_all = torch.cat([query] * n).to(dev) if query is not None else None
         # 3. noise: one generator per image, so an image never depends on its batch
         gens = generator if isinstance(generator, list) else [generator] * b
         shape = (self.unet.config.in_channels, h // self._scale, w // self._scale)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * self.scheduler.init_noise_sigma
+        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev) * self.scheduler.init_noise_sigma
         # 4. denoising loop
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -154,7 +155,7 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         images = self.base.to_image_space(x)
         if output_type == "pt":
             return images
-        arr = to_uint8(images).numpy()
+        arr = to_uint8(images.cpu()).numpy()
         return arr if output_type == "np" else [Image.fromarray(a) for a in arr]
 
     @classmethod

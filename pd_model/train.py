@@ -30,6 +30,7 @@ from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, read_trainer, save_best, save_checkpoint
 from pd_model.hints import to_hint, to_unit
+from pd_model.validation import grid_rows, save_validation_grid
 
 Mode = Literal["prompt_diffusion", "cnft"]
 VAL_KEY = 1_000_003  # seeds of validation prompts and their noise, apart from every training step's
@@ -178,7 +179,8 @@ def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
 def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, range], torch.Tensor], desc: str,
           ckpt: Checkpointing | None = None, every: tuple[int, Callable[[int], None]] | None = None) -> list[float]:
     """AdamW steps on the global-batch mean of `step_loss(step, samples)`; with `o.ema_decay` > 0 the
-    parameters end as their EMA. `every=(n, f)` calls f(step) on the main process every n steps.
+    parameters end as their EMA. `every=(n, f)` calls f(step) on the main process every n steps and at
+    the last, with the EMA weights in place.
 
     Each process backpropagates sum-over-its-samples / batch_size; summing over processes gives the
     gradient of the global mean, whatever the number of processes and micro-batches."""
@@ -224,7 +226,7 @@ def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                         samples_s=f"{(step + 1 - start) * o.batch_size / (time.perf_counter() - t0):.1f}", refresh=False)
-        if rank == 0 and every is not None and every[0] and (step + 1) % every[0] == 0:
+        if rank == 0 and every is not None and every[0] and ((step + 1) % every[0] == 0 or step + 1 == o.steps):
             with ema_weights(ema, params):
                 every[1](step + 1)
         if rank == 0 and ckpt is not None and ckpt.every and ((step + 1) % ckpt.every == 0 or step + 1 == o.steps):
@@ -317,14 +319,18 @@ def validation_loss(base: BaseModel, controlnet: ControlNetModel, prompts: list[
 
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
                      mode: Mode, steps: int, seed_offset: int = 0, checkpoint_dir: Path | None = None,
-                     val_data: SplitData | None = None, init: Path | None = None) -> tuple[ControlNetModel, list[float]]:
+                     val_data: SplitData | None = None, init: Path | None = None, validation_dir: Path | None = None,
+                     validation_guidance: float = 3.0, on_grid: Callable[[Path, int], None] | None = None,
+                     ) -> tuple[ControlNetModel, list[float]]:
     """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task.
 
     Sample i of step s is drawn from (seed, seed_offset, s, i) alone: its task, prompt, dropout,
     noise and timestep; a process computes only its own slice of the global batch. Validation
     prompts (for the best checkpoint) come from `val_data`, else from the training data under a
     separate seed. `init`: a saved ControlNet folder to continue from (retraining) instead of the
-    base's copy."""
+    base's copy. With `cfg.validate_every` and `validation_dir`, the main process saves a grid of
+    outputs on the first of those prompts every N steps (see `pd_model.validation`) and hands each
+    to `on_grid(path, step)`, e.g. to publish it."""
     device = resolve_device(cfg)
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
@@ -360,18 +366,28 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
         return denoising_loss(base, batch, emb, gens, controlnet)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
+    held_out = val_data is not None and bool(val_data.multi_image_groups)
+    val_seed = cfg.seed + seed_offset + (0 if held_out else 1)
     ckpt = None
     if checkpoint_dir is not None and cfg.checkpoint_every:
         if cfg.train_unet_decoder:  # the decoder is trained too: checkpoint both
             raise ValueError("train.checkpoint_every with train.train_unet_decoder is not supported yet; set one of them off")
-        held_out = val_data is not None and bool(val_data.multi_image_groups)
-        val_prompts = validation_prompts(val_data if held_out else data, specs, cfg.validation_samples,
-                                         cfg.seed + seed_offset + (0 if held_out else 1))
+        val_prompts = validation_prompts(val_data if held_out else data, specs, cfg.validation_samples, val_seed)
         score = (lambda: validation_loss(base, controlnet, val_prompts, text_cache, cfg.seed)) if val_prompts else None
         ckpt = Checkpointing(checkpoint_dir, controlnet, cfg.checkpoint_every, cfg.keep_last, score)
     o = Optim(steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
               cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
-    losses = _loop(params, o, step_loss, desc, ckpt)
+    every = None
+    if validation_dir is not None and cfg.validate_every:
+        grid_prompts = validation_prompts(val_data if held_out else data, specs, grid_rows(len(specs)), val_seed)
+
+        def draw(step: int) -> None:
+            path = save_validation_grid(base, controlnet, grid_prompts, validation_dir, step, val_seed,
+                                        guidance_scale=validation_guidance)
+            if on_grid is not None:
+                on_grid(path, step)
+        every = (cfg.validate_every, draw)
+    losses = _loop(params, o, step_loss, desc, ckpt, every)
     return controlnet.eval(), losses
 
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,14 @@ class TrainJob(Frozen):
     tasks: tuple[str, ...]
     steps: int
     seed_offset: int = 0
-    out: str  # the model's folder: checkpoints/, controlnet/, pipeline.json, losses.json
+    out: str  # the model's folder: checkpoints/, validation/, controlnet/, pipeline.json, losses.json
+    validation_guidance: float = 3.0  # of the validation grids (cfg.validate_every); the benchmark's, say
 
 
-def run_job(job: TrainJob) -> list[float]:
-    """Train; the main process writes the model folder, `losses.json` last (it marks it complete)."""
+def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -> list[float]:
+    """Train; the main process writes the model folder, `losses.json` last (it marks it complete).
+
+    `on_grid(path, step)` gets each validation grid as it is saved (in this process only)."""
     from pd_data.dataset import load_split
     from pd_data.state import atomic_write_json
     from pd_model.base import load_base
@@ -52,7 +56,8 @@ def run_job(job: TrainJob) -> list[float]:
     except ValueError:
         val = None
     net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,
-                                   checkpoint_dir=out / "checkpoints", val_data=val)
+                                   checkpoint_dir=out / "checkpoints", val_data=val, validation_dir=out / "validation",
+                                   validation_guidance=job.validation_guidance, on_grid=on_grid)
     if world()[0] == 0:
         net.save_pretrained(out / "controlnet")
         atomic_write_json(out / "pipeline.json", {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)})
