@@ -269,8 +269,9 @@ def benchmark_task(plan: Plan) -> dict:
         family = "prompt-diffusion" if mode == "prompt_diffusion" else "cn-ft"
         models.append(ModelUnderTest(family, name, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval(), tasks))
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
     metrics, samples = run_benchmark(base, models, data, plan.dir("prompts") / "prompts.parquet",
-                                     plan.profile.eval, plan.dir("evaluate"))
+                                     plan.profile.eval, plan.dir("evaluate"), train)
     return {"metrics": metrics, "samples": samples}
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
-from pd_data.tasks import get_task
+from pd_data.tasks import TaskSpec, get_task
+from pd_eval.baselines import BASELINES, baseline_outputs
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
 from pd_eval.metrics import fid, rmse
@@ -42,9 +43,23 @@ def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]
     return paths
 
 
+def _rmse_rows(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, cfg: EvalConfig) -> list[dict]:
+    value = rmse(outputs, targets, cfg.bootstrap, cfg.seed)
+    return [_row(model_id, spec.name, "rmse", value, "", cfg)]
+
+
+def _row(model_id: str, task: str, metric: str, value, extractor: str, cfg: EvalConfig, seconds: float = 0.0) -> dict:
+    return {"model_id": model_id, "task": task, "metric": metric, "value": value.value, "ci_low": value.ci_low,
+            "ci_high": value.ci_high, "n": value.n, "feature_extractor": extractor,
+            "protocol": cfg.effective().protocol, "seconds": round(seconds, 2)}
+
+
 def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData, prompts_path: Path,
-                  cfg: EvalConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows)."""
+                  cfg: EvalConfig, out_dir: Path, train: SplitData | None = None) -> tuple[list[dict], list[dict]]:
+    """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows).
+
+    With `train` (the train split), the image->map tasks are also scored for the trivial
+    baselines of `pd_eval.baselines`, on the same prompts."""
     eff = cfg.effective()
     extractor_name, extractor = load_extractor()
     prompts = pq.read_table(prompts_path).to_pylist()
@@ -71,16 +86,31 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")
             if spec.metric == "rmse":
-                value, extractor_used = rmse(outputs, targets, cfg.bootstrap, cfg.seed), ""
+                new = _rmse_rows(m.model_id, spec, outputs, targets, cfg)
             else:
                 real_dir = out_dir / "real" / slug(task)
                 if not real_dir.exists():
                     _save_pngs(real_dir, targets, names)
-                value, extractor_used = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed), extractor_name
-            metric_rows.append({"model_id": m.model_id, "task": task, "metric": spec.metric, "value": value.value,
-                                "ci_low": value.ci_low, "ci_high": value.ci_high, "n": value.n,
-                                "feature_extractor": extractor_used, "protocol": eff.protocol,
-                                "seconds": round(time.perf_counter() - t0, 2)})
+                value = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed)
+                new = [_row(m.model_id, task, "fid", value, extractor_name, cfg)]
+            new[0]["seconds"] = round(time.perf_counter() - t0, 2)
+            metric_rows += new
             sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(p)}
                             for r, p in zip(rows, paths)]
+    if train is not None:
+        metric_rows += baseline_rows(data, train, prompts, cfg)
     return metric_rows, sample_rows
+
+
+def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: EvalConfig) -> list[dict]:
+    """RMSE of every baseline on every image->map task of the materialised prompts."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in prompts):
+        spec = get_task(task)
+        if spec.metric != "rmse":
+            continue
+        built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in prompts if r["task"] == task]
+        targets = np.stack([p.target for p in built])
+        for name in BASELINES:
+            out += _rmse_rows(name, spec, baseline_outputs(name, spec, built, train), targets, cfg)
+    return out

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS models (
     model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, tasks VARCHAR[], path VARCHAR,
     train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
 CREATE TABLE IF NOT EXISTS metrics (
-    -- model_id is the Table 1 row: 'prompt-diffusion' or 'cn-ft' (its per-task checkpoints in models)
+    -- model_id: the Table 1 row ('prompt-diffusion', 'cn-ft': per-task checkpoints in models) or a
+    -- baseline ('baseline/copy-query', 'baseline/mean-map')
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
     ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (eval_id, model_id, task, metric));
@@ -43,6 +44,7 @@ CREATE OR REPLACE VIEW paper_table AS
 SELECT r.run_id, r.profile, m.model_id AS model, max(NULLIF(m.feature_extractor, '')) AS feature_extractor,
     {_cols}
 FROM runs r JOIN metrics m USING (eval_id)
+WHERE (m.metric, m.task) IN ({", ".join(f"('{m}', '{t}')" for m, t in TABLE1)})
 GROUP BY r.run_id, r.profile, m.model_id
 UNION ALL BY NAME
 SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)

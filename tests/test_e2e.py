@@ -34,13 +34,16 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 7 and "prompt-diffusion" in ckpts
 
-    # 3. DuckDB: 12 metric rows (6 tasks x 2 model families), one completed run pointing at the report.
+    # 3. DuckDB: 12 metric rows (6 tasks x 2 model families) + 2 baselines x 3 image->map tasks,
+    #    one completed run pointing at the report.
     db = plan.state.db
-    assert query(db, "SELECT count(*) FROM metrics")[1] == [(12,)]
+    assert query(db, "SELECT count(*) FROM metrics")[1] == [(18,)]
+    _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
+    assert base == [("baseline/copy-query", 3), ("baseline/mean-map", 3)]
     names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
                             "WHERE profile = 'smoke' ORDER BY model")
-    assert [r[0] for r in rows] == ["cn-ft", "prompt-diffusion"]
-    assert all(0 < r[1] < 1 and r[2] >= 0 for r in rows)
+    assert [r[0] for r in rows] == ["baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"]
+    assert all(0 < r[1] < 1 for r in rows) and all(r[2] >= 0 for r in rows[2:])
     _, runs = query(db, "SELECT status, report_path FROM runs")
     assert runs == [("completed", report)]
 
@@ -56,6 +59,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
     assert (plan.state.reports.glob("*/report.html")) and len(list(plan.state.reports.glob("*/*__*.png"))) == 12
     assert "losses.png" in md and "base-samples.png" in md
+    assert "beat the trivial baselines" in md and md.count("(baselines: copy-query") == 3
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")
