@@ -14,7 +14,7 @@ from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TRAINING_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 2, "train": 2, "evaluate": 2}
+CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 2, "train": 2, "evaluate": 3}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pd_data.tasks import TaskSpec, get_task
 from pd_eval.baselines import BASELINES, baseline_outputs
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
-from pd_eval.metrics import fid, rmse
+from pd_eval.metrics import fid, kid, map_similarity, rmse
 from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
 from pd_model.sampling import generate
@@ -44,8 +44,10 @@ def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]
 
 
 def _rmse_rows(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, cfg: EvalConfig) -> list[dict]:
+    """RMSE (Table 1), then SSIM and PSNR as extra rows."""
     value = rmse(outputs, targets, cfg.bootstrap, cfg.seed)
-    return [_row(model_id, spec.name, "rmse", value, "", cfg)]
+    extra = map_similarity(outputs, targets, cfg.bootstrap, cfg.seed)
+    return [_row(model_id, spec.name, "rmse", value, "", cfg)] + [_row(model_id, spec.name, k, v, "", cfg) for k, v in extra.items()]
 
 
 def _row(model_id: str, task: str, metric: str, value, extractor: str, cfg: EvalConfig, seconds: float = 0.0) -> dict:
@@ -92,7 +94,9 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
                 if not real_dir.exists():
                     _save_pngs(real_dir, targets, names)
                 value = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed)
-                new = [_row(m.model_id, task, "fid", value, extractor_name, cfg)]
+                k = kid(outputs, targets, extractor, cfg.bootstrap, cfg.seed, cfg.kid_subsets, cfg.kid_subset_size)
+                new = [_row(m.model_id, task, "fid", value, extractor_name, cfg),
+                       _row(m.model_id, task, "kid", k, extractor_name, cfg)]
             new[0]["seconds"] = round(time.perf_counter() - t0, 2)
             metric_rows += new
             sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(p)}

@@ -21,6 +21,8 @@ class EvalConfig(Frozen):
     guidance_scale: float = Field(3.0, ge=1.0)
     batch_size: int = Field(16, ge=1)
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (torchmetrics)")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset, clamped to the set size")
     seed: int = 0
 
     def effective(self) -> "EvalConfig":

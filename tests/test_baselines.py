@@ -39,8 +39,9 @@ def test_baseline_rows_score_every_image_to_map_task_with_an_interval():
     train, test = _split(6, 0), _split(4, 1)
     prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}"} for t in ("image->depth", "depth->image") for k in (1, 2, 3)]
     rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50))
-    assert sorted((r["model_id"], r["task"]) for r in rows) == [(b, "image->depth") for b in BASELINES]
-    copy = next(r for r in rows if r["model_id"] == "baseline/copy-query")
+    assert sorted((r["model_id"], r["task"], r["metric"]) for r in rows) == [
+        (b, "image->depth", m) for b in BASELINES for m in ("psnr", "rmse", "ssim")]
+    copy = next(r for r in rows if r["model_id"] == "baseline/copy-query" and r["metric"] == "rmse")
     outs = np.stack([test.arrays[f"i{k}"]["image"] for k in (1, 2, 3)]).astype(float)
     tgts = np.stack([test.arrays[f"i{k}"]["depth"] for k in (1, 2, 3)]).astype(float)
     assert np.isclose(copy["value"], np.sqrt(np.mean(((outs - tgts) / 255) ** 2)))

@@ -34,12 +34,15 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 7 and "prompt-diffusion" in ckpts
 
-    # 3. DuckDB: 12 metric rows (6 tasks x 2 model families) + 2 baselines x 3 image->map tasks,
-    #    one completed run pointing at the report.
+    # 3. DuckDB: FID + KID for 3 map->image tasks x 2 model families; RMSE + SSIM + PSNR for
+    #    3 image->map tasks x (2 families + 2 baselines); one completed run pointing at the report.
     db = plan.state.db
-    assert query(db, "SELECT count(*) FROM metrics")[1] == [(18,)]
+    _, per_metric = query(db, "SELECT metric, count(*) FROM metrics GROUP BY ALL ORDER BY 1")
+    assert per_metric == [("fid", 6), ("kid", 6), ("psnr", 12), ("rmse", 12), ("ssim", 12)]
     _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
-    assert base == [("baseline/copy-query", 3), ("baseline/mean-map", 3)]
+    assert base == [("baseline/copy-query", 9), ("baseline/mean-map", 9)]
+    _, kids = query(db, "SELECT DISTINCT feature_extractor FROM metrics WHERE metric IN ('fid', 'kid')")
+    assert kids == [("random-conv-v1",)]
     names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
                             "WHERE profile = 'smoke' ORDER BY model")
     assert [r[0] for r in rows] == ["baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"]
