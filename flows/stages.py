@@ -135,8 +135,8 @@ def prompts_task(plan: Plan) -> dict:
     from pd_data.prompts import materialise_prompts
 
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
-    n = materialise_prompts(data, plan.tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
-    return {"rows": n, "tasks": list(plan.tasks)}
+    n = materialise_prompts(data, plan.eval_tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
+    return {"rows": n, "tasks": list(plan.eval_tasks)}
 
 
 @flow(name="annotate", log_prints=True)
@@ -226,10 +226,13 @@ def load_base_for(plan: Plan):
 
 
 def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """model name -> (mode, tasks): the joint model and one CN(FT) per task."""
+    """model name -> (mode, tasks): the joint model, one CN(FT) per task and, with train.oracles,
+    one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle)."""
     models = {"prompt-diffusion": ("prompt_diffusion", plan.tasks)}
     if plan.profile.train.baseline_steps_per_task > 0:
         models |= {f"cn-ft_{t.replace('->', '-to-')}": ("cnft", (t,)) for t in plan.tasks}
+        if plan.profile.train.oracles:
+            models |= {f"cn-ft-oracle_{t.replace('->', '-to-')}": ("cnft", (t,)) for t in plan.unseen_tasks}
     return models
 
 
@@ -259,15 +262,15 @@ def benchmark_task(plan: Plan) -> dict:
     from diffusers import ControlNetModel
 
     from pd_data.dataset import load_split
-    from pd_eval.benchmark import ModelUnderTest, run_benchmark
+    from pd_eval.benchmark import models_under_test, run_benchmark
     from pd_model.controlnet import PromptDiffusionControlNet
 
     base = load_base_for(plan)
-    models = []
+    nets = {}
     for name, (mode, tasks) in model_dirs(plan).items():
         cls = PromptDiffusionControlNet if mode == "prompt_diffusion" else ControlNetModel
-        family = "prompt-diffusion" if mode == "prompt_diffusion" else "cn-ft"
-        models.append(ModelUnderTest(family, name, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval(), tasks))
+        nets[name] = (mode, tasks, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval())
+    models = models_under_test(nets, plan.unseen_tasks)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
     metrics, samples = run_benchmark(base, models, data, plan.dir("prompts") / "prompts.parquet",

@@ -1,4 +1,10 @@
-"""Benchmark generation: every model under test on the same materialised prompts and seeds, then metrics."""
+"""Benchmark generation: every model under test on the same materialised prompts and seeds, then metrics.
+
+Beside Table 1 (trained tasks), the unseen tasks are run under four conditions, each its own
+model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusion/empty-pair`
+(the pair zeroed as in training dropout), `cn-ft/nearest` (the CN(FT) of the nearest trained task,
+`TaskSpec.nearest`) and `cn-ft/oracle` (a CN(FT) trained on the unseen task, when the profile
+trains one)."""
 from __future__ import annotations
 
 import time
@@ -23,10 +29,43 @@ from pd_model.sampling import generate
 
 @dataclass(frozen=True)
 class ModelUnderTest:
-    model_id: str             # the row of Table 1: "prompt-diffusion", "cn-ft" (one checkpoint per task)
+    model_id: str             # the row of Table 1 ("prompt-diffusion", "cn-ft") or a condition ("cn-ft/nearest", ...)
     checkpoint: str           # which trained network: "prompt-diffusion", "cn-ft_depth-to-image", ...
     controlnet: object        # a loaded ControlNet (Prompt Diffusion or stock)
     tasks: tuple[str, ...]    # the tasks it is benchmarked on
+    empty_pair: bool = False  # Prompt Diffusion with its example pair zeroed
+
+
+def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
+    """Checkpoint name -> (mode, trained tasks, loaded ControlNet) to every (model_id, tasks) benchmarked.
+
+    A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
+    answers the unseen tasks that name it as nearest."""
+    out = []
+    for name, (mode, tasks, net) in nets.items():
+        if mode == "prompt_diffusion":
+            out.append(ModelUnderTest("prompt-diffusion", name, net, tasks + unseen))
+            if unseen:
+                out.append(ModelUnderTest("prompt-diffusion/empty-pair", name, net, unseen, empty_pair=True))
+        elif set(tasks) <= set(unseen):
+            out.append(ModelUnderTest("cn-ft/oracle", name, net, tasks))
+        else:
+            out.append(ModelUnderTest("cn-ft", name, net, tasks))
+            if near := tuple(u for u in unseen if get_task(u).nearest in tasks):
+                out.append(ModelUnderTest("cn-ft/nearest", name, net, near))
+    return out
+
+
+def evaluation_prompts(prompts_path: Path, cfg: EvalConfig) -> list[dict]:
+    """The materialised prompts; an unseen task keeps its first `cfg.unseen_per_task` (four conditions
+    each: the cap keeps the added generations cheap)."""
+    rows, seen = pq.read_table(prompts_path).to_pylist(), {}
+    out = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if get_task(r["task"]).trained or seen[r["task"]] <= cfg.unseen_per_task:
+            out.append(r)
+    return out
 
 
 def slug(name: str) -> str:
@@ -64,7 +103,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
     baselines of `pd_eval.baselines`, on the same prompts."""
     eff = cfg.effective()
     extractor_name, extractor = load_extractor()
-    prompts = pq.read_table(prompts_path).to_pylist()
+    prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
         for task in m.tasks:
@@ -79,11 +118,12 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
                 chunk = slice(i, i + eff.batch_size)
                 outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
-                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt))
+                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
+                                     empty_pair=m.empty_pair))
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]
-            gen_dir = out_dir / "samples" / slug(m.checkpoint) / slug(task)
+            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
             paths = _save_pngs(gen_dir, outputs, names)
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")

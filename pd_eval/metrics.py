@@ -114,7 +114,9 @@ def kid(generated: np.ndarray, real: np.ndarray, extractor: FeatureExtractor, re
     n = min(len(generated), len(real))
     if n < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(generated)} generated and {len(real)} real")
-    metric = KernelInceptionDistance(feature=CleanFeatures(extractor), subsets=subsets, subset_size=min(subset_size, n))
+    with warnings.catch_warnings():  # "will save all extracted features": intended, the sets are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=CleanFeatures(extractor), subsets=subsets, subset_size=min(subset_size, n))
     metric.update(torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2), real=True)
     metric.update(torch.from_numpy(np.ascontiguousarray(generated)).permute(0, 3, 1, 2), real=False)
     with torch.random.fork_rng():  # torchmetrics draws its subsets from the global generator

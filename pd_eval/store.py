@@ -1,4 +1,5 @@
-"""Results in DuckDB: runs, models, metrics, samples; views `paper_table` and `latest_paper_table`.
+"""Results in DuckDB: runs, models, metrics, samples; views `paper_table`, `latest_paper_table` and
+`generalization` (unseen tasks by condition).
 
 DuckDB lets one process write a file at a time. Writers here open a connection, write in one
 transaction and close it at once; a writer that finds the file locked waits and retries, so two
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
+
+from pd_data.tasks import UNSEEN_TASKS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,6 +52,11 @@ GROUP BY r.run_id, r.profile, m.model_id
 UNION ALL BY NAME
 SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)
 FROM paper_reference;
+CREATE OR REPLACE VIEW generalization AS
+SELECT r.run_id, r.profile, m.task, m.model_id AS condition, m.metric, m.value, m.ci_low, m.ci_high, m.n,
+    m.feature_extractor
+FROM runs r JOIN metrics m USING (eval_id)
+WHERE m.task IN ({", ".join(f"'{t}'" for t in UNSEEN_TASKS)});
 CREATE OR REPLACE VIEW latest_paper_table AS
 SELECT * FROM paper_table
 WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'completed'

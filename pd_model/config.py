@@ -46,6 +46,8 @@ class TrainConfig(Frozen):
     drop_pair: float = 0.05
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
     baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT): equal steps per task; 0 skips baselines")
+    oracles: bool = Field(False, description="also train a CN(FT) on each unseen task, at the CN(FT) budget: "
+                                             "the oracle of the generalisation comparison (needs baselines on)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
@@ -56,4 +58,7 @@ class TrainConfig(Frozen):
     def _check(self) -> "TrainConfig":
         if self.drop_text + self.drop_text_and_pair + self.drop_pair > 1:
             raise ValueError("the three dropout rates must sum to at most 1")
+        if self.oracles and self.baseline_steps_per_task == 0:
+            raise ValueError("train.oracles trains CN(FT) oracles at train.baseline_steps_per_task steps, which is 0; "
+                             "set baseline_steps_per_task > 0 or oracles=false")
         return self
