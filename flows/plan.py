@@ -14,7 +14,7 @@ from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 1, "annotate": 2, "prompts": 2, "base": 2, "train": 2, "evaluate": 4}
+CODE_VERSIONS = {"ingest": 1, "annotate": 2, "prompts": 2, "base": 2, "train": 2, "evaluate": 5}
 
 
 @dataclass(frozen=True)

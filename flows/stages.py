@@ -273,9 +273,15 @@ def benchmark_task(plan: Plan) -> dict:
     models = models_under_test(nets, plan.unseen_tasks)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
-    metrics, samples = run_benchmark(base, models, data, plan.dir("prompts") / "prompts.parquet",
-                                     plan.profile.eval, plan.dir("evaluate"), train)
-    return {"metrics": metrics, "samples": samples}
+    prompts, cfg = plan.dir("prompts") / "prompts.parquet", plan.profile.eval
+    metrics, samples = run_benchmark(base, models, data, prompts, cfg, plan.dir("evaluate"), train)
+    confusion = []
+    if cfg.task_inference_queries > 0:
+        from pd_eval.task_inference import run_task_inference
+
+        acc, confusion, more = run_task_inference(base, nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
+        metrics, samples = metrics + acc, samples + more
+    return {"metrics": metrics, "samples": samples, "confusion": confusion}
 
 
 @task(cache_policy=NO_CACHE, name="store-results")
@@ -295,6 +301,7 @@ def store_task(plan: Plan, result: dict) -> int:
     db = plan.state.db
     write_rows(db, "models", model_rows)
     write_rows(db, "samples", sample_rows)
+    write_rows(db, "task_inference", [{"eval_id": eval_id, **r} for r in result["confusion"]])
     return write_rows(db, "metrics", metric_rows)
 
 

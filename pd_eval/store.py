@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS samples (
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, prompt_id VARCHAR, path VARCHAR,
     PRIMARY KEY (eval_id, model_id, prompt_id));
+CREATE TABLE IF NOT EXISTS task_inference (
+    -- confusion matrix of in-context task inference: text removed, the pair shows shown_task, the
+    -- output is nearest (RMSE) to the query's true map of predicted_task
+    eval_id VARCHAR, model_id VARCHAR, shown_task VARCHAR, predicted_task VARCHAR, count INTEGER,
+    PRIMARY KEY (eval_id, model_id, shown_task, predicted_task));
 CREATE TABLE IF NOT EXISTS paper_reference (
     model VARCHAR, "fid_depth->image" DOUBLE, "fid_hed->image" DOUBLE, "fid_seg->image" DOUBLE,
     "rmse_image->depth" DOUBLE, "rmse_image->hed" DOUBLE, "rmse_image->seg" DOUBLE);

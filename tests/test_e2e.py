@@ -39,9 +39,14 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     #    (4 conditions + 2 baselines); one completed run pointing at the report.
     db = plan.state.db
     _, per_metric = query(db, "SELECT metric, count(*) FROM metrics GROUP BY ALL ORDER BY 1")
-    assert per_metric == [("fid", 18), ("kid", 18), ("psnr", 18), ("rmse", 18), ("ssim", 18)]
+    assert per_metric == [("accuracy", 1), ("fid", 18), ("kid", 18), ("psnr", 18), ("rmse", 18), ("ssim", 18)]
     _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
     assert base == [("baseline/copy-query", 12), ("baseline/mean-map", 12)]
+    # 3a. In-context task inference: 3 queries x 3 example tasks, a full 3 x 3 confusion matrix.
+    _, acc = query(db, "SELECT model_id, task, n, value BETWEEN 0 AND 1 FROM metrics WHERE metric = 'accuracy'")
+    assert acc == [("prompt-diffusion/no-text", "task-inference", 9, True)]
+    _, cells = query(db, "SELECT count(*), sum(count), count(DISTINCT shown_task) FROM task_inference")
+    assert cells == [(9, 9, 3)]
     _, gen = query(db, "SELECT task, list(DISTINCT condition ORDER BY condition), count(*), min(n) FROM generalization "
                        "WHERE metric IN ('fid', 'rmse') GROUP BY task ORDER BY task")
     conditions = ["cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion", "prompt-diffusion/empty-pair"]
@@ -67,7 +72,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     md = open(report).read()
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
     grids = {p.name for p in plan.state.reports.glob("*/*__*.png")}
-    assert (plan.state.reports.glob("*/report.html")) and len(grids) == 12 + 4 * 4
+    assert (plan.state.reports.glob("*/report.html")) and len(grids) == 12 + 4 * 4 + 1
     assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "beat the trivial baselines" in md and md.count("(baselines: copy-query") == 4
