@@ -347,6 +347,13 @@ def report_task(plan: Plan, run_id: str) -> str:
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 
 
+def _jsonable(v):
+    """Table artifacts are JSON: NaN and infinities (an interval of one sample) become None."""
+    import math
+
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 @flow(name="report", log_prints=True)
 def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True) -> str:
@@ -369,5 +376,11 @@ def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
     write_rows(plan.state.db, "runs", [row | {"finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": path}])
     create_link_artifact(key="benchmark-report", link=f"file://{Path(path).with_suffix('.html')}", description="HTML report of this run")
     create_markdown_artifact(key="benchmark-report-md", markdown=Path(path).read_text(), description="Report of this run")
+    from pd_eval.report import report_tables
+
+    for key, (names, rows) in report_tables(plan.state.db, run_id, plan.key("evaluate")).items():
+        if rows:
+            create_table_artifact(key=f"report-{key}", table=[dict(zip(names, map(_jsonable, r))) for r in rows],
+                                  description=f"{key} of run {run_id}")
     get_run_logger().info("report: %s", path)
     return path

@@ -76,6 +76,16 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "beat the trivial baselines" in md and md.count("(baselines: copy-query") == 4
+    assert "## Unseen tasks: zero-shot generalisation" in md and "## In-context task inference (text removed)" in md
+    folder = plan.state.reports / report.split("/")[-2]
+    for png in ("bars-fid.png", "bars-kid.png", "bars-rmse.png", "generalization-fid.png", "generalization-rmse.png",
+                "task-inference.png"):
+        assert (folder / png).stat().st_size > 1000 and f"]({png})" in md
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"report-paper-table", "report-generalization", "report-task-inference", "benchmark-report"} <= keys
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")

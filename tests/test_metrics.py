@@ -65,3 +65,12 @@ def test_ssim_and_psnr_are_perfect_for_identical_maps_and_worse_for_noisy_ones()
     mse = per_image_mse(noisy, maps)
     assert np.isclose(worse["psnr"].value, np.mean(10 * np.log10(1 / mse)), rtol=1e-4)
     assert worse["psnr"].ci_low <= worse["psnr"].value <= worse["psnr"].ci_high
+
+
+def test_bar_and_confusion_plots_are_written_even_with_undefined_intervals(tmp_path):
+    from pd_eval.visuals import confusion_plot, metric_bars
+
+    rows = [{"task": "image->hed", "model": m, "value": v, "ci_low": lo, "ci_high": hi}
+            for m, v, lo, hi in [("prompt-diffusion", 0.2, 0.15, 0.25), ("baseline/mean-map", 0.3, float("nan"), float("nan"))]]
+    assert metric_bars(rows, tmp_path / "b.png", "rmse").stat().st_size > 1000
+    assert confusion_plot(np.eye(3, dtype=int) * 4, ["depth", "hed", "seg"], tmp_path / "c.png", "t").stat().st_size > 1000
