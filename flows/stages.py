@@ -156,9 +156,9 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
         write_lineage(plan)
         mark_done(plan.dir("annotate"), summary)
         get_run_logger().info("annotate: %s", summary)
-    register_views(plan)
     if _cached(plan, "prompts") is None:
         mark_done(plan.dir("prompts"), prompts_task(plan))
+    register_views(plan)  # after the prompts: the `prompts` view needs their Parquet file
     return summary
 
 

@@ -70,7 +70,8 @@ WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'comple
 
 
 def data_views_sql(data_root: Path) -> str:
-    """Views over the Parquet shards; the globs are read at query time, so new shards show up."""
+    """Views over the Parquet shards and the materialised evaluation prompts; the globs are read at
+    query time, so new shards show up (but each needs one matching file when the view is made)."""
     d = str(data_root).replace("'", "''")
     return f"""
 CREATE OR REPLACE VIEW images AS
@@ -84,6 +85,9 @@ JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set);
 CREATE OR REPLACE VIEW rejects AS
 SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/', 2) AS stage_key, * EXCLUDE (filename)
 FROM read_parquet(['{d}/ingest/*/rejects-*.parquet', '{d}/annotate/*/rejects-*.parquet'], filename = true, union_by_name = true);
+CREATE OR REPLACE VIEW prompts AS
+SELECT regexp_extract(filename, '/prompts/([^/]+)/', 1) AS prompt_set, * EXCLUDE (filename)
+FROM read_parquet('{d}/prompts/*/prompts.parquet', filename = true, union_by_name = true);
 CREATE OR REPLACE VIEW splits AS
 SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL;
 """

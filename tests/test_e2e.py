@@ -66,6 +66,8 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
                        "GROUP BY ALL ORDER BY ALL")
     assert sum(r[2] for r in per) == 144 and {r[1] for r in per} == {"depth", "hed", "seg", "canny", "scribble", "normal"}
     assert query(db, "SELECT sum(images) FROM splits")[1] == [(24,)]
+    _, per_task = query(db, "SELECT prompt_set, task, count(*) FROM prompts GROUP BY ALL ORDER BY task")
+    assert len(per_task) == 10 and {r[0] for r in per_task} == {plan.key("prompts")} and {r[2] for r in per_task} == {3}
     assert query(db, "SELECT reason, count(*) FROM rejects GROUP BY reason")[1] == []
 
     # 4. Report: Markdown and HTML with the table, grids and loss curves.
