@@ -116,19 +116,17 @@ def report_tables(db: Path, run_id: str, eval_id: str) -> dict[str, tuple[list[s
     }
 
 
-def _bars(rows: list[dict], tasks: set[str], out_dir: Path, prefix: str, what: str) -> list[Block]:
-    """One bar plot per metric over `tasks`, models side by side with their 95% intervals."""
+def _bars(rows: list[dict], tasks: set[str], out_dir: Path, name: str, what: str) -> list[Block]:
+    """One figure over `tasks`, a panel per metric, models side by side with their 95% intervals."""
     from pd_eval.visuals import metric_bars
 
-    blocks: list[Block] = []
-    for metric in METRIC_NOTES:
-        sel = [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
-               for r in rows if r["metric"] == metric and r["task"] in tasks]
-        if sel:
-            name = f"{prefix}-{metric}.png"
-            metric_bars(sel, out_dir / name, f"{what}: {METRIC_NOTES[metric]} (95% intervals)")
-            blocks.append(("image", ("", name)))
-    return blocks
+    panels = {METRIC_NOTES[m]: [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
+                                for r in rows if r["metric"] == m and r["task"] in tasks] for m in METRIC_NOTES}
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return []
+    metric_bars(panels, out_dir / name, f"{what}: 95% bootstrap intervals as error bars")
+    return [("image", ("", name))]
 
 
 def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Path, loss_png: Path | None,
@@ -151,13 +149,13 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
     sections.append(("Do the trained models beat the trivial baselines? (RMSE, lower is better)", [
         ("text", "Baselines: copy-query answers with the query image; mean-map with the per-pixel mean train map of the task."),
         ("list", baseline_statements(rows) or ["no image->map task with both baselines in this evaluation"])]))
-    sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars", "trained tasks")))
+    sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars.png", "trained tasks")))
     if unseen:
         sections.append(("Unseen tasks: zero-shot generalisation", [
             ("text", "Conditions: prompt-diffusion (zero-shot, with the example pair), prompt-diffusion/empty-pair "
                      "(the pair zeroed), cn-ft/nearest (the CN(FT) of the nearest trained task), cn-ft/oracle "
                      "(a CN(FT) trained on the unseen task, when the profile trains one); baselines for image->map."),
-            ("table", tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization", "unseen tasks")]))
+            ("table", tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
     _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ?", [eval_id])
     if cells:
         from pd_eval.task_inference import FORWARD, MODEL_ID

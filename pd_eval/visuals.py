@@ -67,33 +67,41 @@ def loss_plot(curves: dict[str, list[float]], path: Path, smooth: int = 20) -> P
     return path
 
 
-def metric_bars(rows: list[dict], path: Path, title: str) -> Path:
-    """Grouped bars, one group per task and one bar per model, with 95% intervals as error bars.
-    `rows`: dicts with task, model, value, ci_low, ci_high (one metric)."""
+def _err(r: dict, bound: str) -> float:
+    """Distance from the value to an interval bound; 0 where the interval is undefined (NaN, None)."""
+    b = r[bound]
+    return 0.0 if b is None or not np.isfinite(b) else abs(r["value"] - b)
+
+
+def metric_bars(panels: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """One panel per metric: grouped bars, one group per task and one bar per model, 95% intervals as
+    error bars. `panels`: panel title -> dicts with task, model, value, ci_low, ci_high."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
-    models = sorted({r["model"] for r in rows})
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(tasks) * max(1, len(models)) / 2), 3.6))
-    for k, model in enumerate(models):
-        got = {r["task"]: r for r in rows if r["model"] == model}
-        xs = [i + (k - (len(models) - 1) / 2) * width for i, t in enumerate(tasks) if t in got]
-        vals = [got[t]["value"] for t in tasks if t in got]
-        lo = [max(0.0, got[t]["value"] - got[t]["ci_low"]) if got[t]["ci_low"] is not None and np.isfinite(got[t]["ci_low"]) else 0.0
-              for t in tasks if t in got]
-        hi = [max(0.0, got[t]["ci_high"] - got[t]["value"]) if got[t]["ci_high"] is not None and np.isfinite(got[t]["ci_high"]) else 0.0
-              for t in tasks if t in got]
-        ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, label=model)
-    ax.set_xticks(range(len(tasks)), tasks, fontsize=7)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    models = sorted({r["model"] for rows in panels.values() for r in rows})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)
+    for ax, (name, rows) in zip(axes[:, 0], panels.items()):
+        tasks = sorted({r["task"] for r in rows})
+        here = [m for m in models if any(r["model"] == m for r in rows)]
+        width = 0.8 / len(here)
+        for k, model in enumerate(here):
+            got = [(i, r) for i, t in enumerate(tasks) for r in rows if r["task"] == t and r["model"] == model]
+            ax.bar([i + (k - (len(here) - 1) / 2) * width for i, _ in got], [r["value"] for _, r in got], width,
+                   yerr=[[_err(r, "ci_low") for _, r in got], [_err(r, "ci_high") for _, r in got]],
+                   capsize=2, color=colors[model], label=model)
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_title(name, fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in models]
+    legend_rows = -(-len(models) // 4)
+    fig.legend(handles, models, fontsize=7, ncol=4, loc="lower center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight(), 1, 1))  # ~0.25 inch per legend row
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

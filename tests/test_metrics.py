@@ -72,5 +72,5 @@ def test_bar_and_confusion_plots_are_written_even_with_undefined_intervals(tmp_p
 
     rows = [{"task": "image->hed", "model": m, "value": v, "ci_low": lo, "ci_high": hi}
             for m, v, lo, hi in [("prompt-diffusion", 0.2, 0.15, 0.25), ("baseline/mean-map", 0.3, float("nan"), float("nan"))]]
-    assert metric_bars(rows, tmp_path / "b.png", "rmse").stat().st_size > 1000
+    assert metric_bars({"rmse": rows, "ssim": rows[:1]}, tmp_path / "b.png", "t").stat().st_size > 1000
     assert confusion_plot(np.eye(3, dtype=int) * 4, ["depth", "hed", "seg"], tmp_path / "c.png", "t").stat().st_size > 1000
