@@ -1,5 +1,6 @@
-"""Results in DuckDB: runs, models, metrics, samples; views `paper_table`, `latest_paper_table` and
-`generalization` (unseen tasks by condition).
+"""Results in DuckDB: runs, models, metrics, samples, task_inference (a confusion matrix); views
+`paper_table`, `latest_paper_table`, `generalization` (unseen tasks by condition) and, over the
+Parquet files, `images`, `annotations`, `rejects`, `splits` and `prompts`.
 
 DuckDB lets one process write a file at a time. Writers here open a connection, write in one
 transaction and close it at once; a writer that finds the file locked waits and retries, so two
