@@ -11,10 +11,10 @@ from pathlib import Path
 from flows.profiles import Profile
 from pd_data.sources import make_source
 from pd_data.state import StateDir, fingerprint
-from pd_data.tasks import TRAINING_TASKS
+from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 1, "annotate": 1, "prompts": 1, "base": 2, "train": 4, "evaluate": 1}
+CODE_VERSIONS = {"ingest": 1, "annotate": 2, "prompts": 2, "base": 2, "train": 4, "evaluate": 5}
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,18 @@ class Plan:
 
     @property
     def tasks(self) -> tuple[str, ...]:
+        """The tasks Prompt Diffusion and CN(FT) are trained on."""
         return TRAINING_TASKS
+
+    @property
+    def unseen_tasks(self) -> tuple[str, ...]:
+        """Never-trained tasks whose maps the configured annotators make: evaluated zero-shot."""
+        have = set(self.profile.data.modalities)
+        return tuple(t for t in UNSEEN_TASKS if set(TASKS[t].modalities) <= have)
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        return self.tasks + self.unseen_tasks
 
     def key(self, stage: str) -> str:
         p = self.profile
@@ -32,7 +43,7 @@ class Plan:
             "ingest": lambda: (p.data.model_dump(exclude={"annotators", "annotator_weights", "workers"}),
                                make_source(p.data).fingerprint()),
             "annotate": lambda: (self.key("ingest"), p.data.annotators, p.data.annotator_weights),
-            "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.tasks),
+            "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.eval_tasks),
             "base": lambda: (self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
                               p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "validate_every",

@@ -37,7 +37,7 @@ class Profile(Frozen):
 
 # Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "eval": {"bootstrap": 50}},
+    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50}},
     "demo": {
         "data": {"n_groups": 240, "resolution": 32},
         "prompts": {"per_task": 16},

@@ -139,8 +139,8 @@ def prompts_task(plan: Plan) -> dict:
     from pd_data.prompts import materialise_prompts
 
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
-    n = materialise_prompts(data, plan.tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
-    return {"rows": n, "tasks": list(plan.tasks)}
+    n = materialise_prompts(data, plan.eval_tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
+    return {"rows": n, "tasks": list(plan.eval_tasks)}
 
 
 @flow(name="annotate", log_prints=True)
@@ -160,9 +160,9 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
         write_lineage(plan)
         mark_done(plan.dir("annotate"), summary)
         get_run_logger().info("annotate: %s", summary)
-    register_views(plan)
     if _cached(plan, "prompts") is None:
         mark_done(plan.dir("prompts"), prompts_task(plan))
+    register_views(plan)  # after the prompts: the `prompts` view needs their Parquet file
     return summary
 
 
@@ -244,10 +244,13 @@ def load_base_for(plan: Plan):
 
 
 def model_dirs(plan: Plan) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """model name -> (mode, tasks): the joint model and one CN(FT) per task."""
+    """model name -> (mode, tasks): the joint model, one CN(FT) per task and, with train.oracles,
+    one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle)."""
     models = {"prompt-diffusion": ("prompt_diffusion", plan.tasks)}
     if plan.profile.train.baseline_steps_per_task > 0:
         models |= {f"cn-ft_{t.replace('->', '-to-')}": ("cnft", (t,)) for t in plan.tasks}
+        if plan.profile.train.oracles:
+            models |= {f"cn-ft-oracle_{t.replace('->', '-to-')}": ("cnft", (t,)) for t in plan.unseen_tasks}
     return models
 
 
@@ -280,19 +283,26 @@ def benchmark_task(plan: Plan) -> dict:
     from diffusers import ControlNetModel
 
     from pd_data.dataset import load_split
-    from pd_eval.benchmark import ModelUnderTest, run_benchmark
+    from pd_eval.benchmark import models_under_test, run_benchmark
     from pd_model.controlnet import PromptDiffusionControlNet
 
     base = load_base_for(plan)
-    models = []
+    nets = {}
     for name, (mode, tasks) in model_dirs(plan).items():
         cls = PromptDiffusionControlNet if mode == "prompt_diffusion" else ControlNetModel
-        family = "prompt-diffusion" if mode == "prompt_diffusion" else "cn-ft"
-        models.append(ModelUnderTest(family, name, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval(), tasks))
+        nets[name] = (mode, tasks, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval())
+    models = models_under_test(nets, plan.unseen_tasks)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
-    metrics, samples = run_benchmark(base, models, data, plan.dir("prompts") / "prompts.parquet",
-                                     plan.profile.eval, plan.dir("evaluate"))
-    return {"metrics": metrics, "samples": samples}
+    train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
+    prompts, cfg = plan.dir("prompts") / "prompts.parquet", plan.profile.eval
+    metrics, samples = run_benchmark(base, models, data, prompts, cfg, plan.dir("evaluate"), train)
+    confusion = []
+    if cfg.task_inference_queries > 0:
+        from pd_eval.task_inference import run_task_inference
+
+        acc, confusion, more = run_task_inference(base, nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
+        metrics, samples = metrics + acc, samples + more
+    return {"metrics": metrics, "samples": samples, "confusion": confusion}
 
 
 @task(cache_policy=NO_CACHE, name="store-results")
@@ -312,6 +322,7 @@ def store_task(plan: Plan, result: dict) -> int:
     db = plan.state.db
     write_rows(db, "models", model_rows)
     write_rows(db, "samples", sample_rows)
+    write_rows(db, "task_inference", [{"eval_id": eval_id, **r} for r in result["confusion"]])
     return write_rows(db, "metrics", metric_rows)
 
 
@@ -356,6 +367,13 @@ def report_task(plan: Plan, run_id: str) -> str:
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 
 
+def _jsonable(v):
+    """Table artifacts are JSON: NaN and infinities (an interval of one sample) become None."""
+    import math
+
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 @flow(name="report", log_prints=True)
 def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True) -> str:
@@ -378,5 +396,11 @@ def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
     write_rows(plan.state.db, "runs", [row | {"finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": path}])
     create_link_artifact(key="benchmark-report", link=f"file://{Path(path).with_suffix('.html')}", description="HTML report of this run")
     create_markdown_artifact(key="benchmark-report-md", markdown=Path(path).read_text(), description="Report of this run")
+    from pd_eval.report import report_tables
+
+    for key, (names, rows) in report_tables(plan.state.db, run_id, plan.key("evaluate")).items():
+        if rows:
+            create_table_artifact(key=f"report-{key}", table=[dict(zip(names, map(_jsonable, r))) for r in rows],
+                                  description=f"{key} of run {run_id}")
     get_run_logger().info("report: %s", path)
     return path

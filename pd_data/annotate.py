@@ -42,7 +42,7 @@ class ProceduralAnnotator:
 # backend -> modality -> factory(weights_dir) -> Annotator. Backends register themselves here.
 AnnotatorFactory = Callable[[Path | None], Annotator]
 ANNOTATORS: dict[str, dict[str, AnnotatorFactory]] = {
-    "procedural": {m: (lambda weights_dir, m=m: ProceduralAnnotator(m)) for m in ("depth", "hed", "seg")},
+    "procedural": {m: (lambda weights_dir, m=m: ProceduralAnnotator(m)) for m in procedural.MODALITIES},
 }
 
 

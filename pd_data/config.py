@@ -24,8 +24,10 @@ class DataConfig(Frozen):
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     shard_size: int = Field(64, ge=1, description="rows per Parquet shard")
-    # modality -> annotator backend ("procedural" exact maps need the procedural source).
-    annotators: dict[str, str] = Field(default_factory=lambda: {"depth": "procedural", "hed": "procedural", "seg": "procedural"})
+    # modality -> annotator backend ("procedural" exact maps need the procedural source). The last
+    # three feed only the unseen (never trained) tasks of the evaluation.
+    annotators: dict[str, str] = Field(default_factory=lambda: {
+        m: "procedural" for m in ("depth", "hed", "seg", "canny", "scribble", "normal")})
     annotator_weights: str | None = Field(None, description="folder of annotator weights (else $PD_ANNOTATOR_WEIGHTS or the HF cache)")
     min_side: int = Field(16, ge=1, description="smaller images are rejected")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected as decompression bombs")

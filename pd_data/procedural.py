@@ -1,4 +1,5 @@
-"""Seeded procedural scenes: groups of edited twins with captions and exact depth/seg/soft-edge maps.
+"""Seeded procedural scenes: groups of edited twins with captions and exact maps (depth, seg, soft
+edges, and the unseen-task maps: canny edges, scribbles, surface normals).
 
 A scene is a JSON-able dict (background + objects); `render(scene, res)` draws the image and every
 map from that one description, so the maps are exact by construction. A group is a base scene and
@@ -27,6 +28,8 @@ SEG_PALETTE: dict[str, tuple[int, int, int]] = {
     "background": (120, 120, 120), "floor": (80, 50, 50),
     "ball": (6, 230, 230), "box": (204, 5, 255), "pyramid": (255, 184, 6), "ring": (150, 5, 61),
 }
+# Every map render() draws; the procedural annotator backend serves each of them.
+MODALITIES = ("depth", "hed", "seg", "canny", "scribble", "normal")
 EDITS = ("recolour", "move", "add", "remove", "background", "lighting")
 
 
@@ -118,7 +121,8 @@ def _texture(scene: dict[str, Any], xx: np.ndarray, yy: np.ndarray, seed: int) -
 
 
 def render(scene: dict[str, Any], res: int, texture_seed: int = 0) -> dict[str, np.ndarray]:
-    """Draw the image and its exact maps: `image`, `depth`, `seg`, `hed`, all (res, res, 3) uint8."""
+    """Draw the image and its exact maps, all (res, res, 3) uint8: `image`, `depth`, `seg`, `hed`, and
+    `canny`, `scribble`, `normal` (the maps of the unseen tasks)."""
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float64) / res  # (H, W) in [0, 1)
     horizon = scene["horizon"]
     light = scene["light"]
@@ -158,7 +162,35 @@ def render(scene: dict[str, Any], res: int, texture_seed: int = 0) -> dict[str, 
         "depth": depth.astype(np.uint8),
         "seg": seg,
         "hed": hed.astype(np.uint8),
+        "canny": _gray(edges > 0),  # thin binary edges, one pixel wide like Canny's
+        "scribble": _gray(_dilate(edges > 0, max(1, res // 64))),  # thick binarised strokes
+        "normal": normal_map(near),
     }
+
+
+def _gray(mask: np.ndarray) -> np.ndarray:
+    return np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)^2 square, without wrap-around at the borders."""
+    out, pad = mask.copy(), np.pad(mask, radius)
+    h, w = mask.shape
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= pad[dy:dy + h, dx:dx + w]
+    return out
+
+
+def normal_map(near: np.ndarray) -> np.ndarray:
+    """Surface normals of the nearness field, RGB-encoded like ControlNet normal maps: R = right,
+    G = up, B = towards the camera, each component n in [-1, 1] stored as (n + 1) * 127.5; a surface
+    facing the camera is (128, 128, 255). Nearness is measured in image widths."""
+    res = near.shape[0]
+    dz_dy, dz_dx = np.gradient(near, 1.0 / res)  # rows go down the image
+    n = np.stack([-dz_dx, dz_dy, np.ones_like(near)], axis=-1)  # (H, W, 3): right, up, towards the camera
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    return np.clip((n + 1) * 127.5, 0, 255).round().astype(np.uint8)
 
 
 def make_group(group_seed: int, n_images: int) -> list[tuple[dict[str, Any], str]]:

@@ -16,6 +16,7 @@ class TaskSpec:
     text: Literal["caption", "fixed"]
     fixed_text: str = ""
     trained: bool = True
+    nearest: str = ""  # unseen tasks: the trained task whose CN(FT) stands in for it (generalisation baseline)
 
     @property
     def name(self) -> str:
@@ -31,23 +32,25 @@ class TaskSpec:
         return tuple(m for m in (self.source, self.target) if m != "image")
 
 
-def _forward(mod: str, text: str, trained: bool = True) -> TaskSpec:
-    return TaskSpec("image", mod, "fixed", text, trained)
+def _forward(mod: str, text: str, trained: bool = True, nearest: str = "") -> TaskSpec:
+    return TaskSpec("image", mod, "fixed", text, trained, nearest)
 
 
-def _inverse(mod: str, trained: bool = True) -> TaskSpec:
-    return TaskSpec(mod, "image", "caption", "", trained)
+def _inverse(mod: str, trained: bool = True, nearest: str = "") -> TaskSpec:
+    return TaskSpec(mod, "image", "caption", "", trained, nearest)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     # The six training tasks of the paper.
     _forward("depth", "depth map"), _forward("hed", "hed map"), _forward("seg", "segmentation map"),
     _inverse("depth"), _inverse("hed"), _inverse("seg"),
-    # Unseen tasks, never trained: zero-shot generalisation.
-    _inverse("canny", False), _inverse("scribble", False), _inverse("normal", False),
-    _forward("canny", "canny map", False),
+    # Unseen tasks, never trained: zero-shot generalisation. Nearest trained task: edges are closest
+    # to soft edges (hed), surface normals to depth (both are geometry of the nearness field).
+    _inverse("canny", False, "hed->image"), _inverse("scribble", False, "hed->image"),
+    _inverse("normal", False, "depth->image"), _forward("canny", "canny map", False, "image->hed"),
 ]}
 TRAINING_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.trained)
+UNSEEN_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if not t.trained)
 
 
 def get_task(name: str) -> TaskSpec:

@@ -1,4 +1,10 @@
-"""Benchmark generation: every model under test on the same materialised prompts and seeds, then metrics."""
+"""Benchmark generation: every model under test on the same materialised prompts and seeds, then metrics.
+
+Beside Table 1 (trained tasks), the unseen tasks are run under four conditions, each its own
+model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusion/empty-pair`
+(the pair zeroed as in training dropout), `cn-ft/nearest` (the CN(FT) of the nearest trained task,
+`TaskSpec.nearest`) and `cn-ft/oracle` (a CN(FT) trained on the unseen task, when the profile
+trains one)."""
 from __future__ import annotations
 
 import time
@@ -11,10 +17,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
-from pd_data.tasks import get_task
+from pd_data.tasks import TaskSpec, get_task
+from pd_eval.baselines import BASELINES, baseline_outputs
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
-from pd_eval.metrics import fid, rmse
+from pd_eval.metrics import fid, kid, map_similarity, rmse
 from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
 from pd_model.sampling import generate
@@ -22,10 +29,43 @@ from pd_model.sampling import generate
 
 @dataclass(frozen=True)
 class ModelUnderTest:
-    model_id: str             # the row of Table 1: "prompt-diffusion", "cn-ft" (one checkpoint per task)
+    model_id: str             # the row of Table 1 ("prompt-diffusion", "cn-ft") or a condition ("cn-ft/nearest", ...)
     checkpoint: str           # which trained network: "prompt-diffusion", "cn-ft_depth-to-image", ...
     controlnet: object        # a loaded ControlNet (Prompt Diffusion or stock)
     tasks: tuple[str, ...]    # the tasks it is benchmarked on
+    empty_pair: bool = False  # Prompt Diffusion with its example pair zeroed
+
+
+def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
+    """Checkpoint name -> (mode, trained tasks, loaded ControlNet) to every (model_id, tasks) benchmarked.
+
+    A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
+    answers the unseen tasks that name it as nearest."""
+    out = []
+    for name, (mode, tasks, net) in nets.items():
+        if mode == "prompt_diffusion":
+            out.append(ModelUnderTest("prompt-diffusion", name, net, tasks + unseen))
+            if unseen:
+                out.append(ModelUnderTest("prompt-diffusion/empty-pair", name, net, unseen, empty_pair=True))
+        elif set(tasks) <= set(unseen):
+            out.append(ModelUnderTest("cn-ft/oracle", name, net, tasks))
+        else:
+            out.append(ModelUnderTest("cn-ft", name, net, tasks))
+            if near := tuple(u for u in unseen if get_task(u).nearest in tasks):
+                out.append(ModelUnderTest("cn-ft/nearest", name, net, near))
+    return out
+
+
+def evaluation_prompts(prompts_path: Path, cfg: EvalConfig) -> list[dict]:
+    """The materialised prompts; an unseen task keeps its first `cfg.unseen_per_task` (four conditions
+    each: the cap keeps the added generations cheap)."""
+    rows, seen = pq.read_table(prompts_path).to_pylist(), {}
+    out = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if get_task(r["task"]).trained or seen[r["task"]] <= cfg.unseen_per_task:
+            out.append(r)
+    return out
 
 
 def slug(name: str) -> str:
@@ -42,12 +82,28 @@ def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]
     return paths
 
 
+def _rmse_rows(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, cfg: EvalConfig) -> list[dict]:
+    """RMSE (Table 1), then SSIM and PSNR as extra rows."""
+    value = rmse(outputs, targets, cfg.bootstrap, cfg.seed)
+    extra = map_similarity(outputs, targets, cfg.bootstrap, cfg.seed)
+    return [_row(model_id, spec.name, "rmse", value, "", cfg)] + [_row(model_id, spec.name, k, v, "", cfg) for k, v in extra.items()]
+
+
+def _row(model_id: str, task: str, metric: str, value, extractor: str, cfg: EvalConfig, seconds: float = 0.0) -> dict:
+    return {"model_id": model_id, "task": task, "metric": metric, "value": value.value, "ci_low": value.ci_low,
+            "ci_high": value.ci_high, "n": value.n, "feature_extractor": extractor,
+            "protocol": cfg.effective().protocol, "seconds": round(seconds, 2)}
+
+
 def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData, prompts_path: Path,
-                  cfg: EvalConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows)."""
+                  cfg: EvalConfig, out_dir: Path, train: SplitData | None = None) -> tuple[list[dict], list[dict]]:
+    """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows).
+
+    With `train` (the train split), the image->map tasks are also scored for the trivial
+    baselines of `pd_eval.baselines`, on the same prompts."""
     eff = cfg.effective()
     extractor_name, extractor = load_extractor()
-    prompts = pq.read_table(prompts_path).to_pylist()
+    prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
         for task in m.tasks:
@@ -62,25 +118,43 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
                 chunk = slice(i, i + eff.batch_size)
                 outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
-                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt))
+                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
+                                     empty_pair=m.empty_pair))
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]
-            gen_dir = out_dir / "samples" / slug(m.checkpoint) / slug(task)
+            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
             paths = _save_pngs(gen_dir, outputs, names)
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")
             if spec.metric == "rmse":
-                value, extractor_used = rmse(outputs, targets, cfg.bootstrap, cfg.seed), ""
+                new = _rmse_rows(m.model_id, spec, outputs, targets, cfg)
             else:
                 real_dir = out_dir / "real" / slug(task)
                 if not real_dir.exists():
                     _save_pngs(real_dir, targets, names)
-                value, extractor_used = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed), extractor_name
-            metric_rows.append({"model_id": m.model_id, "task": task, "metric": spec.metric, "value": value.value,
-                                "ci_low": value.ci_low, "ci_high": value.ci_high, "n": value.n,
-                                "feature_extractor": extractor_used, "protocol": eff.protocol,
-                                "seconds": round(time.perf_counter() - t0, 2)})
+                value = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed)
+                k = kid(outputs, targets, extractor, cfg.bootstrap, cfg.seed, cfg.kid_subsets, cfg.kid_subset_size)
+                new = [_row(m.model_id, task, "fid", value, extractor_name, cfg),
+                       _row(m.model_id, task, "kid", k, extractor_name, cfg)]
+            new[0]["seconds"] = round(time.perf_counter() - t0, 2)
+            metric_rows += new
             sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(p)}
                             for r, p in zip(rows, paths)]
+    if train is not None:
+        metric_rows += baseline_rows(data, train, prompts, cfg)
     return metric_rows, sample_rows
+
+
+def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: EvalConfig) -> list[dict]:
+    """RMSE of every baseline on every image->map task of the materialised prompts."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in prompts):
+        spec = get_task(task)
+        if spec.metric != "rmse":
+            continue
+        built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in prompts if r["task"] == task]
+        targets = np.stack([p.target for p in built])
+        for name in BASELINES:
+            out += _rmse_rows(name, spec, baseline_outputs(name, spec, built, train), targets, cfg)
+    return out

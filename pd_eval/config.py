@@ -21,6 +21,10 @@ class EvalConfig(Frozen):
     guidance_scale: float = Field(3.0, ge=1.0)
     batch_size: int = Field(16, ge=1)
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
+    unseen_per_task: int = Field(8, ge=2, description="prompts per unseen task (the first materialised ones)")
+    task_inference_queries: int = Field(8, ge=0, description="queries x 3 forward tasks for in-context task inference; 0 is off")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (torchmetrics)")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset, clamped to the set size")
     seed: int = 0
 
     def effective(self) -> "EvalConfig":

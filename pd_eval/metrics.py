@@ -1,4 +1,5 @@
-"""Metrics of Table 1: RMSE for image->map tasks, FID (clean-fid) for map->image tasks; bootstrap CIs."""
+"""Metrics: Table 1's RMSE (image->map) and FID (clean-fid, map->image), with KID beside FID and
+SSIM/PSNR beside RMSE from torchmetrics; bootstrap 95% intervals for every number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,11 @@ import warnings
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid
+from cleanfid.resize import build_resizer
+from torchmetrics.functional import mean_squared_error
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
+from torchmetrics.utilities.data import dim_zero_cat
 
 from pd_eval.features import FeatureExtractor
 
@@ -21,10 +27,15 @@ class MetricValue:
     n: int
 
 
+def _unit(images: np.ndarray, dtype=torch.float64) -> torch.Tensor:
+    """(N, H, W, C) 0..255 -> (N, C, H, W) on a 0..1 scale."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float64) / 255.0).permute(0, 3, 1, 2).to(dtype).contiguous()
+
+
 def per_image_mse(outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 pairs -> (N,) mean over pixels and channels of ((x - y) / 255)^2."""
-    d = (outputs.astype(np.float64) - targets.astype(np.float64)) / 255.0
-    return (d**2).reshape(len(d), -1).mean(axis=1)
+    """(N, H, W, C) pairs on a 0..255 scale -> (N,) mean over pixels and channels of ((x - y) / 255)^2."""
+    o, t = _unit(outputs), _unit(targets)
+    return np.array([float(mean_squared_error(a, b)) for a, b in zip(o, t)])
 
 
 def rmse_from_mse(mse: np.ndarray) -> float:
@@ -65,3 +76,52 @@ def fid(generated: Path, real: Path, extractor: FeatureExtractor, resamples: int
         n = min(len(f1), len(f2))
         lo, hi = bootstrap(lambda idx: cleanfid.fid_from_feats(f1[idx % len(f1)], f2[idx % len(f2)]), n, resamples, seed)
     return MetricValue(value, lo, hi, len(f1))
+
+
+def _mean_with_ci(per_image: np.ndarray, resamples: int, seed: int) -> MetricValue:
+    lo, hi = bootstrap(lambda idx: float(per_image[idx].mean()), len(per_image), resamples, seed)
+    return MetricValue(float(per_image.mean()), lo, hi, len(per_image))
+
+
+def map_similarity(outputs: np.ndarray, targets: np.ndarray, resamples: int = 200, seed: int = 0) -> dict[str, MetricValue]:
+    """Mean per-image SSIM and PSNR (dB) on a 0..1 scale (torchmetrics), higher is better, with intervals."""
+    o, t = _unit(outputs, torch.float32), _unit(targets, torch.float32)
+    ssim = structural_similarity_index_measure(o, t, data_range=1.0, reduction="none").numpy()  # (N,)
+    psnr = peak_signal_noise_ratio(o, t, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()  # (N,)
+    return {"ssim": _mean_with_ci(ssim.astype(np.float64), resamples, seed),
+            "psnr": _mean_with_ci(psnr.astype(np.float64), resamples, seed)}
+
+
+class CleanFeatures(torch.nn.Module):
+    """torchmetrics feature module: uint8 (B, 3, H, W) -> clean-fid's "clean" resize to 299 px -> the
+    FID extractor -> (B, D); KID thus sees exactly the features that FID sees."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        super().__init__()
+        self.extractor, self.resize = extractor, build_resizer("clean")
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        x = np.stack([self.resize(a) for a in imgs.permute(0, 2, 3, 1).numpy()])  # (B, 299, 299, 3) float 0..255
+        return self.extractor(torch.from_numpy(x).permute(0, 3, 1, 2).float()).double()  # (B, D)
+
+
+def kid(generated: np.ndarray, real: np.ndarray, extractor: FeatureExtractor, resamples: int = 200, seed: int = 0,
+        subsets: int = 100, subset_size: int = 1000) -> MetricValue:
+    """KID (torchmetrics, polynomial kernel) between (N, H, W, 3) uint8 sets. `subset_size` is clamped
+    to the smaller set, so small evaluation sets work; the interval resamples both sets' features,
+    as for FID."""
+    n = min(len(generated), len(real))
+    if n < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {len(generated)} generated and {len(real)} real")
+    with warnings.catch_warnings():  # "will save all extracted features": intended, the sets are small
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=CleanFeatures(extractor), subsets=subsets, subset_size=min(subset_size, n))
+    metric.update(torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2), real=True)
+    metric.update(torch.from_numpy(np.ascontiguousarray(generated)).permute(0, 3, 1, 2), real=False)
+    with torch.random.fork_rng():  # torchmetrics draws its subsets from the global generator
+        torch.manual_seed(seed)
+        value = float(metric.compute()[0])
+    fr, fg = dim_zero_cat(metric.real_features), dim_zero_cat(metric.fake_features)  # (N, D)
+    lo, hi = bootstrap(lambda idx: float(poly_mmd(fr[idx % len(fr)], fg[idx % len(fg)])), n, resamples, seed)
+    return MetricValue(value, lo, hi, len(generated))

@@ -1,9 +1,12 @@
-"""Per-run report: Markdown and HTML with Table 1, per-task metrics with 95% intervals, grids, losses."""
+"""Per-run report: Markdown and HTML from one list of sections: Table 1, the baseline verdict, bar
+plots with 95% intervals, unseen-task generalisation, task inference, every metric, losses, grids."""
 from __future__ import annotations
 
 import html
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from pd_data.state import atomic_write_bytes
 from pd_eval.store import query
@@ -27,44 +30,160 @@ def _html_table(names: list[str], rows: list[tuple]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _name(model_id: str) -> str:
+    return {"prompt-diffusion": "Prompt Diffusion", "cn-ft": "CN(FT)"}.get(model_id, model_id)
+
+
+def baseline_statements(rows: list[dict]) -> list[str]:
+    """Per image->map task: does each model beat both trivial baselines in RMSE? Computed from `rows`
+    (metric rows: model_id, task, metric, value, ci_low, ci_high), one sentence per task."""
+    from pd_eval.baselines import BASELINES
+
+    rmse = {(r["model_id"], r["task"]): r for r in rows if r["metric"] == "rmse"}
+    out = []
+    for task in sorted({t for _, t in rmse}):
+        base = {b: rmse.get((b, task)) for b in BASELINES}
+        if None in base.values():
+            continue
+        best = min(r["value"] for r in base.values())
+        ref = ", ".join(f"{b.split('/')[1]} {r['value']:.3f}" for b, r in base.items())
+        parts = []
+        for model in sorted(m for m, t in rmse if t == task and m not in BASELINES):
+            r = rmse[(model, task)]
+            if r["value"] < best:
+                sure = " (its 95% interval lies below both)" if r["ci_high"] is not None and r["ci_high"] < best else ""
+                parts.append(f"{_name(model)} beats both baselines with {r['value']:.3f}{sure}")
+            else:
+                lost = [b.split("/")[1] for b, br in base.items() if r["value"] >= br["value"]]
+                parts.append(f"{_name(model)} does NOT beat {' and '.join(lost)} ({r['value']:.3f})")
+        if parts:
+            out.append(f"{task} (baselines: {ref}): " + "; ".join(parts) + ".")
+    return out
+
+
+Block = tuple[str, object]  # ("text", str) | ("list", [str]) | ("table", (names, rows)) | ("image", (caption, file))
+
+METRIC_NOTES = {"fid": "FID, lower is better", "kid": "KID, lower is better", "rmse": "RMSE (0..1), lower is better",
+                "ssim": "SSIM, higher is better", "psnr": "PSNR (dB), higher is better"}
+
+
+def _render_md(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    out = [f"# {title}", ""]
+    for heading, blocks in sections:
+        out += [f"## {heading}", ""] if heading else []
+        for kind, b in blocks:
+            if kind == "text":
+                out += [b, ""]
+            elif kind == "list":
+                out += [f"- {x}" for x in b] + [""]
+            elif kind == "table":
+                out += [_md_table(*b), ""]
+            else:
+                out += [f"### {b[0]}", "", f"![{b[0]}]({b[1]})", ""] if b[0] else [f"![{b[1]}]({b[1]})", ""]
+    return "\n".join(out)
+
+
+def _render_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, blocks in sections:
+        body += [f"<h2>{html.escape(heading)}</h2>"] if heading else []
+        for kind, b in blocks:
+            if kind == "text":
+                body.append(f"<p>{html.escape(b)}</p>")
+            elif kind == "list":
+                body.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in b) + "</ul>")
+            elif kind == "table":
+                body.append(_html_table(*b))
+            else:
+                body += ([f"<h3>{html.escape(b[0])}</h3>"] if b[0] else []) + [f"<img src='{html.escape(b[1])}'>"]
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+
+
+def report_tables(db: Path, run_id: str, eval_id: str) -> dict[str, tuple[list[str], list[tuple]]]:
+    """The report's tables, by artifact key: Table 1, every metric, generalisation, task inference."""
+    return {
+        "paper-table": query(db, "SELECT * EXCLUDE (run_id) FROM paper_table WHERE run_id = ? OR run_id IS NULL "
+                                 "ORDER BY run_id NULLS LAST, model", [run_id]),
+        "metrics": query(db, "SELECT model_id AS model, task, metric, value, ci_low, ci_high, n, feature_extractor "
+                             "FROM metrics WHERE eval_id = ? ORDER BY task, metric, model_id", [eval_id]),
+        "generalization": query(db, "SELECT task, metric, condition, value, ci_low, ci_high, n, feature_extractor "
+                                    "FROM generalization WHERE run_id = ? ORDER BY task, metric, condition", [run_id]),
+        "task-inference": query(db, "SELECT model_id AS model, shown_task AS \"example pair shows\", "
+                                    "list(count ORDER BY predicted_task) AS \"output follows depth, hed, seg\" "
+                                    "FROM task_inference WHERE eval_id = ? GROUP BY ALL ORDER BY 1, 2", [eval_id]),
+    }
+
+
+def _bars(rows: list[dict], tasks: set[str], out_dir: Path, name: str, what: str) -> list[Block]:
+    """One figure over `tasks`, a panel per metric, models side by side with their 95% intervals."""
+    from pd_eval.visuals import metric_bars
+
+    panels = {METRIC_NOTES[m]: [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
+                                for r in rows if r["metric"] == m and r["task"] in tasks] for m in METRIC_NOTES}
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return []
+    metric_bars(panels, out_dir / name, f"{what}: 95% bootstrap intervals as error bars")
+    return [("image", ("", name))]
+
+
 def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Path, loss_png: Path | None,
                  out_dir: Path, notes: list[str]) -> Path:
     """Write `report.md`, `report.html` and their images into `out_dir`; returns the Markdown path."""
+    from pd_data.tasks import TASKS
+    from pd_eval.visuals import confusion_plot
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    t1 = query(db, "SELECT * EXCLUDE (run_id) FROM paper_table WHERE run_id = ? OR run_id IS NULL "
-                   "ORDER BY run_id NULLS LAST, model", [run_id])
-    per_task = query(db, "SELECT model_id AS model, task, metric, value, ci_low, ci_high, n, feature_extractor "
-                         "FROM metrics WHERE eval_id = ? ORDER BY task, model_id", [eval_id])
-    images: list[tuple[str, str]] = []
-    for g in sorted((eval_dir / "grids").glob("*.png")):
-        shutil.copyfile(g, out_dir / g.name)
-        images.append((g.stem.replace("__", " / ").replace("-to-", "->"), g.name))
+    tables = report_tables(db, run_id, eval_id)
+    cols, raw = query(db, "SELECT * FROM metrics WHERE eval_id = ?", [eval_id])
+    rows = [dict(zip(cols, r)) for r in raw]
+    trained = {n for n, t in TASKS.items() if t.trained}
+    unseen = {r["task"] for r in rows if r["task"] in TASKS and not TASKS[r["task"]].trained}
+    sections: list[tuple[str, list[Block]]] = [("", [("list", notes)])]
+    sections.append(("Table 1 layout (FID lower is better; RMSE on a 0..1 scale, lower is better)", [
+        ("text", "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use the "
+                 "feature extractor named in their row, on this run's data: compare rows of one extractor only."),
+        ("table", tables["paper-table"])]))
+    sections.append(("Do the trained models beat the trivial baselines? (RMSE, lower is better)", [
+        ("text", "Baselines: copy-query answers with the query image; mean-map with the per-pixel mean train map of the task."),
+        ("list", baseline_statements(rows) or ["no image->map task with both baselines in this evaluation"])]))
+    sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars.png", "trained tasks")))
+    if unseen:
+        sections.append(("Unseen tasks: zero-shot generalisation", [
+            ("text", "Conditions: prompt-diffusion (zero-shot, with the example pair), prompt-diffusion/empty-pair "
+                     "(the pair zeroed), cn-ft/nearest (the CN(FT) of the nearest trained task), cn-ft/oracle "
+                     "(a CN(FT) trained on the unseen task, when the profile trains one); baselines for image->map."),
+            ("table", tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
+    _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ?", [eval_id])
+    if cells:
+        from pd_eval.task_inference import FORWARD, MODEL_ID
+
+        m = np.zeros((3, 3), dtype=np.int64)
+        for s, p, c in cells:
+            m[FORWARD.index(s), FORWARD.index(p)] += c
+        acc = next(r for r in rows if r["model_id"] == MODEL_ID and r["metric"] == "accuracy")
+        confusion_plot(m, [t.split("->")[1] for t in FORWARD], out_dir / "task-inference.png", "text removed: which task does the output follow?")
+        sections.append(("In-context task inference (text removed)", [
+            ("text", f"Same query and seed, empty text, example pairs of image->depth / hed / seg; each output is "
+                     f"classified as the task whose true map of the query it is nearest to (RMSE). Accuracy "
+                     f"{acc['value']:.3f} (95% interval {acc['ci_low']:.3f} to {acc['ci_high']:.3f}, n = {acc['n']}; "
+                     f"chance 0.333)."),
+            ("table", tables["task-inference"]), ("image", ("", "task-inference.png"))]))
+    sections.append(("Every metric with its bootstrap 95% interval", [("table", tables["metrics"])]))
     if loss_png and loss_png.exists():
         shutil.copyfile(loss_png, out_dir / "losses.png")
+        sections.append(("Training loss", [("image", ("", "losses.png"))]))
+    if (out_dir / "base-samples.png").exists():
+        sections.append(("Base model: text -> image from held-out captions", [("image", ("", "base-samples.png"))]))
+    grids: list[Block] = []
+    for g in sorted((eval_dir / "grids").glob("*.png")):
+        shutil.copyfile(g, out_dir / g.name)
+        grids.append(("image", (g.stem.replace("__", " / ").replace("-to-", "->"), g.name)))
+    sections.append(("Prompts: example source | example target | query | output | target", grids))
     title = f"Prompt Diffusion benchmark: run {run_id} (profile {profile})"
-    md = [f"# {title}", "", *[f"- {n}" for n in notes], "",
-          "## Table 1 layout (FID lower is better; RMSE on a 0..1 scale, lower is better)", "",
-          "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use the "
-          "feature extractor named in their row, on this run's data: compare rows of one extractor only.", "",
-          _md_table(*t1), "", "## Every metric with its bootstrap 95% interval", "", _md_table(*per_task), ""]
-    if loss_png and loss_png.exists():
-        md += ["## Training loss", "", "![losses](losses.png)", ""]
-    if (out_dir / "base-samples.png").exists():
-        md += ["## Base model: text -> image from held-out captions", "", "![base samples](base-samples.png)", ""]
-    md += ["## Prompts: example source | example target | query | output | target", ""]
-    md += [f"### {cap}\n\n![{cap}]({name})\n" for cap, name in images]
     md_path = out_dir / "report.md"
-    atomic_write_bytes(md_path, "\n".join(md).encode())
-    body = [f"<h1>{html.escape(title)}</h1>", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>",
-            "<h2>Table 1 layout</h2>", _html_table(*t1), "<h2>Every metric with its 95% interval</h2>",
-            _html_table(*per_task)]
-    if loss_png and loss_png.exists():
-        body += ["<h2>Training loss</h2>", '<img src="losses.png">']
-    if (out_dir / "base-samples.png").exists():
-        body += ["<h2>Base model: text -> image from held-out captions</h2>", '<img src="base-samples.png">']
-    body += ["<h2>Prompts: example source | example target | query | output | target</h2>"]
-    body += [f"<h3>{html.escape(cap)}</h3><img src='{name}'>" for cap, name in images]
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
-    atomic_write_bytes(out_dir / "report.html", page.encode())
+    atomic_write_bytes(md_path, _render_md(title, sections).encode())
+    atomic_write_bytes(out_dir / "report.html", _render_html(title, sections).encode())
     return md_path

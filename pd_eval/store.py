@@ -1,4 +1,6 @@
-"""Results in DuckDB: runs, models, metrics, samples; views `paper_table` and `latest_paper_table`.
+"""Results in DuckDB: runs, models, metrics, samples, task_inference (a confusion matrix); views
+`paper_table`, `latest_paper_table`, `generalization` (unseen tasks by condition) and, over the
+Parquet files, `images`, `annotations`, `rejects`, `splits` and `prompts`.
 
 DuckDB lets one process write a file at a time. Writers here open a connection, write in one
 transaction and close it at once; a writer that finds the file locked waits and retries, so two
@@ -14,6 +16,8 @@ from typing import Iterator
 
 import duckdb
 
+from pd_data.tasks import UNSEEN_TASKS
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY, profile VARCHAR, eval_id VARCHAR, started_at TIMESTAMP,
@@ -22,13 +26,19 @@ CREATE TABLE IF NOT EXISTS models (
     model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, tasks VARCHAR[], path VARCHAR,
     train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
 CREATE TABLE IF NOT EXISTS metrics (
-    -- model_id is the Table 1 row: 'prompt-diffusion' or 'cn-ft' (its per-task checkpoints in models)
+    -- model_id: the Table 1 row ('prompt-diffusion', 'cn-ft': per-task checkpoints in models) or a
+    -- baseline ('baseline/copy-query', 'baseline/mean-map')
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
     ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (eval_id, model_id, task, metric));
 CREATE TABLE IF NOT EXISTS samples (
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, prompt_id VARCHAR, path VARCHAR,
     PRIMARY KEY (eval_id, model_id, prompt_id));
+CREATE TABLE IF NOT EXISTS task_inference (
+    -- confusion matrix of in-context task inference: text removed, the pair shows shown_task, the
+    -- output is nearest (RMSE) to the query's true map of predicted_task
+    eval_id VARCHAR, model_id VARCHAR, shown_task VARCHAR, predicted_task VARCHAR, count INTEGER,
+    PRIMARY KEY (eval_id, model_id, shown_task, predicted_task));
 CREATE TABLE IF NOT EXISTS paper_reference (
     model VARCHAR, "fid_depth->image" DOUBLE, "fid_hed->image" DOUBLE, "fid_seg->image" DOUBLE,
     "rmse_image->depth" DOUBLE, "rmse_image->hed" DOUBLE, "rmse_image->seg" DOUBLE);
@@ -43,10 +53,16 @@ CREATE OR REPLACE VIEW paper_table AS
 SELECT r.run_id, r.profile, m.model_id AS model, max(NULLIF(m.feature_extractor, '')) AS feature_extractor,
     {_cols}
 FROM runs r JOIN metrics m USING (eval_id)
+WHERE (m.metric, m.task) IN ({", ".join(f"('{m}', '{t}')" for m, t in TABLE1)})
 GROUP BY r.run_id, r.profile, m.model_id
 UNION ALL BY NAME
 SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)
 FROM paper_reference;
+CREATE OR REPLACE VIEW generalization AS
+SELECT r.run_id, r.profile, m.task, m.model_id AS condition, m.metric, m.value, m.ci_low, m.ci_high, m.n,
+    m.feature_extractor
+FROM runs r JOIN metrics m USING (eval_id)
+WHERE m.task IN ({", ".join(f"'{t}'" for t in UNSEEN_TASKS)});
 CREATE OR REPLACE VIEW latest_paper_table AS
 SELECT * FROM paper_table
 WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'completed'
@@ -55,7 +71,8 @@ WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'comple
 
 
 def data_views_sql(data_root: Path) -> str:
-    """Views over the Parquet shards; the globs are read at query time, so new shards show up."""
+    """Views over the Parquet shards and the materialised evaluation prompts; the globs are read at
+    query time, so new shards show up (but each needs one matching file when the view is made)."""
     d = str(data_root).replace("'", "''")
     return f"""
 CREATE OR REPLACE VIEW images AS
@@ -69,6 +86,9 @@ JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set);
 CREATE OR REPLACE VIEW rejects AS
 SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/', 2) AS stage_key, * EXCLUDE (filename)
 FROM read_parquet(['{d}/ingest/*/rejects-*.parquet', '{d}/annotate/*/rejects-*.parquet'], filename = true, union_by_name = true);
+CREATE OR REPLACE VIEW prompts AS
+SELECT regexp_extract(filename, '/prompts/([^/]+)/', 1) AS prompt_set, * EXCLUDE (filename)
+FROM read_parquet('{d}/prompts/*/prompts.parquet', filename = true, union_by_name = true);
 CREATE OR REPLACE VIEW splits AS
 SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL;
 """

@@ -56,6 +56,8 @@ class TrainConfig(Frozen):
     baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT) steps each under equal_steps; 0 skips baselines")
     baseline_budget: Literal["equal_steps", "equal_compute"] = Field(
         "equal_steps", description="equal_steps: baseline_steps_per_task each; equal_compute: all CN(FT) together get `steps`")
+    oracles: bool = Field(False, description="also train a CN(FT) on each unseen task, at the CN(FT) budget: "
+                                             "the oracle of the generalisation comparison (needs baselines on)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
@@ -97,4 +99,7 @@ class TrainConfig(Frozen):
             raise ValueError(f"train.batch_size={self.batch_size} does not split into train.processes={self.processes} x "
                              f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches; use a batch_size that "
                              f"is a multiple of {split} (e.g. {-(-self.batch_size // split) * split})")
+        if self.oracles and self.baseline_steps_per_task == 0:
+            raise ValueError("train.oracles trains CN(FT) oracles at train.baseline_steps_per_task steps, which is 0; "
+                             "set baseline_steps_per_task > 0 or oracles=false")
         return self

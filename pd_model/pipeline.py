@@ -84,9 +84,11 @@ class PromptDiffusionPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], image_pair: tuple | None = None, image: ImageLike | Sequence[ImageLike] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 9.0, pair_guidance_scale: float | None = None,
                  negative_prompt: str | list[str] = "", generator: torch.Generator | list[torch.Generator] | None = None,
-                 output_type: str = "pil", height: int | None = None, width: int | None = None):
+                 output_type: str = "pil", height: int | None = None, width: int | None = None,
+                 empty_pair: bool = False):
         """Returns a list of PIL images (`output_type='pil'`), a (B, H, W, 3) uint8 array ('np') or
-        a (B, 3, H, W) float tensor in [-1, 1] ('pt')."""
+        a (B, 3, H, W) float tensor in [-1, 1] ('pt'). `empty_pair=True` feeds the pair as zeros in
+        the hint space (training's dropped pair): what the model does with no example at all."""
         # 1. inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
@@ -108,6 +110,8 @@ class PromptDiffusionPipeline(DiffusionPipeline):
             if is_pd:
                 src, tgt = (_uint8_batch(im, size) for im in image_pair)
                 pair = torch.cat([to_hint(src, hint_range), to_hint(tgt, hint_range)], 1)  # (B, 6, H, W)
+                if empty_pair:
+                    pair = torch.zeros_like(pair)
             if query.shape[0] == 1 and b > 1:
                 query = query.expand(b, -1, -1, -1)
                 pair = pair.expand(b, -1, -1, -1) if pair is not None else None

@@ -13,8 +13,9 @@ from pd_model.pipeline import PromptDiffusionPipeline
 
 def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[Prompt], seeds: list[int], *,
              scheduler: str = "ddim", steps: int = 50, guidance_scale: float = 9.0, positive_suffix: str = "",
-             negative_prompt: str = "", pair_guidance_scale: float | None = None) -> np.ndarray:
-    """(B, H, W, 3) uint8 outputs; image i depends only on prompt i and seeds[i]."""
+             negative_prompt: str = "", pair_guidance_scale: float | None = None, empty_pair: bool = False) -> np.ndarray:
+    """(B, H, W, 3) uint8 outputs; image i depends only on prompt i and seeds[i]. `empty_pair`: the
+    Prompt Diffusion pair is zeroed, as the training dropout does (an ablation of the example)."""
     pipe = PromptDiffusionPipeline.from_parts(base, controlnet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     pair = None
@@ -24,4 +25,5 @@ def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[
                 image=[p.query for p in prompts] if controlnet is not None else None,
                 num_inference_steps=steps, guidance_scale=guidance_scale, pair_guidance_scale=pair_guidance_scale,
                 negative_prompt=negative_prompt, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                output_type="np", height=prompts[0].query.shape[0], width=prompts[0].query.shape[1])
+                output_type="np", height=prompts[0].query.shape[0], width=prompts[0].query.shape[1],
+                empty_pair=empty_pair)

@@ -18,7 +18,7 @@ def test_scenes_are_deterministic_and_twins_differ():
     assert a == b
     r0 = procedural.render(a[0][0], 32, 7)
     r1 = procedural.render(a[1][0], 32, 7)
-    assert set(r0) == {"image", "depth", "seg", "hed"}
+    assert set(r0) == {"image", *procedural.MODALITIES}
     assert all(v.shape == (32, 32, 3) and v.dtype == np.uint8 for v in r0.values())
     assert not np.array_equal(r0["image"], r1["image"]) or a[0][1] != a[1][1]
 
@@ -68,19 +68,19 @@ def test_annotation_covers_every_image_with_provenance(tmp_path):
     for p in sorted((tmp_path / "img").glob("images-*.parquet")):
         annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
     ann = read_shards(tmp_path / "ann", "annotations").to_pylist()
-    assert len(ann) == 12 * 3
+    assert len(ann) == 12 * 6
     assert {(r["annotator"], r["annotator_version"]) for r in ann} == {("procedural", "1")}
     data = load_split(tmp_path / "img", tmp_path / "ann", "test")
     for arrays in data.arrays.values():
-        assert set(arrays) == {"image", "depth", "hed", "seg"}
+        assert set(arrays) == {"image", "depth", "hed", "seg", "canny", "scribble", "normal"}
 
 
 def test_unknown_annotator_names_what_exists():
     with pytest.raises(ValueError, match="known"):
-        get_annotator("procedural", "normal")
+        get_annotator("procedural", "lineart")
 
 
-@pytest.mark.parametrize("name", TRAINING_TASKS)
+@pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_prompts_follow_the_paper(tmp_path, name):
     cfg = DataConfig(n_groups=4, split_fractions=(1.0, 0.0, 0.0))
     ingest(cfg, tmp_path / "img")
@@ -92,7 +92,8 @@ def test_task_prompts_follow_the_paper(tmp_path, name):
     if spec.target == "image":  # inverse task: text is the caption of the target image
         assert p.text in data.captions.values()
     else:  # forward task: a fixed string
-        assert p.text == {"depth": "depth map", "hed": "hed map", "seg": "segmentation map"}[spec.target]
+        assert p.text == {"depth": "depth map", "hed": "hed map", "seg": "segmentation map",
+                          "canny": "canny map"}[spec.target]
     # Example and query come from two different images of one group.
     assert not (np.array_equal(p.example_source, p.query) and np.array_equal(p.example_target, p.target))
 
@@ -101,3 +102,18 @@ def test_task_registry_has_six_trained_and_unseen_tasks():
     assert len(TRAINING_TASKS) == 6
     assert {t.metric for t in TASKS.values() if t.trained} == {"fid", "rmse"}
     assert any(not t.trained for t in TASKS.values())
+
+
+def test_unseen_task_maps_are_exact_edges_scribbles_and_normals():
+    from pd_data.procedural import render
+
+    scene = {"background": "grey", "texture": "plain", "horizon": 0.5, "light": 0.0,
+             "objects": [{"kind": "box", "color": "red", "x": 0.5, "y": 0.8, "size": 0.2}]}
+    m = render(scene, 64)
+    canny, scribble, normal = m["canny"][..., 0] > 127, m["scribble"][..., 0] > 127, m["normal"].astype(int)
+    assert set(np.unique(m["canny"])) == {0, 255} and set(np.unique(m["scribble"])) == {0, 255}
+    assert (canny <= scribble).all() and scribble.sum() > 2 * canny.sum()  # same strokes, thicker
+    assert 0 < canny[45].sum() <= 4  # thin: a row through the box crosses its two sides, no fill
+    assert canny[:, 5].any()  # the horizon: a region boundary, drawn
+    assert tuple(normal[5, 5]) == (128, 128, 255)  # the wall faces the camera
+    assert normal[60, 5, 1] > 140 and abs(normal[60, 5, 0] - 128) <= 1  # the floor tilts up, not sideways

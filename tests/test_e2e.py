@@ -20,43 +20,74 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     report = full_benchmark("smoke", TINY)
     plan = Plan(load_profile("smoke", TINY), StateDir.resolve())
 
-    # 1. Parquet: every image of 12 groups x 2, three maps each, 3 prompts x 6 tasks.
+    # 1. Parquet: every image of 12 groups x 2, six maps each, 3 prompts x (6 trained + 4 unseen tasks).
     n_images = sum(pq.read_metadata(p).num_rows for p in plan.dir("ingest").glob("images-*.parquet"))
     n_maps = sum(pq.read_metadata(p).num_rows for p in plan.dir("annotate").glob("annotations-*.parquet"))
     prompts = pq.read_table(plan.dir("prompts") / "prompts.parquet").to_pylist()
-    assert (n_images, n_maps, len(prompts)) == (24, 72, 18)
-    assert {p["task"] for p in prompts} == set(plan.tasks)
+    assert (n_images, n_maps, len(prompts)) == (24, 144, 30)
+    assert {p["task"] for p in prompts} == set(plan.eval_tasks) and len(plan.unseen_tasks) == 4
 
-    # 2. Checkpoints: base in diffusers layout, Prompt Diffusion and six CN(FT), all safetensors.
+    # 2. Checkpoints: base in diffusers layout, Prompt Diffusion, six CN(FT) and four oracles, all safetensors.
     assert (plan.dir("base") / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (plan.dir("base") / "samples.png").exists()
     assert all((plan.dir("train") / n / "pipeline.json").exists() for n in ("prompt-diffusion", "cn-ft_image-to-depth"))
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
-    assert len(ckpts) == 7 and "prompt-diffusion" in ckpts
+    assert len(ckpts) == 11 and "prompt-diffusion" in ckpts and "cn-ft-oracle_canny-to-image" in ckpts
 
-    # 3. DuckDB: 12 metric rows (6 tasks x 2 model families), one completed run pointing at the report.
+    # 3. DuckDB: FID + KID for 3 map->image tasks x 2 model families and 3 unseen ones x 4 conditions;
+    #    RMSE + SSIM + PSNR for 3 image->map tasks x (2 families + 2 baselines) and image->canny x
+    #    (4 conditions + 2 baselines); one completed run pointing at the report.
     db = plan.state.db
-    assert query(db, "SELECT count(*) FROM metrics")[1] == [(12,)]
+    _, per_metric = query(db, "SELECT metric, count(*) FROM metrics GROUP BY ALL ORDER BY 1")
+    assert per_metric == [("accuracy", 1), ("fid", 18), ("kid", 18), ("psnr", 18), ("rmse", 18), ("ssim", 18)]
+    _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
+    assert base == [("baseline/copy-query", 12), ("baseline/mean-map", 12)]
+    # 3a. In-context task inference: 3 queries x 3 example tasks, a full 3 x 3 confusion matrix.
+    _, acc = query(db, "SELECT model_id, task, n, value BETWEEN 0 AND 1 FROM metrics WHERE metric = 'accuracy'")
+    assert acc == [("prompt-diffusion/no-text", "task-inference", 9, True)]
+    _, cells = query(db, "SELECT count(*), sum(count), count(DISTINCT shown_task) FROM task_inference")
+    assert cells == [(9, 9, 3)]
+    _, gen = query(db, "SELECT task, list(DISTINCT condition ORDER BY condition), count(*), min(n) FROM generalization "
+                       "WHERE metric IN ('fid', 'rmse') GROUP BY task ORDER BY task")
+    conditions = ["cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion", "prompt-diffusion/empty-pair"]
+    assert gen == [(t, sorted(conditions + (["baseline/copy-query", "baseline/mean-map"] if t == "image->canny" else [])),
+                    6 if t == "image->canny" else 4, 3) for t in sorted(plan.unseen_tasks)]
+    _, kids = query(db, "SELECT DISTINCT feature_extractor FROM metrics WHERE metric IN ('fid', 'kid')")
+    assert kids == [("random-conv-v1",)]
     names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
                             "WHERE profile = 'smoke' ORDER BY model")
-    assert [r[0] for r in rows] == ["cn-ft", "prompt-diffusion"]
-    assert all(0 < r[1] < 1 and r[2] >= 0 for r in rows)
+    assert [r[0] for r in rows] == ["baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"]
+    assert all(0 < r[1] < 1 for r in rows) and all(r[2] >= 0 for r in rows[2:])
     _, runs = query(db, "SELECT status, report_path FROM runs")
     assert runs == [("completed", report)]
 
     # 3b. Views over the shards answer data questions.
     _, per = query(db, "SELECT i.split, a.modality, count(*) FROM annotations a JOIN images i USING (dataset, image_id) "
                        "GROUP BY ALL ORDER BY ALL")
-    assert sum(r[2] for r in per) == 72 and {r[1] for r in per} == {"depth", "hed", "seg"}
+    assert sum(r[2] for r in per) == 144 and {r[1] for r in per} == {"depth", "hed", "seg", "canny", "scribble", "normal"}
     assert query(db, "SELECT sum(images) FROM splits")[1] == [(24,)]
+    _, per_task = query(db, "SELECT prompt_set, task, count(*) FROM prompts GROUP BY ALL ORDER BY task")
+    assert len(per_task) == 10 and {r[0] for r in per_task} == {plan.key("prompts")} and {r[2] for r in per_task} == {3}
     assert query(db, "SELECT reason, count(*) FROM rejects GROUP BY reason")[1] == []
 
     # 4. Report: Markdown and HTML with the table, grids and loss curves.
     md = open(report).read()
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
-    assert (plan.state.reports.glob("*/report.html")) and len(list(plan.state.reports.glob("*/*__*.png"))) == 12
+    grids = {p.name for p in plan.state.reports.glob("*/*__*.png")}
+    assert (plan.state.reports.glob("*/report.html")) and len(grids) == 12 + 4 * 4 + 1
+    assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "CN(FT) budget: equal steps: each of the 6 CN(FT) models 2 steps" in md  # the rule the run used
+    assert "beat the trivial baselines" in md and md.count("(baselines: copy-query") == 4
+    assert "## Unseen tasks: zero-shot generalisation" in md and "## In-context task inference (text removed)" in md
+    folder = plan.state.reports / report.split("/")[-2]
+    for png in ("bars.png", "generalization.png", "task-inference.png"):
+        assert (folder / png).stat().st_size > 1000 and f"]({png})" in md
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"report-paper-table", "report-generalization", "report-task-inference", "benchmark-report"} <= keys
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")
@@ -86,4 +117,4 @@ def test_a_stage_runs_its_missing_upstream_and_refuses_without_it(prefect_engine
     with pytest.raises(RuntimeError, match="has not been run"):
         annotate_flow("smoke", TINY, upstream=False)
     summary = annotate_flow("smoke", TINY)
-    assert summary["rows"] == 72
+    assert summary["rows"] == 144

@@ -60,3 +60,17 @@ def test_two_writer_processes_both_land_every_row(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert query(db, "SELECT eval_id, count(*) FROM metrics GROUP BY ALL ORDER BY 1")[1] == [("e-a", 40), ("e-b", 40)]
+
+
+def test_generalization_view_has_one_row_per_run_unseen_task_condition_and_metric(tmp_path):
+    db = tmp_path / "r.duckdb"
+    write_rows(db, "runs", [{"run_id": "r1", "profile": "smoke", "eval_id": "e1", "started_at": datetime.now(timezone.utc),
+                             "finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": "x",
+                             "config": "{}"}])
+    write_rows(db, "metrics", [_metric("e1", "prompt-diffusion", "canny->image", "fid", 9.0),
+                               _metric("e1", "cn-ft/nearest", "canny->image", "fid", 11.0),
+                               _metric("e1", "prompt-diffusion", "hed->image", "fid", 5.0)])  # trained: not in the view
+    names, rows = query(db, "SELECT * FROM generalization ORDER BY condition")
+    assert names == ["run_id", "profile", "task", "condition", "metric", "value", "ci_low", "ci_high", "n",
+                     "feature_extractor"]
+    assert [(r[3], r[5]) for r in rows] == [("cn-ft/nearest", 11.0), ("prompt-diffusion", 9.0)]

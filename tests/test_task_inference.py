@@ -1,0 +1,43 @@
+"""In-context task inference: prompts, classification by nearest true map, confusion and accuracy."""
+import numpy as np
+
+from pd_data.dataset import SplitData
+from pd_eval.task_inference import FORWARD, accuracy, classify, confusion, inference_prompts
+
+
+def _split() -> SplitData:
+    rng = np.random.default_rng(0)
+    data = SplitData()
+    for i in range(4):
+        data.arrays[f"i{i}"] = {m: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for m in ("image", "depth", "hed", "seg")}
+        data.captions[f"i{i}"] = f"caption {i}"
+    data.groups = {"g": sorted(data.arrays)}
+    return data
+
+
+def test_each_query_gets_the_three_forward_pairs_with_no_text():
+    data = _split()
+    rows = [{"prompt_id": f"{t}/{k}", "task": t, "example_id": "i0", "query_id": f"i{k + 1}", "seed": k}
+            for t in ("image->depth", "depth->image") for k in range(3)]
+    items = inference_prompts(data, rows, 2)
+    assert [(r["prompt_id"], t) for r, t, _ in items] == [(f"image->depth/{k}", t) for k in range(2) for t in FORWARD]
+    for r, t, p in items:
+        assert p.text == "" and np.array_equal(p.query, data.arrays[r["query_id"]]["image"])
+        assert np.array_equal(p.example_target, data.arrays["i0"][t.split("->")[1]])
+
+
+def test_an_output_is_classified_as_the_task_whose_true_map_it_is_nearest():
+    data = _split()
+    truths = {t: data.arrays["i1"][t.split("->")[1]] for t in FORWARD}
+    for t in FORWARD:
+        noisy = np.clip(truths[t].astype(int) + 10, 0, 255).astype(np.uint8)
+        assert classify(noisy, truths) == t
+
+
+def test_confusion_matrix_and_accuracy_count_what_was_shown_against_what_was_followed():
+    shown = ["image->depth", "image->depth", "image->hed", "image->seg"]
+    predicted = ["image->depth", "image->seg", "image->hed", "image->depth"]
+    m = confusion(shown, predicted)
+    assert m.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 0]] and m.sum() == 4
+    acc = accuracy(shown, predicted, resamples=100, seed=0)
+    assert acc.value == 0.5 and acc.n == 4 and 0 <= acc.ci_low <= 0.5 <= acc.ci_high <= 1
