@@ -44,7 +44,8 @@ class Plan:
                                make_source(p.data).fingerprint()),
             "annotate": lambda: (self.key("ingest"), p.data.annotators, p.data.annotator_weights),
             "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.eval_tasks),
-            "base": lambda: (self.key("ingest"), p.base.model_dump()),
+            # A base that learns maps (base.map_fraction) reads the annotations too.
+            "base": lambda: (self.key("annotate") if p.base.map_fraction else self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
                               p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "validate_every",
                                                           "gradient_checkpointing"}), self.tasks),

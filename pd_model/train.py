@@ -24,7 +24,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
-from pd_data.tasks import Prompt, get_task
+from pd_data.tasks import TRAINING_TASKS, Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
@@ -88,8 +88,11 @@ def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timestep
 
 
 def eps_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
-             batch: Batch, controlnet: ControlNetModel | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE at timesteps `t`; the ControlNet (if any) adds its residuals."""
+             batch: Batch, controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
+    """Epsilon-prediction MSE at timesteps `t`; the ControlNet (if any) adds its residuals.
+
+    `snr_gamma` > 0 weights sample i by min(SNR(t_i), gamma) / SNR(t_i) (min-SNR weighting, Hang et
+    al. 2023): the many nearly-clean timesteps stop dominating, and training converges faster."""
     dev = base.unet.device
     x0, noise, t, emb = x0.to(dev), noise.to(dev), t.to(dev), emb.to(dev)
     xt = base.scheduler.add_noise(x0, noise, t)
@@ -101,7 +104,12 @@ def eps_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
         down, mid = controlnet(xt, t, emb, controlnet_cond=cond, return_dict=False, **kw)
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = base.unet(xt, t, emb, **extra).sample
-    return F.mse_loss(pred.float(), noise.float())  # in fp32 under bf16 autocast too
+    if snr_gamma <= 0:
+        return F.mse_loss(pred.float(), noise.float())  # in fp32 under bf16 autocast too
+    ab = base.scheduler.alphas_cumprod.to(dev)[t]
+    snr = ab / (1 - ab)
+    per_sample = ((pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    return (per_sample * torch.clamp(snr, max=snr_gamma) / snr).mean()
 
 
 def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gens: list[torch.Generator],
@@ -253,23 +261,45 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[f
     base.unet.train()
     base.text_encoder.requires_grad_(False)
 
+    # (modality, text) of the trained forward tasks: "depth map", ... (see BaseModelConfig.map_fraction)
+    maps = [(get_task(t).target, get_task(t).fixed_text) for t in TRAINING_TASKS if get_task(t).source == "image"]
+
     def step_loss(step: int, idx: range) -> torch.Tensor:
         # The whole global batch is drawn (as before slicing existed), then this micro-batch's slice taken.
         rng = np.random.default_rng([cfg.seed, step])
         pick = [ids[i] for i in rng.integers(len(ids), size=cfg.batch_size)]
         # 10% empty captions, so that classifier-free guidance has an unconditional model to use.
         texts = ["" if u < 0.1 else data.captions[i] for i, u in zip(pick, rng.random(len(pick)))]
-        x = to_unit(torch.from_numpy(np.stack([data.arrays[i]["image"] for i in pick])).permute(0, 3, 1, 2)) * 2 - 1
+        arrays = [data.arrays[i]["image"] for i in pick]
+        if cfg.map_fraction > 0:  # drawn after the draws above, so map_fraction=0 keeps the batches as they were
+            for k, (u, m) in enumerate(zip(rng.random(len(pick)), rng.integers(len(maps), size=len(pick)))):
+                if u < cfg.map_fraction:
+                    modality, text = maps[int(m)]
+                    arrays[k], texts[k] = data.arrays[pick[k]][modality], ("" if texts[k] == "" else text)
+        x = to_unit(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)) * 2 - 1
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
         noise = torch.randn(x.shape, generator=gen)
         t = torch.randint(0, base.scheduler.config.num_train_timesteps, (x.shape[0],), generator=gen)
         s = slice(idx.start, idx.stop)
         texts = texts[s]
-        return eps_loss(base, x[s], noise[s], t[s], text_cache(texts), Batch(x[s], texts))
+        return eps_loss(base, x[s], noise[s], t[s], encode(texts), Batch(x[s], texts), snr_gamma=cfg.snr_gamma)
 
-    losses = _loop(list(base.unet.parameters()), Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate,
-                                                       ema_decay=cfg.ema_decay), step_loss, "base")
+    params = list(base.unet.parameters())
+    if cfg.train_text_encoder:  # learnt with the UNet: a random frozen encoder mixes the words of a caption
+        base.text_encoder.requires_grad_(True).train()
+        params += list(base.text_encoder.parameters())
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        if not cfg.train_text_encoder:
+            return text_cache(texts)
+        tok = base.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=base.tokenizer.model_max_length, return_tensors="pt")
+        return base.text_encoder(tok.input_ids)[0]
+
+    losses = _loop(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay),
+                   step_loss, "base")
     base.unet.eval()
+    base.text_encoder.requires_grad_(False).eval()
     return losses
 
 

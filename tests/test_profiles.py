@@ -79,9 +79,9 @@ def test_more_processes_than_gpus_is_rejected_before_training():
 
 
 def test_baseline_budget_rule_sets_cnft_steps_and_says_so():
-    steps = load_profile("demo").train
-    assert steps.baseline_steps(6) == 50 and "each of the 6 CN(FT) models 50 steps" in steps.budget_rule(6)
-    compute = load_profile("demo", {"train": {"baseline_budget": "equal_compute"}}).train
+    steps = load_profile("demo", {"train": {"steps": 300, "baseline_steps_per_task": 40}}).train
+    assert steps.baseline_steps(6) == 40 and "each of the 6 CN(FT) models 40 steps" in steps.budget_rule(6)
+    compute = load_profile("demo", {"train": {"steps": 300, "baseline_budget": "equal_compute"}}).train
     assert compute.baseline_steps(6) == 300 // 6 and "together 300 steps (50 each)" in compute.budget_rule(6)
     with pytest.raises(ValidationError, match="train.steps=4 over 6 CN.FT. models: 0 steps each; raise train.steps"):
         load_profile("smoke", {"train": {"steps": 4, "baseline_budget": "equal_compute"}})
