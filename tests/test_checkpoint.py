@@ -5,15 +5,12 @@ import time
 import pytest
 import torch
 
-from pd_data.annotate import annotate_shard
-from pd_data.config import DataConfig
 from pd_data.dataset import load_split
-from pd_data.ingest import ingest
 from pd_data.tasks import TRAINING_TASKS
 from pd_model import checkpoint as ckpt_mod
-from pd_model.base import build_tiny_base, load_base
+from pd_model.base import load_base
 from pd_model.checkpoint import list_checkpoints
-from pd_model.config import BaseModelConfig, TrainConfig
+from pd_model.config import TrainConfig
 from pd_model.train import train_controlnet
 
 STEPS = 8
@@ -22,15 +19,9 @@ CFG = TrainConfig(steps=STEPS, batch_size=4, checkpoint_every=2, keep_last=2, le
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = DataConfig(n_groups=6, split_fractions=(1.0, 0.0, 0.0))
-    ingest(cfg, root / "img")
-    for p in sorted((root / "img").glob("images-*.parquet")):
-        annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
-    data = load_split(root / "img", root / "ann", "train")
-    build_tiny_base(BaseModelConfig(), sorted(set(data.captions.values())), 32).save(root / "base")
-    return root
+def world(train_world):
+    """The shared tiny dataset and base of conftest (read only here)."""
+    return train_world
 
 
 def _train(root, ckpt_dir, steps=STEPS):

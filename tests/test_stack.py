@@ -50,7 +50,7 @@ def test_deployment_runs_through_server_and_worker(stack):
                              text=True, timeout=60)
     assert "0 3 * * 1" in inspect.stdout and "'active': True" in inspect.stdout.replace('"', "'")
     autos = subprocess.run([BIN / "prefect", "automation", "ls"], env=stack, capture_output=True, text=True, timeout=60)
-    assert "pd.source.changed" in autos.stdout or "retrain" in autos.stdout
+    assert "pd.source.changed" in autos.stdout and "Run deployment" in autos.stdout
 
     # A scheduled run of the retrain deployment is picked up and executed by the worker.
     sched = subprocess.run([BIN / "prefect", "deployment", "run", "retrain/smoke", "--start-in", "2 seconds",

@@ -1,0 +1,85 @@
+"""How well does the tiny base draw held-out captions? Train it under several settings, score each.
+
+    .venv/bin/python scripts/bench_base.py                       # demo data, plain vs demo settings
+    .venv/bin/python scripts/bench_base.py --variants plain,minsnr,minsnr-te,demo --steps 900
+
+Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
+samples the first N held-out captions (DDIM 20 steps, guidance 3, one seed per caption) and reports
+the FID of those samples against the held-out images with the offline `random-conv-v1` features,
+plus the training time. Grids go to `--out`. Run one command at a time: two on two cores slow each
+other far more than twofold.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from cleanfid import fid as cleanfid
+
+from flows.profiles import load_profile
+from pd_data.annotate import annotate_shard
+from pd_data.dataset import load_split
+from pd_data.ingest import ingest
+from pd_eval.features import RandomConvFeatures
+from pd_eval.visuals import caption_grid
+from pd_model.base import build_tiny_base
+from pd_model.pipeline import PromptDiffusionPipeline
+from pd_model.train import train_base
+
+VARIANTS = {
+    "plain": {"snr_gamma": 0.0, "train_text_encoder": False, "map_fraction": 0.0},
+    "minsnr": {"snr_gamma": 5.0, "train_text_encoder": False, "map_fraction": 0.0},
+    "minsnr-te": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.0},
+    "demo": {},  # the demo profile as it is
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="plain,demo")
+    ap.add_argument("--steps", type=int, default=None, help="base steps (default: the demo profile's)")
+    ap.add_argument("--captions", type=int, default=96)
+    ap.add_argument("--out", default="bench-base")
+    args = ap.parse_args()
+    prof = load_profile("demo")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ingest(prof.data, root / "img")
+        for p in sorted((root / "img").glob("images-*.parquet")):
+            annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), prof.data.annotators)
+        train = load_split(root / "img", root / "ann", "train")
+        test = load_split(root / "img", root / "ann", prof.prompts.split)
+    ids = sorted(test.captions)[: args.captions]
+    captions = [test.captions[i] for i in ids]
+    features = RandomConvFeatures()
+
+    def feats(a: np.ndarray) -> np.ndarray:
+        return features(torch.from_numpy(a).permute(0, 3, 1, 2).float()).numpy()
+
+    real = feats(np.stack([test.arrays[i]["image"] for i in sorted(test.captions)]))
+    print("| variant | steps | train s | FID (random-conv-v1) vs held-out images |\n|---|---|---|---|")
+    for name in args.variants.split(","):
+        cfg = prof.base.model_copy(update={**VARIANTS[name], **({"train_steps": args.steps} if args.steps else {})})
+        torch.manual_seed(cfg.seed)
+        base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
+        t0 = time.perf_counter()
+        train_base(base, train, cfg)
+        seconds = time.perf_counter() - t0
+        pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(captions, num_inference_steps=20, guidance_scale=3.0, output_type="np",
+                      generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
+                      height=prof.data.resolution, width=prof.data.resolution)
+        caption_grid(images[:8], captions[:8]).save(out / f"{name}.png")
+        value = float(cleanfid.fid_from_feats(feats(images), real))
+        print(f"| {name} | {cfg.train_steps} | {seconds:.0f} | {value:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
