@@ -280,18 +280,22 @@ def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: s
 # ---------------------------------------------------------------- evaluate
 @task(cache_policy=NO_CACHE, name="benchmark")
 def benchmark_task(plan: Plan) -> dict:
-    from diffusers import ControlNetModel
+    import dataclasses
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
     from pd_data.dataset import load_split
     from pd_eval.benchmark import models_under_test, run_benchmark
     from pd_model.controlnet import PromptDiffusionControlNet
 
     base = load_base_for(plan)
-    nets = {}
+    nets, unets = {}, {}
     for name, (mode, tasks) in model_dirs(plan).items():
         cls = PromptDiffusionControlNet if mode == "prompt_diffusion" else ControlNetModel
         nets[name] = (mode, tasks, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval())
-    models = models_under_test(nets, plan.unseen_tasks)
+        if (plan.dir("train") / name / "unet").is_dir():  # trained with train.train_unet_decoder
+            unets[name] = UNet2DConditionModel.from_pretrained(plan.dir("train") / name / "unet").eval().requires_grad_(False)
+    models = models_under_test(nets, plan.unseen_tasks, unets)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
     prompts, cfg = plan.dir("prompts") / "prompts.parquet", plan.profile.eval
@@ -300,7 +304,8 @@ def benchmark_task(plan: Plan) -> dict:
     if cfg.task_inference_queries > 0:
         from pd_eval.task_inference import run_task_inference
 
-        acc, confusion, more = run_task_inference(base, nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
+        pd_base = dataclasses.replace(base, unet=unets["prompt-diffusion"]) if "prompt-diffusion" in unets else base
+        acc, confusion, more = run_task_inference(pd_base, nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
         metrics, samples = metrics + acc, samples + more
     return {"metrics": metrics, "samples": samples, "confusion": confusion}
 

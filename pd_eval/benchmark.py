@@ -7,6 +7,8 @@ model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusi
 trains one)."""
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +36,20 @@ class ModelUnderTest:
     controlnet: object        # a loaded ControlNet (Prompt Diffusion or stock)
     tasks: tuple[str, ...]    # the tasks it is benchmarked on
     empty_pair: bool = False  # Prompt Diffusion with its example pair zeroed
+    unet: object | None = None  # its own UNet when trained with train.train_unet_decoder, else the base's
 
 
-def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
+def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...],
+                      unets: dict[str, object] | None = None) -> list[ModelUnderTest]:
     """Checkpoint name -> (mode, trained tasks, loaded ControlNet) to every (model_id, tasks) benchmarked.
 
     A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
-    answers the unseen tasks that name it as nearest."""
+    answers the unseen tasks that name it as nearest. `unets`: checkpoints that trained their own decoder."""
+    out = _models(nets, unseen)
+    return [dataclasses.replace(m, unet=(unets or {}).get(m.checkpoint)) for m in out]
+
+
+def _models(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
     out = []
     for name, (mode, tasks, net) in nets.items():
         if mode == "prompt_diffusion":
@@ -116,7 +125,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             outs = []
             for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
                 chunk = slice(i, i + eff.batch_size)
-                outs.append(generate(base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
+                outs.append(generate(base if m.unet is None else dataclasses.replace(base, unet=m.unet), m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
                                      positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
                                      empty_pair=m.empty_pair))

@@ -12,13 +12,15 @@ Guidance (one batched forward pass per step):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (ControlNetModel, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
 from PIL import Image
 
 from pd_model.base import BaseModel
@@ -175,7 +177,10 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         meta = json.loads(meta_path.read_text())
         cls_ = PromptDiffusionControlNet if meta["kind"] == "prompt_diffusion" else ControlNetModel
         controlnet = cls_.from_pretrained(model_dir / "controlnet").eval()
-        return cls.from_parts(load_base(meta["base"]).freeze(), controlnet, scheduler)
+        base = load_base(meta["base"])
+        if meta.get("unet"):  # trained with train.train_unet_decoder: its own UNet replaces the base's
+            base = dataclasses.replace(base, unet=UNet2DConditionModel.from_pretrained(model_dir / meta["unet"]))
+        return cls.from_parts(base.freeze(), controlnet, scheduler)
 
     @property
     def _scale(self) -> int:

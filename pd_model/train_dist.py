@@ -60,7 +60,11 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
                                    validation_guidance=job.validation_guidance, on_grid=on_grid)
     if world()[0] == 0:
         net.save_pretrained(out / "controlnet")
-        atomic_write_json(out / "pipeline.json", {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)})
+        meta = {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)}
+        if job.cfg.train_unet_decoder:  # the decoder was trained too: the model is this UNet + the ControlNet
+            base.unet.save_pretrained(out / "unet")
+            meta["unet"] = "unet"
+        atomic_write_json(out / "pipeline.json", meta)
         save_losses(out / "losses.json", losses)
     return losses
 
