@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.stages import Overrides, make_plan
-from pd_data.state import atomic_write_bytes, atomic_write_json, fingerprint, is_done, mark_done
+from pd_data.state import atomic_write_bytes, atomic_write_json, fingerprint, is_done, mark_done, read_done
 from pd_data.tasks import TRAINING_TASKS
 
 
@@ -109,6 +109,7 @@ def base_for(plan, dataset: str):
 @task(cache_policy=NO_CACHE, name="train-candidate")
 def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd: int, init: Path | None) -> dict:
     from pd_data.incremental import load_live_split
+    from pd_model.pipeline import save_trained
     from pd_model.train import save_losses, train_controlnet
 
     out = live_dir(plan, dataset) / "candidates" / model_id
@@ -117,8 +118,7 @@ def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd
         cfg = plan.profile.train
         net, losses = train_controlnet(base, data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps, seed_offset=rnd,
                                        checkpoint_dir=out / "checkpoints", init=init)
-        net.save_pretrained(out / "controlnet")
-        atomic_write_json(out / "pipeline.json", {"base": base_path, "kind": "prompt_diffusion", "tasks": list(TRAINING_TASKS)})
+        save_trained(out, net, base, base_path, "prompt_diffusion", TRAINING_TASKS, cfg.train_unet_decoder)
         save_losses(out / "losses.json", losses)  # last: marks the candidate complete
     losses = json.loads((out / "losses.json").read_text())["loss"]
     return {"path": str(out), "steps": len(losses), "final_loss": losses[-1]}
@@ -130,7 +130,7 @@ def evaluate_model(plan, dataset: str, base, model_dir: Path, model_id: str, ben
     from pd_data.dataset import load_split
     from pd_eval.benchmark import ModelUnderTest, run_benchmark
     from pd_eval.store import query, write_rows
-    from pd_model.controlnet import PromptDiffusionControlNet
+    from pd_model.pipeline import load_trained
 
     prompts_hash = hashlib.sha256((bench / "prompts.parquet").read_bytes()).hexdigest()
     eval_key = fingerprint("retrain-eval", plan.profile.eval.model_dump(), prompts_hash)
@@ -138,9 +138,9 @@ def evaluate_model(plan, dataset: str, base, model_dir: Path, model_id: str, ben
     _, done = query(plan.state.db, "SELECT count(*) FROM metrics WHERE eval_id = ?", [eval_id])
     if done[0][0]:
         return eval_id
-    net = PromptDiffusionControlNet.from_pretrained(model_dir / "controlnet").eval()
-    data = load_split(bench, bench, json.loads((bench / "_DONE.json").read_text())["split"])
-    metrics, _ = run_benchmark(base, [ModelUnderTest("prompt-diffusion", model_id, net, TRAINING_TASKS)], data,
+    _, net, unet = load_trained(model_dir)
+    data = load_split(bench, bench, read_done(bench)["split"])
+    metrics, _ = run_benchmark(base, [ModelUnderTest("prompt-diffusion", model_id, net, TRAINING_TASKS, unet=unet)], data,
                                bench / "prompts.parquet", plan.profile.eval, live_dir(plan, dataset) / "eval" / model_id / eval_key)
     now = datetime.now(timezone.utc)
     write_rows(plan.state.db, "metrics", [{"eval_id": eval_id, "created_at": now, **{k: v for k, v in r.items() if k != "seconds"}}

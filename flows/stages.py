@@ -282,19 +282,17 @@ def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: s
 def benchmark_task(plan: Plan) -> dict:
     import dataclasses
 
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
     from pd_data.dataset import load_split
     from pd_eval.benchmark import models_under_test, run_benchmark
-    from pd_model.controlnet import PromptDiffusionControlNet
+    from pd_model.pipeline import load_trained
 
     base = load_base_for(plan)
     nets, unets = {}, {}
     for name, (mode, tasks) in model_dirs(plan).items():
-        cls = PromptDiffusionControlNet if mode == "prompt_diffusion" else ControlNetModel
-        nets[name] = (mode, tasks, cls.from_pretrained(plan.dir("train") / name / "controlnet").eval())
-        if (plan.dir("train") / name / "unet").is_dir():  # trained with train.train_unet_decoder
-            unets[name] = UNet2DConditionModel.from_pretrained(plan.dir("train") / name / "unet").eval().requires_grad_(False)
+        _, net, unet = load_trained(plan.dir("train") / name)
+        nets[name] = (mode, tasks, net)
+        if unet is not None:  # trained with train.train_unet_decoder
+            unets[name] = unet
     models = models_under_test(nets, plan.unseen_tasks, unets)
     data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline

@@ -10,7 +10,6 @@ committed; files of a round that never committed (a crash) are removed by the ne
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from datetime import datetime, timezone
@@ -191,4 +190,3 @@ def freeze_benchmark(root: Path, db: Path, dataset: str, split: str, out: Path) 
     write_shard(out / "annotations-00000.parquet", ann.filter(pc.is_in(ann["image_id"], value_set=ids)).to_pylist(),
                 ANNOTATIONS_SCHEMA)
     write_shard(out / "images-00000.parquet", images.to_pylist(), IMAGES_SCHEMA)
-    (out / "frozen.json").write_text(json.dumps({"dataset": dataset, "split": split, "images": images.num_rows}))

@@ -45,11 +45,6 @@ def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unse
 
     A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
     answers the unseen tasks that name it as nearest. `unets`: checkpoints that trained their own decoder."""
-    out = _models(nets, unseen)
-    return [dataclasses.replace(m, unet=(unets or {}).get(m.checkpoint)) for m in out]
-
-
-def _models(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
     out = []
     for name, (mode, tasks, net) in nets.items():
         if mode == "prompt_diffusion":
@@ -62,7 +57,7 @@ def _models(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[
             out.append(ModelUnderTest("cn-ft", name, net, tasks))
             if near := tuple(u for u in unseen if get_task(u).nearest in tasks):
                 out.append(ModelUnderTest("cn-ft/nearest", name, net, near))
-    return out
+    return [dataclasses.replace(m, unet=(unets or {}).get(m.checkpoint)) for m in out]
 
 
 def evaluation_prompts(prompts_path: Path, cfg: EvalConfig) -> list[dict]:

@@ -169,19 +169,39 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         """A trained model folder (`<state>/models/train/<key>/<name>`): its `pipeline.json` names the base."""
         from pd_model.base import load_base
 
-        model_dir = Path(model_dir)
-        meta_path = model_dir / "pipeline.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} not found; pass a model folder written by the train stage "
-                                    f"(it holds controlnet/ and pipeline.json)")
-        meta = json.loads(meta_path.read_text())
-        cls_ = PromptDiffusionControlNet if meta["kind"] == "prompt_diffusion" else ControlNetModel
-        controlnet = cls_.from_pretrained(model_dir / "controlnet").eval()
+        meta, controlnet, unet = load_trained(model_dir)
         base = load_base(meta["base"])
-        if meta.get("unet"):  # trained with train.train_unet_decoder: its own UNet replaces the base's
-            base = dataclasses.replace(base, unet=UNet2DConditionModel.from_pretrained(model_dir / meta["unet"]))
+        if unet is not None:  # trained with train.train_unet_decoder: its own UNet replaces the base's
+            base = dataclasses.replace(base, unet=unet)
         return cls.from_parts(base.freeze(), controlnet, scheduler)
 
     @property
     def _scale(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def save_trained(out: Path, controlnet: ControlNetModel, base: BaseModel, base_ref: str, kind: str,
+                 tasks: tuple[str, ...], with_unet: bool) -> None:
+    """A trained model folder: `controlnet/`, `unet/` when the decoder was trained too, `pipeline.json`."""
+    from pd_data.state import atomic_write_json
+
+    controlnet.save_pretrained(out / "controlnet")
+    meta = {"base": base_ref, "kind": kind, "tasks": list(tasks)}
+    if with_unet:  # the decoder was trained too: the model is this UNet + the ControlNet
+        base.unet.save_pretrained(out / "unet")
+        meta["unet"] = "unet"
+    atomic_write_json(out / "pipeline.json", meta)
+
+
+def load_trained(model_dir: str | Path) -> tuple[dict, ControlNetModel, UNet2DConditionModel | None]:
+    """(pipeline.json, its ControlNet, its own UNet or None) of a folder written by `save_trained`."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "pipeline.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found; pass a model folder written by the train stage "
+                                f"(it holds controlnet/ and pipeline.json)")
+    meta = json.loads(meta_path.read_text())
+    cls = PromptDiffusionControlNet if meta["kind"] == "prompt_diffusion" else ControlNetModel
+    controlnet = cls.from_pretrained(model_dir / "controlnet").eval()
+    unet = UNet2DConditionModel.from_pretrained(model_dir / meta["unet"]).eval().requires_grad_(False) if meta.get("unet") else None
+    return meta, controlnet, unet

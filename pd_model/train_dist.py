@@ -44,8 +44,8 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
 
     `on_grid(path, step)` gets each validation grid as it is saved (in this process only)."""
     from pd_data.dataset import load_split
-    from pd_data.state import atomic_write_json
     from pd_model.base import load_base
+    from pd_model.pipeline import save_trained
     from pd_model.train import save_losses, train_controlnet
 
     out = Path(job.out)
@@ -59,12 +59,7 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
                                    checkpoint_dir=out / "checkpoints", val_data=val, validation_dir=out / "validation",
                                    validation_guidance=job.validation_guidance, on_grid=on_grid)
     if world()[0] == 0:
-        net.save_pretrained(out / "controlnet")
-        meta = {"base": job.base, "kind": job.mode, "tasks": list(job.tasks)}
-        if job.cfg.train_unet_decoder:  # the decoder was trained too: the model is this UNet + the ControlNet
-            base.unet.save_pretrained(out / "unet")
-            meta["unet"] = "unet"
-        atomic_write_json(out / "pipeline.json", meta)
+        save_trained(out, net, base, job.base, job.mode, job.tasks, job.cfg.train_unet_decoder)
         save_losses(out / "losses.json", losses)
     return losses
 
