@@ -15,6 +15,8 @@ training checkpoints reused) before any new data is taken in.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -109,13 +111,16 @@ def base_for(plan, dataset: str):
 @task(cache_policy=NO_CACHE, name="train-candidate")
 def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd: int, init: Path | None) -> dict:
     from pd_data.incremental import load_live_split
-    from pd_model.pipeline import save_trained
+    from pd_model.pipeline import load_trained, save_trained
     from pd_model.train import save_losses, train_controlnet
 
     out = live_dir(plan, dataset) / "candidates" / model_id
     if not (out / "losses.json").exists():
         data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
         cfg = plan.profile.train
+        if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
+            own = load_trained(init.parent)[2] if init is not None else None  # never on the shared base
+            base = dataclasses.replace(base, unet=own if own is not None else copy.deepcopy(base.unet))
         net, losses = train_controlnet(base, data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps, seed_offset=rnd,
                                        checkpoint_dir=out / "checkpoints", init=init)
         save_trained(out, net, base, base_path, "prompt_diffusion", TRAINING_TASKS, cfg.train_unet_decoder)
