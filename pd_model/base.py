@@ -94,7 +94,8 @@ def build_tiny_base(cfg: BaseModelConfig, captions: list[str], resolution: int) 
         cross_attention_dim=cfg.text_hidden_size, attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=8)
     # Pixel-space DDPM: the cosine schedule suits small images better than SD's latent schedule.
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              prediction_type=cfg.prediction_type)
     return BaseModel(unet, CLIPTextModel(text_cfg), tokenizer, scheduler)
 
 

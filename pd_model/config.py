@@ -29,6 +29,8 @@ class BaseModelConfig(Frozen):
     snr_gamma: float = Field(0.0, ge=0, description="min-SNR-gamma loss weighting (5 is the usual value); 0 is off")
     train_text_encoder: bool = Field(False, description="train the small text encoder with the UNet (it starts random)")
     map_fraction: float = Field(0.0, ge=0, le=1, description="share of base-training samples that are maps of the trained modalities")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="what the tiny UNet predicts (SD 1.5: epsilon); v is better conditioned at high noise")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -69,6 +71,7 @@ class TrainConfig(Frozen):
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     validation_samples: int = Field(8, ge=0, description="fixed prompts scored at each checkpoint to keep the best; 0 is off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
+    snr_gamma: float = Field(0.0, ge=0, description="min-SNR-gamma loss weighting (5 is the usual value); 0 is the paper's plain loss")
     validate_every: int = Field(0, ge=0, description="save a grid of outputs on fixed prompts every N steps and at the "
                                 "last (model folder's validation/); 0 is off")
     # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)

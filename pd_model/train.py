@@ -87,12 +87,15 @@ def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timestep
     return noise, t
 
 
-def eps_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+def prediction_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
              batch: Batch, controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
-    """Epsilon-prediction MSE at timesteps `t`; the ControlNet (if any) adds its residuals.
+    """MSE of the UNet's prediction at timesteps `t` against the scheduler's target: the noise
+    (`prediction_type='epsilon'`, SD 1.5) or the velocity sqrt(ab) * noise - sqrt(1 - ab) * x0
+    ('v_prediction'). The ControlNet (if any) adds its residuals.
 
-    `snr_gamma` > 0 weights sample i by min(SNR(t_i), gamma) / SNR(t_i) (min-SNR weighting, Hang et
-    al. 2023): the many nearly-clean timesteps stop dominating, and training converges faster."""
+    `snr_gamma` > 0 is min-SNR weighting (Hang et al. 2023): sample i weighs min(SNR, gamma) / SNR for
+    epsilon and min(SNR, gamma) / (SNR + 1) for v, so the many nearly-clean timesteps stop
+    dominating and training converges faster."""
     dev = base.unet.device
     x0, noise, t, emb = x0.to(dev), noise.to(dev), t.to(dev), emb.to(dev)
     xt = base.scheduler.add_noise(x0, noise, t)
@@ -104,20 +107,22 @@ def eps_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Te
         down, mid = controlnet(xt, t, emb, controlnet_cond=cond, return_dict=False, **kw)
         extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = base.unet(xt, t, emb, **extra).sample
+    v = base.scheduler.config.prediction_type == "v_prediction"
+    target = base.scheduler.get_velocity(x0, noise, t) if v else noise
     if snr_gamma <= 0:
-        return F.mse_loss(pred.float(), noise.float())  # in fp32 under bf16 autocast too
+        return F.mse_loss(pred.float(), target.float())  # in fp32 under bf16 autocast too
     ab = base.scheduler.alphas_cumprod.to(dev)[t]
     snr = ab / (1 - ab)
-    per_sample = ((pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
-    return (per_sample * torch.clamp(snr, max=snr_gamma) / snr).mean()
+    per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    return (per_sample * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)).mean()
 
 
 def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gens: list[torch.Generator],
-                   controlnet: ControlNetModel | None = None) -> torch.Tensor:
-    """`eps_loss` with each sample's latent, noise and timestep drawn from its own generator."""
+                   controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
+    """`prediction_loss` with each sample's latent, noise and timestep drawn from its own generator."""
     x0 = base.to_model_space(batch.target.to(base.unet.device), gens)
     noise, t = draw_noise(gens, tuple(x0.shape[1:]), base.scheduler.config.num_train_timesteps)
-    return eps_loss(base, x0, noise, t, emb, batch, controlnet)
+    return prediction_loss(base, x0, noise, t, emb, batch, controlnet, snr_gamma)
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[f
         t = torch.randint(0, base.scheduler.config.num_train_timesteps, (x.shape[0],), generator=gen)
         s = slice(idx.start, idx.stop)
         texts = texts[s]
-        return eps_loss(base, x[s], noise[s], t[s], encode(texts), Batch(x[s], texts), snr_gamma=cfg.snr_gamma)
+        return prediction_loss(base, x[s], noise[s], t[s], encode(texts), Batch(x[s], texts), snr_gamma=cfg.snr_gamma)
 
     params = list(base.unet.parameters())
     if cfg.train_text_encoder:  # learnt with the UNet: a random frozen encoder mixes the words of a caption
@@ -393,7 +398,7 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
         emb[torch.from_numpy(drop_text)] = empty  # dropped text = embedding of ""
         batch.pair[torch.from_numpy(drop_pair)] = 0.0  # dropped pair = zeros; the query is never dropped
         gens = [torch.Generator().manual_seed(int(r.integers(2**63))) for r in rngs]
-        return denoising_loss(base, batch, emb, gens, controlnet)
+        return denoising_loss(base, batch, emb, gens, controlnet, cfg.snr_gamma)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
     held_out = val_data is not None and bool(val_data.multi_image_groups)

@@ -114,3 +114,23 @@ def test_loads_the_research_ports_saved_layout(base, tmp_path, hint_range):
     assert port.config.hint_range == hint_range
     a, b = net.state_dict(), port.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_the_loss_targets_what_the_scheduler_predicts_and_survives_a_round_trip(kind, tmp_path):
+    from pd_model.train import Batch, prediction_loss
+
+    b = build_tiny_base(BaseModelConfig(prediction_type=kind), CAPTIONS, 32).freeze()
+    b.save(tmp_path / "base")
+    assert load_base(tmp_path / "base").scheduler.config.prediction_type == kind
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.randn(2, 3, 32, 32, generator=g), torch.tensor([50, 900])
+    emb = b.text_encoder(b.tokenizer(CAPTIONS, padding="max_length", max_length=24, return_tensors="pt").input_ids)[0]
+    with torch.no_grad():
+        loss = prediction_loss(b, x0, noise, t, emb, Batch(x0, CAPTIONS))
+        pred = b.unet(b.scheduler.add_noise(x0, noise, t), t, emb).sample
+    ab = b.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = noise if kind == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-5)
+    image = generate(b, None, [Prompt("depth->image", *(np.zeros((32, 32, 3), np.uint8),) * 4, "a red ball")], [0], steps=2)
+    assert image.shape == (1, 32, 32, 3)

@@ -47,3 +47,11 @@ def test_gradient_checkpointing_learns_the_same_weights(world, data):
     ckpt, ckpt_losses = _train(world, data, gradient_checkpointing=True)
     assert ckpt_losses == pytest.approx(plain_losses, abs=1e-7)
     assert max_diff(plain, ckpt) < 1e-6
+
+
+def test_min_snr_weighting_reweights_the_loss_and_a_huge_gamma_is_the_plain_loss(world, data):
+    plain, plain_losses = _train(world, data, mixed_precision="no")
+    huge, huge_losses = _train(world, data, mixed_precision="no", snr_gamma=1e12)  # min(snr, gamma) / snr == 1
+    assert huge_losses == pytest.approx(plain_losses, rel=1e-6) and max_diff(plain, huge) < 1e-6
+    _, snr_losses = _train(world, data, mixed_precision="no", snr_gamma=5.0)
+    assert snr_losses[0] != pytest.approx(plain_losses[0], rel=1e-3)  # same batch, reweighted
