@@ -363,7 +363,9 @@ def report_task(plan: Plan, run_id: str) -> str:
         shutil.copyfile(plan.dir("base") / "samples.png", out / "base-samples.png")
     notes = [f"profile: {plan.profile.name}; evaluation protocol: {plan.profile.eval.protocol} "
              f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
-             f"guidance {plan.profile.eval.effective().guidance_scale})",
+             f"guidance {plan.profile.eval.effective().guidance_scale}"
+             + (f", example-pair guidance {plan.profile.eval.effective().pair_guidance_scale}"
+                if plan.profile.eval.effective().pair_guidance_scale else "") + ")",
              f"trained: the ControlNets only (base frozen; train_unet_decoder={plan.profile.train.train_unet_decoder}); "
              f"CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
              f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]

@@ -123,7 +123,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
                 outs.append(generate(base if m.unet is None else dataclasses.replace(base, unet=m.unet), m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
                                      positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
-                                     empty_pair=m.empty_pair))
+                                     pair_guidance_scale=eff.pair_guidance_scale, empty_pair=m.empty_pair))
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]

@@ -13,12 +13,15 @@ NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, e
 
 
 class EvalConfig(Frozen):
-    """`protocol='paper'`: DDIM 100 steps, guidance 9.0, suffix and negative prompt of Table 1."""
+    """`protocol='paper'`: DDIM 100 steps, guidance 9.0 over the text only, suffix and negative prompt of Table 1."""
 
     protocol: Literal["paper", "fast"] = "fast"
     scheduler: Literal["ddim", "dpm", "unipc"] = "ddim"
     steps: int = Field(10, ge=1)
     guidance_scale: float = Field(3.0, ge=1.0)
+    pair_guidance_scale: float | None = Field(
+        None, ge=1.0, description="Prompt Diffusion only: separate guidance over the example pair (pipeline docstring); "
+                                  "None is the paper's text-only rule")
     batch_size: int = Field(16, ge=1)
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
     unseen_per_task: int = Field(8, ge=2, description="prompts per unseen task (the first materialised ones)")
@@ -30,7 +33,8 @@ class EvalConfig(Frozen):
     def effective(self) -> "EvalConfig":
         """The protocol pins its own sampler settings; `fast` keeps what was configured."""
         if self.protocol == "paper":
-            return self.model_copy(update={"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0})
+            return self.model_copy(update={"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0,
+                                           "pair_guidance_scale": None})
         return self
 
     @property

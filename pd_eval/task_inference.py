@@ -70,7 +70,8 @@ def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_pat
     built, seeds = [p for _, _, p in items], [r["seed"] for r, _, _ in items]
     outputs = np.concatenate([
         generate(base, controlnet, built[i:i + eff.batch_size], seeds[i:i + eff.batch_size], scheduler=eff.scheduler,
-                 steps=eff.steps, guidance_scale=eff.guidance_scale, negative_prompt=eff.negative_prompt)
+                 steps=eff.steps, guidance_scale=eff.guidance_scale, negative_prompt=eff.negative_prompt,
+                 pair_guidance_scale=eff.pair_guidance_scale)
         for i in range(0, len(built), eff.batch_size)])
     shown = [t for _, t, _ in items]
     predicted = [classify(o, {t: data.arrays[r["query_id"]][get_task(t).target] for t in FORWARD})

@@ -49,8 +49,9 @@ def test_parse_override():
 
 
 def test_paper_protocol_pins_its_sampler():
-    e = load_profile("paper").eval.effective()
-    assert (e.scheduler, e.steps, e.guidance_scale) == ("ddim", 100, 9.0)
+    e = load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}}).eval.effective()
+    assert (e.scheduler, e.steps, e.guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None)
+    assert load_profile("smoke", {"eval": {"pair_guidance_scale": 3.0}}).eval.effective().pair_guidance_scale == 3.0
     assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
 
 
