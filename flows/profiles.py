@@ -44,13 +44,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prompts": {"per_task": 16},
         # Random-conv FID of held-out-caption samples at equal cost (README): EMA 3.33 -> 2.12; then
         # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
+        # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
         "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999,
-                 "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25},
+                 "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25, "prediction_type": "v_prediction"},
         # Grids: a round costs ~3 steps (6 prompts) for Prompt Diffusion, ~1.3 for a CN(FT) (2): 3% of training.
-        # Equal steps per task: Prompt Diffusion 480 over six tasks, each CN(FT) 80 on its one.
+        # Equal steps per task: Prompt Diffusion 480 over six tasks, each CN(FT) 80 on its one. min-SNR and
+        # the decoder trained too (as the original's shipped command did): image->map RMSE, scripts/bench_maps.py.
         "train": {"steps": 480, "batch_size": 16, "learning_rate": 5e-4, "baseline_steps_per_task": 80,
-                  "validate_every": 120},
-        "eval": {"steps": 20, "guidance_scale": 3.0},
+                  "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True},
+        # Guidance over the example pair as well as the text (the pipeline's pair_guidance_scale).
+        "eval": {"steps": 20, "guidance_scale": 3.0, "pair_guidance_scale": 3.0},
     },
     "paper": {
         "data": {"n_groups": 2000, "resolution": 256, "shard_size": 256},

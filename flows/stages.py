@@ -185,7 +185,9 @@ def train_base_task(plan: Plan) -> dict:
 
 
 def base_samples(base, plan: Plan, path: Path, n: int = 8) -> None:
-    """Text -> image samples of the base from held-out captions: does it draw the scenes it is told?"""
+    """Text -> image samples of the base from held-out captions: does it draw the scenes it is told?
+    Each sample sits beside the held-out image of its caption, the picture it should resemble."""
+    import numpy as np
     import torch
 
     from pd_data.dataset import load_split
@@ -193,13 +195,17 @@ def base_samples(base, plan: Plan, path: Path, n: int = 8) -> None:
     from pd_model.pipeline import PromptDiffusionPipeline
 
     held_out = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
-    captions = [held_out.captions[i] for i in sorted(held_out.captions)[:n]]
+    ids = sorted(held_out.captions)[:n]
+    captions = [held_out.captions[i] for i in ids]
     pipe = PromptDiffusionPipeline.from_parts(base, None, plan.profile.eval.scheduler)
     pipe.set_progress_bar_config(disable=True)
     res = plan.profile.data.resolution
     images = pipe(captions, num_inference_steps=plan.profile.eval.effective().steps, guidance_scale=plan.profile.eval.guidance_scale,
                   generator=[torch.Generator().manual_seed(i) for i in range(len(captions))], output_type="np", height=res, width=res)
-    caption_grid(images, captions).save(path)
+    real = np.stack([held_out.arrays[i]["image"] for i in ids])
+    pairs = np.stack([x for ab in zip(images, real) for x in ab])
+    labels = [x for c in captions for x in (f"generated: {c}", "held-out image")]
+    caption_grid(pairs, labels).save(path)
 
 
 @task(cache_policy=NO_CACHE, name="train-controlnet")

@@ -176,7 +176,8 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
         shutil.copyfile(loss_png, out_dir / "losses.png")
         sections.append(("Training loss", [("image", ("", "losses.png"))]))
     if (out_dir / "base-samples.png").exists():
-        sections.append(("Base model: text -> image from held-out captions", [("image", ("", "base-samples.png"))]))
+        sections.append(("Base model: text -> image from held-out captions (each beside its held-out image)",
+                         [("image", ("", "base-samples.png"))]))
     grids: list[Block] = []
     for g in sorted((eval_dir / "grids").glob("*.png")):
         shutil.copyfile(g, out_dir / g.name)

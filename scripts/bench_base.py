@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/bench_base.py                       # demo data, plain vs demo settings
     .venv/bin/python scripts/bench_base.py --variants plain,minsnr,minsnr-te,demo --steps 900
+    .venv/bin/python scripts/bench_base.py --variants "demo;lr2e3:learning_rate=0.002;long:train_steps=1800"
+    .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY"   # score a trained base
 
 Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
 samples the first N held-out captions (DDIM 20 steps, guidance 3, one seed per caption) and reports
@@ -26,7 +28,7 @@ from pd_data.dataset import load_split
 from pd_data.ingest import ingest
 from pd_eval.features import RandomConvFeatures
 from pd_eval.visuals import caption_grid
-from pd_model.base import build_tiny_base
+from pd_model.base import build_tiny_base, load_base
 from pd_model.pipeline import PromptDiffusionPipeline
 from pd_model.train import train_base
 
@@ -38,9 +40,30 @@ VARIANTS = {
 }
 
 
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """Presets ("plain,demo") or custom variants ("lr2e3:learning_rate=0.002;long:train_steps=1800")."""
+    import json
+
+    if ":" not in text:
+        return [(name, VARIANTS[name]) for name in text.split(",")]
+    out = []
+    for item in filter(None, text.split(";")):
+        name, _, rest = item.partition(":")
+        update = {}
+        for kv in filter(None, rest.split(",")):
+            k, v = kv.split("=", 1)
+            try:
+                update[k] = json.loads(v)
+            except json.JSONDecodeError:
+                update[k] = v
+        out.append((name, {**VARIANTS.get(name, {}), **update}))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="plain,demo")
+    ap.add_argument("--variants", default="plain,demo",
+                    help="comma-separated presets, or ';'-separated NAME:key=value,... (base.* keys on top of the demo profile)")
     ap.add_argument("--steps", type=int, default=None, help="base steps (default: the demo profile's)")
     ap.add_argument("--captions", type=int, default=96)
     ap.add_argument("--out", default="bench-base")
@@ -64,12 +87,16 @@ def main() -> None:
 
     real = feats(np.stack([test.arrays[i]["image"] for i in sorted(test.captions)]))
     print("| variant | steps | train s | FID (random-conv-v1) vs held-out images |\n|---|---|---|---|")
-    for name in args.variants.split(","):
-        cfg = prof.base.model_copy(update={**VARIANTS[name], **({"train_steps": args.steps} if args.steps else {})})
-        torch.manual_seed(cfg.seed)
-        base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
+    for name, update in parse_variants(args.variants):
+        saved = update.pop("load", None)
+        cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
         t0 = time.perf_counter()
-        train_base(base, train, cfg)
+        if saved:  # a base the pipeline already trained (e.g. .pd/models/base/KEY): score it as it is
+            base = load_base(saved)
+        else:
+            torch.manual_seed(cfg.seed)
+            base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
+            train_base(base, train, cfg)
         seconds = time.perf_counter() - t0
         pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
         pipe.set_progress_bar_config(disable=True)
@@ -78,7 +105,7 @@ def main() -> None:
                       height=prof.data.resolution, width=prof.data.resolution)
         caption_grid(images[:8], captions[:8]).save(out / f"{name}.png")
         value = float(cleanfid.fid_from_feats(feats(images), real))
-        print(f"| {name} | {cfg.train_steps} | {seconds:.0f} | {value:.3f} |", flush=True)
+        print(f"| {name} | {'saved' if saved else cfg.train_steps} | {seconds:.0f} | {value:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

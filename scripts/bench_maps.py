@@ -1,0 +1,135 @@
+"""Image->map RMSE of training/sampling variants against the copy-query and mean-map baselines.
+
+Reuses a profile's cached data and base (run the profile once first, e.g. `make benchmark`),
+trains one ControlNet per variant in this process, and scores it on the profile's materialised
+image->map evaluation prompts with the benchmark's own sampler and RMSE. Prints one table.
+
+    .venv/bin/python scripts/bench_maps.py --variant pd:train.steps=480 \
+        --variant pd-snr:train.steps=480,train.snr_gamma=5 --variant cnft:mode=cnft,train.steps=80
+
+A variant is `name:key=value,...`; `mode=cnft` trains one CN(FT) per image->map task instead of
+the joint model, `eval.*` keys change only the sampler.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    from flows.profiles import _merge, parse_override
+
+    name, _, rest = text.partition(":")
+    mode, over = "prompt_diffusion", {}
+    for item in filter(None, rest.split(",")):
+        if item.startswith("mode="):
+            mode = item.split("=", 1)[1]
+        else:
+            over = _merge(over, parse_override(item))
+    return name, mode, over
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--state-dir", default=None)
+    ap.add_argument("--split", default=None, help="score prompts of this split (default: the profile's evaluation split; "
+                    "use val to choose settings without looking at the benchmark's prompts)")
+    ap.add_argument("--evals", default="", help="sampler settings to score each model with, as steps:guidance[:pair_guidance],... "
+                    "(default: the profile's eval.steps and eval.guidance_scale)")
+    ap.add_argument("--cache", default=None, help="save each variant's ControlNets here and reuse them when the variant "
+                    "text is the same (sampler-only comparisons then skip training)")
+    ap.add_argument("--out", default=None, help="append result rows (JSON lines) here")
+    args = ap.parse_args()
+
+    from flows.stages import load_base_for, make_plan
+    from pd_data.dataset import load_split
+    from pd_data.prompts import materialise_prompts
+    from pd_data.tasks import get_task
+    from pd_eval.baselines import BASELINES, baseline_outputs
+    from pd_eval.benchmark import evaluation_prompts
+    from pd_eval.metrics import rmse
+    from pd_model.pipeline import load_trained, save_trained
+    from pd_model.sampling import generate
+    from pd_model.train import train_controlnet
+
+    plan0 = make_plan(args.profile, None, args.state_dir)
+    for stage in ("ingest", "annotate", "prompts", "base"):
+        if not plan0.dir(stage).exists():
+            raise SystemExit(f"no cached {stage} stage at {plan0.dir(stage)}; run the {args.profile} profile once first")
+    split = args.split or plan0.profile.prompts.split
+    data = load_split(plan0.dir("ingest"), plan0.dir("annotate"), split)
+    train = load_split(plan0.dir("ingest"), plan0.dir("annotate"), "train")
+    map_tasks = [t for t in plan0.tasks if get_task(t).metric == "rmse"]
+    prompts_path = plan0.dir("prompts") / "prompts.parquet"
+    if split != plan0.profile.prompts.split:  # choose settings on held-out prompts that the benchmark never scores
+        prompts_path = Path(tempfile.mkdtemp()) / "prompts.parquet"
+        materialise_prompts(data, tuple(map_tasks), plan0.profile.prompts.model_copy(update={"split": split}), prompts_path)
+    rows_all = evaluation_prompts(prompts_path, plan0.profile.eval)
+    by_task = {t: [r for r in rows_all if r["task"] == t] for t in map_tasks}
+    built = {t: [data.prompt(get_task(t), r["example_id"], r["query_id"]) for r in rs] for t, rs in by_task.items()}
+    targets = {t: np.stack([p.target for p in b]) for t, b in built.items()}
+    results: dict[str, dict[str, float]] = {}
+    for name in BASELINES:
+        results[name] = {t: rmse(baseline_outputs(name, get_task(t), built[t], train), targets[t], 0).value
+                         for t in map_tasks}
+
+    for text in args.variant:
+        name, mode, over = parse_variant(text)
+        plan = make_plan(args.profile, over, args.state_dir)
+        base = load_base_for(plan)
+        cfg, ev = plan.profile.train, plan.profile.eval.effective()
+        t0 = time.perf_counter()
+        # task -> (ControlNet, its own UNet when the decoder was trained too, else None)
+        nets: dict[str, tuple] = {}
+        folder = Path(args.cache) / hashlib.sha1(json.dumps([mode, over], sort_keys=True).encode()).hexdigest()[:12] \
+            if args.cache else None
+        groups = [(plan.tasks, "pd", 0)] if mode == "prompt_diffusion" else \
+            [((t,), t.replace("->", "-to-"), 1000 * (k + 1)) for k, t in enumerate(map_tasks)]
+        for tasks, sub, seed_offset in groups:
+            if folder is not None and (folder / sub / "pipeline.json").exists():
+                _, net, unet = load_trained(folder / sub)
+            else:
+                fresh = load_base_for(plan)  # a trained decoder changes the base in place: one copy per model
+                net, _ = train_controlnet(fresh, train, tasks, cfg, mode, cfg.steps, seed_offset=seed_offset)
+                unet = fresh.unet if cfg.train_unet_decoder else None
+                if folder is not None:
+                    save_trained(folder / sub, net, fresh, "", mode, tasks, cfg.train_unet_decoder)
+            for t in map_tasks if mode == "prompt_diffusion" else tasks:
+                nets[t] = (net, unet)
+        train_s = time.perf_counter() - t0
+        settings = [tuple(map(float, e.split(":"))) for e in args.evals.split(",") if e] or [(ev.steps, ev.guidance_scale)]
+        for steps, guidance, *pair in settings:
+            pair_g = pair[0] if pair and mode == "prompt_diffusion" else None
+            res = {}
+            for t in map_tasks:
+                net, unet = nets[t]
+                model_base = base if unet is None else dataclasses.replace(base, unet=unet)
+                outs = [generate(model_base, net, built[t][i:i + ev.batch_size], [r["seed"] for r in by_task[t][i:i + ev.batch_size]],
+                                 scheduler=ev.scheduler, steps=int(steps), guidance_scale=guidance,
+                                 pair_guidance_scale=pair_g)
+                        for i in range(0, len(built[t]), ev.batch_size)]
+                res[t] = rmse(np.concatenate(outs), targets[t], 0).value
+            label = f"{name} ({ev.scheduler} {int(steps)} steps, guidance {guidance:g}" + (f", pair {pair_g:g})" if pair_g else ")")
+            results[label] = res
+            row = {"variant": text, "steps": int(steps), "guidance": guidance, "pair_guidance": pair_g, "train_s": round(train_s, 1), **res}
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    print("\n| model | " + " | ".join(map_tasks) + " |\n|---|" + "---|" * len(map_tasks))
+    for name, res in results.items():
+        print(f"| {name} | " + " | ".join(f"{res[t]:.3f}" for t in map_tasks) + " |")
+
+
+if __name__ == "__main__":
+    main()
