@@ -8,7 +8,8 @@ image->map evaluation prompts with the benchmark's own sampler and RMSE. Prints 
         --variant pd-snr:train.steps=480,train.snr_gamma=5 --variant cnft:mode=cnft,train.steps=80
 
 A variant is `name:key=value,...`; `mode=cnft` trains one CN(FT) per image->map task instead of
-the joint model, `eval.*` keys change only the sampler.
+the joint model, `load=PATH` scores a trained Prompt Diffusion folder (`.pd/models/train/KEY/prompt-diffusion`)
+without training, and `eval.*` keys change only the sampler.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     for item in filter(None, rest.split(",")):
         if item.startswith("mode="):
             mode = item.split("=", 1)[1]
+        elif item.startswith("load="):  # a trained model folder (train stage): score it, train nothing
+            mode = item
         else:
             over = _merge(over, parse_override(item))
     return name, mode, over
@@ -94,6 +97,12 @@ def main() -> None:
             if args.cache else None
         groups = [(plan.tasks, "pd", 0)] if mode == "prompt_diffusion" else \
             [((t,), t.replace("->", "-to-"), 1000 * (k + 1)) for k, t in enumerate(map_tasks)]
+        if mode.startswith("load="):
+            meta, net, unet = load_trained(mode.split("=", 1)[1])
+            if meta["kind"] != "prompt_diffusion" and len(meta["tasks"]) == 1:
+                raise SystemExit("load= takes a Prompt Diffusion model folder (a CN(FT) answers one task only)")
+            groups, mode = [], meta["kind"]
+            nets = {t: (net, unet) for t in map_tasks}
         for tasks, sub, seed_offset in groups:
             if folder is not None and (folder / sub / "pipeline.json").exists():
                 _, net, unet = load_trained(folder / sub)
