@@ -367,13 +367,13 @@ def report_task(plan: Plan, run_id: str) -> str:
 
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plan.dir("base") / "samples.png", out / "base-samples.png")
-    notes = [f"profile: {plan.profile.name}; evaluation protocol: {plan.profile.eval.protocol} "
-             f"({plan.profile.eval.effective().scheduler}, {plan.profile.eval.effective().steps} steps, "
-             f"guidance {plan.profile.eval.effective().guidance_scale}"
-             + (f", example-pair guidance {plan.profile.eval.effective().pair_guidance_scale}"
-                if plan.profile.eval.effective().pair_guidance_scale else "") + ")",
-             f"trained: the ControlNets only (base frozen; train_unet_decoder={plan.profile.train.train_unet_decoder}); "
-             f"CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
+    ev, tr = plan.profile.eval.effective(), plan.profile.train
+    pair = f", example-pair guidance {ev.pair_guidance_scale}" if ev.pair_guidance_scale else ""
+    trained = ("each ControlNet with its own copy of the UNet decoder (train_unet_decoder=True; the base's encoder "
+               "and text encoder frozen)" if tr.train_unet_decoder else "the ControlNets only (base frozen)")
+    notes = [f"profile: {plan.profile.name}; evaluation protocol: {ev.protocol} "
+             f"({ev.scheduler}, {ev.steps} steps, guidance {ev.guidance_scale}{pair})",
+             f"trained: {trained}; CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
              f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 
