@@ -16,7 +16,6 @@ training checkpoints reused) before any new data is taken in.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import re
@@ -120,7 +119,7 @@ def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd
         cfg = plan.profile.train
         if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
             own = load_trained(init.parent)[2] if init is not None else None  # never on the shared base
-            base = dataclasses.replace(base, unet=own if own is not None else copy.deepcopy(base.unet))
+            base = base.with_unet(own if own is not None else copy.deepcopy(base.unet))
         net, losses = train_controlnet(base, data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps, seed_offset=rnd,
                                        checkpoint_dir=out / "checkpoints", init=init)
         save_trained(out, net, base, base_path, "prompt_diffusion", TRAINING_TASKS, cfg.train_unet_decoder)

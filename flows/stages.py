@@ -286,8 +286,6 @@ def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: s
 # ---------------------------------------------------------------- evaluate
 @task(cache_policy=NO_CACHE, name="benchmark")
 def benchmark_task(plan: Plan) -> dict:
-    import dataclasses
-
     from pd_data.dataset import load_split
     from pd_eval.benchmark import models_under_test, run_benchmark
     from pd_model.pipeline import load_trained
@@ -308,8 +306,7 @@ def benchmark_task(plan: Plan) -> dict:
     if cfg.task_inference_queries > 0:
         from pd_eval.task_inference import run_task_inference
 
-        pd_base = dataclasses.replace(base, unet=unets["prompt-diffusion"]) if "prompt-diffusion" in unets else base
-        acc, confusion, more = run_task_inference(pd_base, nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
+        acc, confusion, more = run_task_inference(base.with_unet(unets.get("prompt-diffusion")), nets["prompt-diffusion"][2], data, prompts, cfg, plan.dir("evaluate"))
         metrics, samples = metrics + acc, samples + more
     return {"metrics": metrics, "samples": samples, "confusion": confusion}
 

@@ -7,10 +7,8 @@ model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusi
 trains one)."""
 from __future__ import annotations
 
-import dataclasses
-
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +55,7 @@ def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unse
             out.append(ModelUnderTest("cn-ft", name, net, tasks))
             if near := tuple(u for u in unseen if get_task(u).nearest in tasks):
                 out.append(ModelUnderTest("cn-ft/nearest", name, net, near))
-    return [dataclasses.replace(m, unet=(unets or {}).get(m.checkpoint)) for m in out]
+    return [replace(m, unet=(unets or {}).get(m.checkpoint)) for m in out]
 
 
 def evaluation_prompts(prompts_path: Path, cfg: EvalConfig) -> list[dict]:
@@ -110,6 +108,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
     prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
+        model_base = base.with_unet(m.unet)
         for task in m.tasks:
             spec = get_task(task)
             rows = [r for r in prompts if r["task"] == task]
@@ -120,7 +119,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             outs = []
             for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
                 chunk = slice(i, i + eff.batch_size)
-                outs.append(generate(base if m.unet is None else dataclasses.replace(base, unet=m.unet), m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
+                outs.append(generate(model_base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
                                      scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
                                      positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
                                      pair_guidance_scale=eff.pair_guidance_scale, empty_pair=m.empty_pair))

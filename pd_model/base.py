@@ -7,7 +7,7 @@ ControlNet hint encoders need no downsampling (conditioning stack of length 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,10 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerFast | CLIPTokenizer
     scheduler: SchedulerMixin
     vae: AutoencoderKL | None = None
+
+    def with_unet(self, unet: UNet2DConditionModel | None) -> "BaseModel":
+        """This base with a model's own UNet (trained with train.train_unet_decoder); itself for None."""
+        return self if unet is None else replace(self, unet=unet)
 
     def freeze(self) -> "BaseModel":
         for m in (self.unet, self.text_encoder, self.vae):

@@ -23,11 +23,11 @@ class BaseModelConfig(Frozen):
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights (diffusers EMAModel); 0 is off")
+    snr_gamma: float = Field(0.0, ge=0, description="min-SNR-gamma loss weighting (5 is the usual value); 0 is off")
+    train_text_encoder: bool = Field(False, description="train the small text encoder with the UNet (it starts random)")
     # Stable Diffusion draws depth maps, edge maps and segmentations when asked ("a depth map of ..."):
     # it saw such pictures in LAION. A base trained on photos alone lacks that prior, so a fraction
     # of the tiny base's samples are the annotated maps of the trained tasks, captioned "depth map", ...
-    snr_gamma: float = Field(0.0, ge=0, description="min-SNR-gamma loss weighting (5 is the usual value); 0 is off")
-    train_text_encoder: bool = Field(False, description="train the small text encoder with the UNet (it starts random)")
     map_fraction: float = Field(0.0, ge=0, le=1, description="share of base-training samples that are maps of the trained modalities")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the tiny UNet predicts (SD 1.5: epsilon); v is better conditioned at high noise")

@@ -12,7 +12,6 @@ Guidance (one batched forward pass per step):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -170,10 +169,7 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         from pd_model.base import load_base
 
         meta, controlnet, unet = load_trained(model_dir)
-        base = load_base(meta["base"])
-        if unet is not None:  # trained with train.train_unet_decoder: its own UNet replaces the base's
-            base = dataclasses.replace(base, unet=unet)
-        return cls.from_parts(base.freeze(), controlnet, scheduler)
+        return cls.from_parts(load_base(meta["base"]).with_unet(unet).freeze(), controlnet, scheduler)
 
     @property
     def _scale(self) -> int:

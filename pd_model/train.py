@@ -88,7 +88,7 @@ def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timestep
 
 
 def prediction_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
-             batch: Batch, controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
+                    batch: Batch, controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE of the UNet's prediction at timesteps `t` against the scheduler's target: the noise
     (`prediction_type='epsilon'`, SD 1.5) or the velocity sqrt(ab) * noise - sqrt(1 - ab) * x0
     ('v_prediction'). The ControlNet (if any) adds its residuals.

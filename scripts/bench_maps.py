@@ -14,7 +14,6 @@ without training, and `eval.*` keys change only the sampler.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -121,7 +120,7 @@ def main() -> None:
             res = {}
             for t in map_tasks:
                 net, unet = nets[t]
-                model_base = base if unet is None else dataclasses.replace(base, unet=unet)
+                model_base = base.with_unet(unet)
                 outs = [generate(model_base, net, built[t][i:i + ev.batch_size], [r["seed"] for r in by_task[t][i:i + ev.batch_size]],
                                  scheduler=ev.scheduler, steps=int(steps), guidance_scale=guidance,
                                  pair_guidance_scale=pair_g)
