@@ -259,8 +259,11 @@ def _loop(params: list[torch.nn.Parameter], o: Optim, step_loss: Callable[[int, 
     return losses
 
 
-def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[float]:
-    """Text-to-image training of the tiny base on the ingested images and captions."""
+def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig,
+               every: tuple[int, Callable[[int], None]] | None = None) -> list[float]:
+    """Text-to-image training of the tiny base on the ingested images and captions. `every=(n, f)`
+    calls f(step) every n steps and at the last, EMA weights in place (scripts/bench_base.py scores
+    samples along one run that way)."""
     ids = sorted(data.captions)
     text_cache = TextCache(base)
     base.unet.train()
@@ -302,7 +305,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig) -> list[f
         return base.text_encoder(tok.input_ids)[0]
 
     losses = _loop(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay),
-                   step_loss, "base")
+                   step_loss, "base", every=every)
     base.unet.eval()
     base.text_encoder.requires_grad_(False).eval()
     return losses

@@ -4,9 +4,10 @@
     .venv/bin/python scripts/bench_base.py --variants plain,minsnr,minsnr-te,demo --steps 900
     .venv/bin/python scripts/bench_base.py --variants "demo;lr2e3:learning_rate=0.002;long:train_steps=1800"
     .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY"   # score a trained base
+    .venv/bin/python scripts/bench_base.py --variants "long:train_steps=3600" --score-at 900,1800,2700  # one run, four scores
 
 Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
-samples the first N held-out captions (DDIM 20 steps, guidance 3, one seed per caption) and reports
+samples the first N held-out captions (DDIM 20 steps, guidance 3 unless told, one seed per caption) and reports
 the FID of those samples against the held-out images with the offline `random-conv-v1` features,
 plus the training time. Grids go to `--out`. Run one command at a time: two on two cores slow each
 other far more than twofold.
@@ -14,6 +15,8 @@ other far more than twofold.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +53,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
     for item in filter(None, text.split(";")):
         name, _, rest = item.partition(":")
         update = {}
-        for kv in filter(None, rest.split(",")):
+        for kv in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [..] belong to a list
             k, v = kv.split("=", 1)
             try:
                 update[k] = json.loads(v)
@@ -66,7 +69,12 @@ def main() -> None:
                     help="comma-separated presets, or ';'-separated NAME:key=value,... (base.* keys on top of the demo profile)")
     ap.add_argument("--steps", type=int, default=None, help="base steps (default: the demo profile's)")
     ap.add_argument("--captions", type=int, default=96)
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of the samples")
+    ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples")
     ap.add_argument("--out", default="bench-base")
+    ap.add_argument("--score-at", default="", help="also score at these steps of each run, e.g. 900,1800,2700 "
+                    "(EMA weights; training time excludes the scoring)")
+    ap.add_argument("--save", default=None, help="save each trained base to SAVE/NAME (diffusers layout; load= reads it)")
     args = ap.parse_args()
     prof = load_profile("demo")
     out = Path(args.out)
@@ -87,6 +95,18 @@ def main() -> None:
 
     real = feats(np.stack([test.arrays[i]["image"] for i in sorted(test.captions)]))
     print("| variant | steps | train s | FID (random-conv-v1) vs held-out images |\n|---|---|---|---|")
+
+    def score(base, name: str, steps: str, seconds: float) -> None:
+        pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(captions, num_inference_steps=args.sample_steps, guidance_scale=args.guidance, output_type="np",
+                      generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
+                      height=prof.data.resolution, width=prof.data.resolution)
+        caption_grid(images[:8], captions[:8]).save(out / f"{name}.png")
+        value = float(cleanfid.fid_from_feats(feats(images), real))
+        print(f"| {name} | {steps} | {seconds:.0f} | {value:.3f} |", flush=True)
+
+    score_at = {int(s) for s in args.score_at.split(",") if s}
     for name, update in parse_variants(args.variants):
         saved = update.pop("load", None)
         cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
@@ -96,16 +116,23 @@ def main() -> None:
         else:
             torch.manual_seed(cfg.seed)
             base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
-            train_base(base, train, cfg)
-        seconds = time.perf_counter() - t0
-        pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
-        pipe.set_progress_bar_config(disable=True)
-        images = pipe(captions, num_inference_steps=20, guidance_scale=3.0, output_type="np",
-                      generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
-                      height=prof.data.resolution, width=prof.data.resolution)
-        caption_grid(images[:8], captions[:8]).save(out / f"{name}.png")
-        value = float(cleanfid.fid_from_feats(feats(images), real))
-        print(f"| {name} | {'saved' if saved else cfg.train_steps} | {seconds:.0f} | {value:.3f} |", flush=True)
+            scoring = [0.0]  # seconds spent scoring, kept out of the training time
+
+            def along(step: int) -> None:
+                if step in score_at and step != cfg.train_steps:
+                    s0 = time.perf_counter()
+                    base.unet.eval()
+                    with torch.no_grad():
+                        score(base, f"{name}@{step}", str(step), s0 - t0 - scoring[0])
+                    base.unet.train()
+                    scoring[0] += time.perf_counter() - s0
+
+            every = (math.gcd(*score_at), along) if score_at else None
+            train_base(base, train, cfg, every=every)
+        seconds = time.perf_counter() - t0 - (0 if saved else scoring[0])
+        if args.save and not saved:
+            base.save(Path(args.save) / name)
+        score(base, name, "saved" if saved else str(cfg.train_steps), seconds)
 
 
 if __name__ == "__main__":
