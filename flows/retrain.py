@@ -190,6 +190,9 @@ def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir:
     bench = frozen_benchmark(plan, dataset)
     base, base_path = base_for(plan, dataset)
     cur = registry.current(db, dataset)
+    if plan.profile.train.processes > 1:  # the candidate trains on the live split, which TrainJob cannot name yet
+        log.warning("retrain trains its candidate in this one process; train.processes=%d applies to the "
+                    "full-benchmark flow's train stage only", plan.profile.train.processes)
     model_id = f"r{data['round']:04d}"
     init = None if from_scratch or cur is None else Path(cur["path"]) / "controlnet"
     cand = train_candidate(plan, dataset, base, base_path, model_id, data["round"], init)
