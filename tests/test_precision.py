@@ -55,3 +55,20 @@ def test_min_snr_weighting_reweights_the_loss_and_a_huge_gamma_is_the_plain_loss
     assert huge_losses == pytest.approx(plain_losses, rel=1e-6) and max_diff(plain, huge) < 1e-6
     _, snr_losses = _train(world, data, mixed_precision="no", snr_gamma=5.0)
     assert snr_losses[0] != pytest.approx(plain_losses[0], rel=1e-3)  # same batch, reweighted
+
+
+def test_base_training_calls_its_hook_on_schedule_with_the_weights_it_ships(world, data):
+    """train_base's every=(n, f): f(step) at every n-th step and the last, with the EMA weights in place."""
+    import torch
+
+    from pd_model.config import BaseModelConfig
+    from pd_model.train import train_base
+
+    base = load_base(world / "base")
+    seen: dict[int, torch.Tensor] = {}
+    first = next(base.unet.parameters())
+    cfg = BaseModelConfig(train_steps=5, batch_size=2, ema_decay=0.9)
+    train_base(base, data, cfg, every=(2, lambda step: seen.__setitem__(step, first.detach().clone())))
+    assert sorted(seen) == [2, 4, 5]
+    assert torch.equal(seen[5], first.detach())  # the last call saw what training leaves: the EMA
+    assert not torch.equal(seen[2], seen[4])
