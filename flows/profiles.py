@@ -79,6 +79,13 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     return Profile.model_validate(_merge({"name": name, **PROFILES[name]}, overrides or {}))
 
 
+def split_overrides(text: str) -> list[str]:
+    """`train.steps=10,base.block_out_channels=[32,64]` -> its two overrides (commas inside [...] stay)."""
+    import re
+
+    return [item for item in re.split(r",(?![^\[]*\])", text) if item]
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """`train.steps=10` -> {"train": {"steps": 10}} (values parsed as JSON when they can be)."""
     import json

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from cleanfid import fid as cleanfid
 
-from flows.profiles import load_profile
+from flows.profiles import load_profile, parse_override, split_overrides
 from pd_data.annotate import annotate_shard
 from pd_data.dataset import load_split
 from pd_data.ingest import ingest
@@ -45,20 +44,14 @@ VARIANTS = {
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
     """Presets ("plain,demo") or custom variants ("lr2e3:learning_rate=0.002;long:train_steps=1800")."""
-    import json
-
     if ":" not in text:
         return [(name, VARIANTS[name]) for name in text.split(",")]
     out = []
     for item in filter(None, text.split(";")):
         name, _, rest = item.partition(":")
         update = {}
-        for kv in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [..] belong to a list
-            k, v = kv.split("=", 1)
-            try:
-                update[k] = json.loads(v)
-            except json.JSONDecodeError:
-                update[k] = v
+        for kv in split_overrides(rest):
+            update |= parse_override(kv)
         out.append((name, {**VARIANTS.get(name, {}), **update}))
     return out
 
@@ -111,12 +104,12 @@ def main() -> None:
         saved = update.pop("load", None)
         cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
         t0 = time.perf_counter()
+        scoring = [0.0]  # seconds spent scoring along the run, kept out of the training time
         if saved:  # a base the pipeline already trained (e.g. .pd/models/base/KEY): score it as it is
             base = load_base(saved)
         else:
             torch.manual_seed(cfg.seed)
             base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
-            scoring = [0.0]  # seconds spent scoring, kept out of the training time
 
             def along(step: int) -> None:
                 if step in score_at and step != cfg.train_steps:
@@ -129,7 +122,7 @@ def main() -> None:
 
             every = (math.gcd(*score_at), along) if score_at else None
             train_base(base, train, cfg, every=every)
-        seconds = time.perf_counter() - t0 - (0 if saved else scoring[0])
+        seconds = time.perf_counter() - t0 - scoring[0]
         if args.save and not saved:
             base.save(Path(args.save) / name)
         score(base, name, "saved" if saved else str(cfg.train_steps), seconds)

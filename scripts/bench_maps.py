@@ -24,11 +24,11 @@ import numpy as np
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
-    from flows.profiles import _merge, parse_override
+    from flows.profiles import _merge, parse_override, split_overrides
 
     name, _, rest = text.partition(":")
     mode, over = "prompt_diffusion", {}
-    for item in filter(None, rest.split(",")):
+    for item in split_overrides(rest):
         if item.startswith("mode="):
             mode = item.split("=", 1)[1]
         elif item.startswith("load="):  # a trained model folder (train stage): score it, train nothing

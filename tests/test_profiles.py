@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from flows.profiles import PROFILES, load_profile, parse_override
+from flows.profiles import PROFILES, load_profile, parse_override, split_overrides
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -44,6 +44,9 @@ def test_profiles_are_frozen():
 def test_parse_override():
     assert parse_override("train.steps=10") == {"train": {"steps": 10}}
     assert parse_override("eval.scheduler=unipc") == {"eval": {"scheduler": "unipc"}}
+    assert split_overrides("train.steps=10,base.block_out_channels=[32,64],,eval.steps=5") == [
+        "train.steps=10", "base.block_out_channels=[32,64]", "eval.steps=5"]
+    assert parse_override("base.block_out_channels=[32,64]") == {"base": {"block_out_channels": [32, 64]}}
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("train.steps")
 
