@@ -1,0 +1,45 @@
+"""The benchmark's generation honours the evaluation config: pair guidance reaches the pipeline."""
+import numpy as np
+import torch
+from PIL import Image
+
+from pd_data.config import PromptConfig
+from pd_data.dataset import load_split
+from pd_data.prompts import materialise_prompts
+from pd_data.tasks import get_task
+from pd_eval.benchmark import ModelUnderTest, evaluation_prompts, run_benchmark
+from pd_eval.config import EvalConfig
+from pd_model.base import load_base
+from pd_model.sampling import generate
+from pd_model.train import build_controlnet
+
+
+def test_the_benchmark_samples_with_the_configured_pair_guidance(train_world, tmp_path):
+    data = load_split(train_world / "img", train_world / "ann", "train")
+    base = load_base(train_world / "base").freeze()
+    net = build_controlnet(base, "prompt_diffusion")
+    with torch.no_grad():  # zero convolutions made live, so that the example pair changes the output
+        g = torch.Generator().manual_seed(0)
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    net.eval()
+    task = "image->depth"
+    prompts_path = tmp_path / "prompts.parquet"
+    materialise_prompts(data, (task,), PromptConfig(per_task=2, split="train"), prompts_path)
+    model = ModelUnderTest("prompt-diffusion", "prompt-diffusion", net, (task,))
+
+    def saved(pair_guidance: float | None) -> tuple[EvalConfig, np.ndarray]:
+        cfg = EvalConfig(steps=2, bootstrap=0, pair_guidance_scale=pair_guidance)
+        out = tmp_path / f"pg-{pair_guidance}"
+        _, samples = run_benchmark(base, [model], data, prompts_path, cfg, out)
+        return cfg, np.stack([np.asarray(Image.open(s["path"])) for s in samples])
+
+    cfg, with_pair = saved(3.0)
+    _, text_only = saved(None)
+    rows = evaluation_prompts(prompts_path, cfg)
+    built = [data.prompt(get_task(task), r["example_id"], r["query_id"]) for r in rows]
+    direct = generate(base, net, built, [r["seed"] for r in rows], steps=2, guidance_scale=cfg.guidance_scale,
+                      pair_guidance_scale=3.0)
+    assert np.array_equal(with_pair, direct)
+    assert not np.array_equal(with_pair, text_only)
