@@ -5,12 +5,15 @@
     .venv/bin/python scripts/bench_base.py --variants "demo;lr2e3:learning_rate=0.002;long:train_steps=1800"
     .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY"   # score a trained base
     .venv/bin/python scripts/bench_base.py --variants "long:train_steps=3600" --score-at 900,1800,2700  # one run, four scores
+    .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY" --from-split train  # fit, not generalisation
 
 Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
-samples the first N held-out captions (DDIM 20 steps, guidance 3 unless told, one seed per caption) and reports
-the FID of those samples against the held-out images with the offline `random-conv-v1` features,
-plus the training time. Grids go to `--out`. Run one command at a time: two on two cores slow each
-other far more than twofold.
+samples the first N held-out captions (DDIM 20 steps, guidance 3 unless told, one seed per caption)
+and reports the FID of those samples against the held-out images with the offline `random-conv-v1`
+features, plus the training time. `--from-split train` samples training captions against training
+images instead: how well the base fits its own data. Grids, each sample beside the image of its
+caption, go to `--out`. On 2 cores run one command at a time, or two with OMP_NUM_THREADS=1 each
+(together about 28% more throughput than one after the other; each alone is slower).
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ def main() -> None:
                     help="comma-separated presets, or ';'-separated NAME:key=value,... (base.* keys on top of the demo profile)")
     ap.add_argument("--steps", type=int, default=None, help="base steps (default: the demo profile's)")
     ap.add_argument("--captions", type=int, default=96)
+    ap.add_argument("--from-split", choices=["held-out", "train"], default="held-out",
+                    help="sample held-out captions (generalisation) or training ones (how well the base fits its data)")
     ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of the samples")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples")
     ap.add_argument("--out", default="bench-base")
@@ -79,15 +84,16 @@ def main() -> None:
             annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), prof.data.annotators)
         train = load_split(root / "img", root / "ann", "train")
         test = load_split(root / "img", root / "ann", prof.prompts.split)
-    ids = sorted(test.captions)[: args.captions]
-    captions = [test.captions[i] for i in ids]
+    scored = test if args.from_split == "held-out" else train
+    ids = sorted(scored.captions)[: args.captions]
+    captions = [scored.captions[i] for i in ids]
     features = RandomConvFeatures()
 
     def feats(a: np.ndarray) -> np.ndarray:
         return features(torch.from_numpy(a).permute(0, 3, 1, 2).float()).numpy()
 
-    real = feats(np.stack([test.arrays[i]["image"] for i in sorted(test.captions)]))
-    print("| variant | steps | train s | FID (random-conv-v1) vs held-out images |\n|---|---|---|---|")
+    real = feats(np.stack([scored.arrays[i]["image"] for i in sorted(scored.captions)]))
+    print(f"| variant | steps | train s | FID (random-conv-v1) vs {args.from_split} images |\n|---|---|---|---|")
 
     def score(base, name: str, steps: str, seconds: float) -> None:
         pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
@@ -95,7 +101,11 @@ def main() -> None:
         images = pipe(captions, num_inference_steps=args.sample_steps, guidance_scale=args.guidance, output_type="np",
                       generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
                       height=prof.data.resolution, width=prof.data.resolution)
-        caption_grid(images[:8], captions[:8]).save(out / f"{name}.png")
+        # Each sample beside the image its caption came from.
+        shown = range(min(8, len(images)))
+        pairs = [a for k in shown for a in (images[k], scored.arrays[ids[k]]["image"])]
+        labels = [t for k in shown for t in (captions[k], "its image")]
+        caption_grid(np.stack(pairs), labels).save(out / f"{name}.png")
         value = float(cleanfid.fid_from_feats(feats(images), real))
         print(f"| {name} | {steps} | {seconds:.0f} | {value:.3f} |", flush=True)
 
