@@ -72,14 +72,14 @@ def ingest_round(plan, dataset: str) -> dict:
 def frozen_benchmark(plan, dataset: str) -> Path:
     """The benchmark of this dataset (split images, maps and prompts), made once on the first round."""
     from pd_data.dataset import load_split
-    from pd_data.incremental import freeze_benchmark
+    from pd_data.incremental import snapshot_split
     from pd_data.prompts import materialise_prompts
 
     live = live_dir(plan, dataset)
     out = live / "benchmark"
     if not is_done(out):
         split = plan.profile.prompts.split
-        freeze_benchmark(live, plan.state.db, dataset, split, out)
+        snapshot_split(live, plan.state.db, dataset, split, out)
         data = load_split(out, out, split)
         n = materialise_prompts(data, TRAINING_TASKS, plan.profile.prompts, out / "prompts.parquet")
         mark_done(out, {"prompts": n, "split": split})
@@ -114,9 +114,22 @@ def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd
     from pd_model.train import save_losses, train_controlnet
 
     out = live_dir(plan, dataset) / "candidates" / model_id
-    if not (out / "losses.json").exists():
+    cfg = plan.profile.train
+    if (out / "losses.json").exists():  # finished in an earlier, interrupted run
+        pass
+    elif cfg.processes > 1:
+        # torchrun workers (see pd_model.train_dist) read a Parquet snapshot of the live train split,
+        # never the database; the main worker writes the candidate folder, losses.json last.
+        from pd_data.incremental import snapshot_split
+        from pd_model.train_dist import TrainJob, launch
+
+        snapshot = out / "train-split"
+        snapshot_split(live_dir(plan, dataset), plan.state.db, dataset, "train", snapshot)
+        launch(TrainJob(base=str(base_path), images=str(snapshot), annotations=str(snapshot), cfg=cfg,
+                        mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, seed_offset=rnd, out=str(out),
+                        init=None if init is None else str(init)))
+    else:
         data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
-        cfg = plan.profile.train
         if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
             own = load_trained(init.parent)[2] if init is not None else None  # never on the shared base
             base = base.with_unet(own if own is not None else copy.deepcopy(base.unet))
@@ -190,9 +203,6 @@ def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir:
     bench = frozen_benchmark(plan, dataset)
     base, base_path = base_for(plan, dataset)
     cur = registry.current(db, dataset)
-    if plan.profile.train.processes > 1:  # the candidate trains on the live split, which TrainJob cannot name yet
-        log.warning("retrain trains its candidate in this one process; train.processes=%d applies to the "
-                    "full-benchmark flow's train stage only", plan.profile.train.processes)
     model_id = f"r{data['round']:04d}"
     init = None if from_scratch or cur is None else Path(cur["path"]) / "controlnet"
     cand = train_candidate(plan, dataset, base, base_path, model_id, data["round"], init)

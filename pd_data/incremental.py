@@ -180,8 +180,10 @@ def load_live_split(root: Path, db: Path, dataset: str, split: str) -> SplitData
     return split_from_tables(images, ann, split, where=f"live dataset {dataset!r} ({root})")
 
 
-def freeze_benchmark(root: Path, db: Path, dataset: str, split: str, out: Path) -> None:
-    """Copy the evaluation split as it is now into `out`: every later round is scored on these inputs."""
+def snapshot_split(root: Path, db: Path, dataset: str, split: str, out: Path) -> None:
+    """Copy one split of the live dataset as it is now into `out` (images and annotations shards):
+    the frozen benchmark that every later round is scored on, or the training data that a
+    multi-process candidate's workers read without opening the database."""
     import pyarrow.compute as pc
 
     images, ann = active_tables(root, db, dataset)

@@ -2,11 +2,12 @@
 
     torchrun --nproc_per_node=N -m pd_model.train_dist JOB.json
 
-The train stage writes JOB.json (a `TrainJob`) and runs this itself when `train.processes` > 1;
-with one process it calls `run_job` directly. Every process draws only its own samples of each
-step's global batch (see `pd_model.train`) and gradients are summed with one all-reduce per step,
-so N processes give the weights of one process with the same `train.batch_size`, up to float
-summation order. Backend: nccl on CUDA (one GPU per process), gloo on CPU.
+The train stage (and the retrain flow, for its candidate) writes JOB.json (a `TrainJob`) and runs
+this itself when `train.processes` > 1; with one process the train stage calls `run_job` directly.
+Every process draws only its own samples of each step's global batch (see `pd_model.train`) and
+gradients are summed with one all-reduce per step, so N processes give the weights of one process
+with the same `train.batch_size`, up to float summation order. Backend: nccl on CUDA (one GPU per
+process), gloo on CPU.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class TrainJob(Frozen):
     seed_offset: int = 0
     out: str  # the model's folder: checkpoints/, validation/, controlnet/, pipeline.json, losses.json
     validation_guidance: float = 3.0  # of the validation grids (cfg.validate_every); the benchmark's, say
+    init: str | None = None  # a saved ControlNet folder to continue from (retraining), else the base's copy
 
 
 def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -> list[float]:
@@ -45,11 +47,15 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
     `on_grid(path, step)` gets each validation grid as it is saved (in this process only)."""
     from pd_data.dataset import load_split
     from pd_model.base import load_base
-    from pd_model.pipeline import save_trained
+    from pd_model.pipeline import load_trained, save_trained
     from pd_model.train import save_losses, train_controlnet
 
     out = Path(job.out)
-    base = load_base(job.base).freeze()
+    base = load_base(job.base).freeze()  # this process's own copy: a decoder trained in place changes only it
+    init = None if job.init is None else Path(job.init)
+    if init is not None and job.cfg.train_unet_decoder:  # continue the model's own decoder when it has one
+        own = load_trained(init.parent)[2]
+        base = base.with_unet(own) if own is not None else base
     data = load_split(Path(job.images), Path(job.annotations), "train")
     try:  # validation prompts for the best checkpoint; without a val split, held-out draws of train
         val = load_split(Path(job.images), Path(job.annotations), "val")
@@ -57,7 +63,7 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
         val = None
     net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,
                                    checkpoint_dir=out / "checkpoints", val_data=val, validation_dir=out / "validation",
-                                   validation_guidance=job.validation_guidance, on_grid=on_grid)
+                                   validation_guidance=job.validation_guidance, on_grid=on_grid, init=init)
     if world()[0] == 0:
         save_trained(out, net, base, job.base, job.mode, job.tasks, job.cfg.train_unet_decoder)
         save_losses(out / "losses.json", losses)

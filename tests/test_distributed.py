@@ -40,17 +40,25 @@ def test_two_micro_batches_of_4_train_like_one_batch_of_8(world):
 
 
 def test_two_gloo_processes_train_like_one_process(world, tmp_path):
-    def job(processes: int, out: str) -> TrainJob:
+    def job(processes: int, out: str, init: str | None = None) -> TrainJob:
         return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"),
                         cfg=CFG.model_copy(update={"processes": processes}), mode="prompt_diffusion",
-                        tasks=TRAINING_TASKS, steps=CFG.steps, out=str(tmp_path / out))
+                        tasks=TRAINING_TASKS, steps=CFG.steps, out=str(tmp_path / out), init=init)
+
+    def weights(d: str) -> dict:
+        return load_file(tmp_path / d / "controlnet" / "diffusion_pytorch_model.safetensors")
 
     run_job(job(1, "one"))
     launch(job(2, "two"))  # torchrun, 2 CPU processes, gloo
-    one, two = (load_file(tmp_path / d / "controlnet" / "diffusion_pytorch_model.safetensors") for d in ("one", "two"))
-    assert max_diff(one, two) < TOL
+    assert max_diff(weights("one"), weights("two")) < TOL
     losses = [torch.tensor(__import__("json").loads((tmp_path / d / "losses.json").read_text())["loss"]) for d in ("one", "two")]
     assert torch.allclose(*losses, atol=1e-6)
+    # Retraining continues a saved ControlNet (TrainJob.init), on two processes as on one.
+    init = str(tmp_path / "one" / "controlnet")
+    run_job(job(1, "more-one", init))
+    launch(job(2, "more-two", init))
+    assert max_diff(weights("more-one"), weights("more-two")) < TOL
+    assert max_diff(weights("more-one"), weights("one")) > 10 * TOL  # from `one`, not a fresh copy (that is `one` again)
 
 
 def test_a_batch_that_does_not_split_is_rejected_with_the_fix():
@@ -58,3 +66,20 @@ def test_a_batch_that_does_not_split_is_rejected_with_the_fix():
         TrainConfig(batch_size=6, processes=2, grad_accum_steps=2)
     with pytest.raises(ValueError, match="smaller than train.processes=4"):
         TrainConfig(batch_size=2, processes=4)
+
+
+def test_a_continued_model_with_its_own_decoder_continues_that_decoder(world, tmp_path):
+    cfg = CFG.model_copy(update={"train_unet_decoder": True})
+
+    def job(out: str, init: str | None = None) -> TrainJob:
+        return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"), cfg=cfg,
+                        mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, out=str(tmp_path / out), init=init)
+
+    def unet(folder) -> dict:
+        return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    run_job(job("first"))
+    run_job(job("more", str(tmp_path / "first" / "controlnet")))
+    base, first, more = unet(world / "base"), unet(tmp_path / "first"), unet(tmp_path / "more")
+    # 3 more steps from `first`'s decoder: nearer to it than to the base's, which is 6 steps away.
+    assert max_diff(more, first) < max_diff(more, base)

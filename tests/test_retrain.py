@@ -11,6 +11,7 @@ from flows.cli import main as pd_main
 from flows.profiles import _merge, load_profile
 from flows.retrain import retrain_flow
 from pd_data.config import DataConfig
+from pd_data.dataset import load_split
 from pd_data.incremental import load_live_split, update_live
 from pd_data.state import StateDir
 from pd_eval.registry import Score, current, decide
@@ -60,7 +61,8 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     assert events[-1] == ("rollback", "r0001") and ("reject", "r0003") in events
 
     # Round 4: 2 groups leave the source; their images are marked deleted and no longer trained on.
-    fewer = _merge(TINY, {"data": {"n_groups": 14}})
+    # Its candidate trains on two processes (torchrun), from a snapshot of the live train split.
+    fewer = _merge(TINY, {"data": {"n_groups": 14}, "train": {"processes": 2}})
     r4 = retrain_flow("smoke", fewer, dataset="t")
     assert (r4["data"]["deleted"], r4["data"]["annotated"]) == (4, 0)
     _, st = query(db, "SELECT status, count(*) FROM source_items WHERE dataset = 't' GROUP BY status ORDER BY status")
@@ -68,6 +70,9 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     train = load_live_split(live, db, "t", "train")
     assert not any(i.startswith(("g000014", "g000015")) for i in train.arrays)
     assert r4["model_id"] == "r0004" and r4["current"] in ("r0001", "r0004")
+    cand = live / "candidates" / "r0004"
+    assert (cand / "job.json").exists()  # the torchrun path, on the live train split as it was
+    assert sorted(load_split(cand / "train-split", cand / "train-split", "train").arrays) == sorted(train.arrays)
 
 
 def _png(color) -> bytes:
