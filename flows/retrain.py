@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd
         launch(TrainJob(base=str(base_path), images=str(snapshot), annotations=str(snapshot), cfg=cfg,
                         mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, seed_offset=rnd, out=str(out),
                         init=None if init is None else str(init)))
+        shutil.rmtree(snapshot)  # a copy of the whole train split: the live tables keep the data
     else:
         data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
         if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
@@ -193,8 +195,10 @@ def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir:
     """One retraining round of `dataset` on the profile's source (see the module docstring)."""
     from pd_eval import registry
     from pd_eval.store import init_db
+    from pd_model.train_dist import check_devices
 
     plan = make_plan(profile, overrides, state_dir)
+    check_devices(plan.profile.train)  # before any ingest or training, as the train stage does
     log, db = get_run_logger(), plan.state.db
     init_db(db)
     live = live_dir(plan, dataset)

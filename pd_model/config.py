@@ -77,7 +77,7 @@ class TrainConfig(Frozen):
     # A step's global batch (batch_size samples, their noise and timesteps) is drawn from (seed, step, sample)
     # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")
-    processes: int = Field(1, ge=1, description="data-parallel processes the train stage launches (torch.distributed)")
+    processes: int = Field(1, ge=1, description="data-parallel processes the train stage and retrain launch (torch.distributed)")
     mixed_precision: Literal["no", "bf16", "auto"] = Field("auto", description="bf16 autocast; auto: on CUDA with bf16 support")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")

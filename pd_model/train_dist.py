@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pd_data.config import Frozen
+from pd_data.state import atomic_write_bytes
 from pd_model.config import TrainConfig
 from pd_model.train import Mode, world
 
@@ -85,7 +86,7 @@ def launch(job: TrainJob) -> None:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "job.json"
-    path.write_text(job.model_dump_json(indent=2))
+    atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.cfg.processes}",
            "-m", "pd_model.train_dist", str(path)]
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

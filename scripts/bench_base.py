@@ -8,10 +8,11 @@
     .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY" --from-split train  # fit, not generalisation
 
 Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
-samples the first N held-out captions (DDIM 20 steps, guidance 3 unless told, one seed per caption)
-and reports the FID of those samples against the held-out images with the offline `random-conv-v1`
-features, plus the training time. `--from-split train` samples training captions against training
-images instead: how well the base fits its own data. Grids, each sample beside the image of its
+samples the first N held-out captions (default 96; the demo's held-out split has 54), DDIM 20 steps,
+guidance 3 unless told, one seed per caption, and reports the FID of those samples against the
+images of the same captions with the offline `random-conv-v1` features, plus the training time.
+`--from-split train` samples training captions against their training images instead: how well
+the base fits its own data. Grids, each sample beside the image of its
 caption, go to `--out`. On 2 cores run one command at a time, or two with OMP_NUM_THREADS=1 each
 (together about 28% more throughput than one after the other; each alone is slower).
 """
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,demo",
                     help="comma-separated presets, or ';'-separated NAME:key=value,... (base.* keys on top of the demo profile)")
     ap.add_argument("--steps", type=int, default=None, help="base steps (default: the demo profile's)")
-    ap.add_argument("--captions", type=int, default=96)
+    ap.add_argument("--captions", type=int, default=96, help="at most this many (the demo's held-out split has 54)")
     ap.add_argument("--from-split", choices=["held-out", "train"], default="held-out",
                     help="sample held-out captions (generalisation) or training ones (how well the base fits its data)")
     ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of the samples")
@@ -92,7 +93,8 @@ def main() -> None:
     def feats(a: np.ndarray) -> np.ndarray:
         return features(torch.from_numpy(a).permute(0, 3, 1, 2).float()).numpy()
 
-    real = feats(np.stack([scored.arrays[i]["image"] for i in sorted(scored.captions)]))
+    # The images of the sampled captions: as many real images as samples, on either split (FID is biased by set size).
+    real = feats(np.stack([scored.arrays[i]["image"] for i in ids]))
     print(f"| variant | steps | train s | FID (random-conv-v1) vs {args.from_split} images |\n|---|---|---|---|")
 
     def score(base, name: str, steps: str, seconds: float) -> None:

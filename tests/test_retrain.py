@@ -1,5 +1,6 @@
 """Scheduled retraining: incremental ingestion by content hash, the registry, the promotion rule, rollback."""
 import io
+import json
 import math
 
 import pyarrow.parquet as pq
@@ -11,7 +12,6 @@ from flows.cli import main as pd_main
 from flows.profiles import _merge, load_profile
 from flows.retrain import retrain_flow
 from pd_data.config import DataConfig
-from pd_data.dataset import load_split
 from pd_data.incremental import load_live_split, update_live
 from pd_data.state import StateDir
 from pd_eval.registry import Score, current, decide
@@ -70,9 +70,12 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     train = load_live_split(live, db, "t", "train")
     assert not any(i.startswith(("g000014", "g000015")) for i in train.arrays)
     assert r4["model_id"] == "r0004" and r4["current"] in ("r0001", "r0004")
+    # The torchrun path: continued from the current model, with the round as the seed offset, on a
+    # snapshot of the live train split that is removed once the candidate is complete.
     cand = live / "candidates" / "r0004"
-    assert (cand / "job.json").exists()  # the torchrun path, on the live train split as it was
-    assert sorted(load_split(cand / "train-split", cand / "train-split", "train").arrays) == sorted(train.arrays)
+    job = json.loads((cand / "job.json").read_text())
+    assert job["init"] == str(live / "candidates" / "r0001" / "controlnet") and job["seed_offset"] == 4  # r0001: rolled back to
+    assert job["images"] == job["annotations"] == str(cand / "train-split") and not (cand / "train-split").exists()
 
 
 def _png(color) -> bytes:
