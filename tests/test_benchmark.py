@@ -1,8 +1,8 @@
 """The benchmark's generation honours the evaluation config: pair guidance reaches the pipeline."""
 import numpy as np
-import torch
 from PIL import Image
 
+from conftest import live_controlnet
 from pd_data.config import PromptConfig
 from pd_data.dataset import load_split
 from pd_data.prompts import materialise_prompts
@@ -17,13 +17,7 @@ from pd_model.train import build_controlnet
 def test_the_benchmark_samples_with_the_configured_pair_guidance(train_world, tmp_path):
     data = load_split(train_world / "img", train_world / "ann", "train")
     base = load_base(train_world / "base").freeze()
-    net = build_controlnet(base, "prompt_diffusion")
-    with torch.no_grad():  # zero convolutions made live, so that the example pair changes the output
-        g = torch.Generator().manual_seed(0)
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    net.eval()
+    net = live_controlnet(build_controlnet(base, "prompt_diffusion"))  # so that the example pair changes the output
     task = "image->depth"
     prompts_path = tmp_path / "prompts.parquet"
     materialise_prompts(data, (task,), PromptConfig(per_task=2, split="train"), prompts_path)

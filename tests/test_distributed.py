@@ -20,6 +20,11 @@ def world(train_world):
     return train_world
 
 
+def _job(world, out, cfg: TrainConfig = CFG, init: str | None = None) -> TrainJob:
+    return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"), cfg=cfg,
+                    mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, out=str(out), init=init)
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -41,9 +46,7 @@ def test_two_micro_batches_of_4_train_like_one_batch_of_8(world):
 
 def test_two_gloo_processes_train_like_one_process(world, tmp_path):
     def job(processes: int, out: str, init: str | None = None) -> TrainJob:
-        return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"),
-                        cfg=CFG.model_copy(update={"processes": processes}), mode="prompt_diffusion",
-                        tasks=TRAINING_TASKS, steps=CFG.steps, out=str(tmp_path / out), init=init)
+        return _job(world, tmp_path / out, CFG.model_copy(update={"processes": processes}), init)
 
     def weights(d: str) -> dict:
         return load_file(tmp_path / d / "controlnet" / "diffusion_pytorch_model.safetensors")
@@ -71,15 +74,11 @@ def test_a_batch_that_does_not_split_is_rejected_with_the_fix():
 def test_a_continued_model_with_its_own_decoder_continues_that_decoder(world, tmp_path):
     cfg = CFG.model_copy(update={"train_unet_decoder": True})
 
-    def job(out: str, init: str | None = None) -> TrainJob:
-        return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"), cfg=cfg,
-                        mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, out=str(tmp_path / out), init=init)
-
     def unet(folder) -> dict:
         return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
-    run_job(job("first"))
-    run_job(job("more", str(tmp_path / "first" / "controlnet")))
+    run_job(_job(world, tmp_path / "first", cfg))
+    run_job(_job(world, tmp_path / "more", cfg, str(tmp_path / "first" / "controlnet")))
     base, first, more = unet(world / "base"), unet(tmp_path / "first"), unet(tmp_path / "more")
     # 3 more steps from `first`'s decoder: nearer to it than to the base's, which is 6 steps away.
     assert max_diff(more, first) < max_diff(more, base)

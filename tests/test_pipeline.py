@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import live_controlnet
 from flows.cli import main as pd_main
 from pd_model.base import build_tiny_base
 from pd_model.config import BaseModelConfig
@@ -16,20 +17,10 @@ from pd_model.train import build_controlnet
 CAPTIONS = ["a red ball on a plain grey background", "depth map", "a blue box on a sky background"]
 
 
-def _live(net):
-    """A ControlNet whose zero convolutions are no longer zero, so that its hints matter."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def parts():
     base = build_tiny_base(BaseModelConfig(), CAPTIONS, 32).freeze()
-    return base, _live(build_controlnet(base, "prompt_diffusion")), _live(build_controlnet(base, "cnft"))
+    return base, live_controlnet(build_controlnet(base, "prompt_diffusion")), live_controlnet(build_controlnet(base, "cnft"))
 
 
 def _img(seed):
