@@ -14,7 +14,7 @@ from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 1, "annotate": 2, "prompts": 2, "base": 2, "train": 4, "evaluate": 5}
+CODE_VERSIONS = {"ingest": 2, "annotate": 2, "prompts": 3, "base": 2, "train": 5, "evaluate": 6}
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,15 @@ class Plan:
     def key(self, stage: str) -> str:
         p = self.profile
         parts = {  # lambdas: only the asked stage's upstream keys are computed
-            "ingest": lambda: (p.data.model_dump(exclude={"annotators", "annotator_weights", "workers"}),
+            "ingest": lambda: (p.data.model_dump(exclude={"annotators", "annotator_weights", "workers", "pairing"}),
                                make_source(p.data).fingerprint()),
             "annotate": lambda: (self.key("ingest"), p.data.annotators, p.data.annotator_weights),
-            "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.eval_tasks),
+            "prompts": lambda: (self.key("annotate"), p.prompts.model_dump(), self.eval_tasks, p.data.pairing),
             # A base that learns maps (base.map_fraction) reads the annotations too.
             "base": lambda: (self.key("annotate") if p.base.map_fraction else self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
                               p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "validate_every",
-                                                          "gradient_checkpointing"}), self.tasks),
+                                                          "gradient_checkpointing"}), self.tasks, p.data.pairing),
             "evaluate": lambda: (self.key("train"), self.key("prompts"), p.eval.model_dump()),
         }[stage]()
         return fingerprint(stage, CODE_VERSIONS[stage], parts)

@@ -40,7 +40,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50},
               "base": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25}},
     "demo": {
-        "data": {"n_groups": 240, "resolution": 32},
+        # 480 images, as before layouts: 80 themes x 3 layouts x (a picture and its edited twin).
+        "data": {"n_groups": 80, "layouts_per_group": 3, "resolution": 32},
         "prompts": {"per_task": 16},
         # Random-conv FID of held-out-caption samples at equal cost (README): EMA 3.33 -> 2.12; then
         # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
@@ -56,7 +57,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval": {"steps": 20, "guidance_scale": 3.0, "pair_guidance_scale": 3.0},
     },
     "paper": {
-        "data": {"n_groups": 2000, "resolution": 256, "shard_size": 256},
+        "data": {"n_groups": 1000, "resolution": 256, "shard_size": 256},
         "prompts": {"per_task": 1000},
         "base": {"kind": "sd15", "pretrained_path": "runwayml/stable-diffusion-v1-5", "train_steps": 0},
         "train": {"steps": 5000, "batch_size": 32, "learning_rate": 1e-4, "baseline_steps_per_task": 5000},

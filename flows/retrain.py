@@ -81,7 +81,7 @@ def frozen_benchmark(plan, dataset: str) -> Path:
     if not is_done(out):
         split = plan.profile.prompts.split
         snapshot_split(live, plan.state.db, dataset, split, out)
-        data = load_split(out, out, split)
+        data = load_split(out, out, split, plan.profile.data.pairing)
         n = materialise_prompts(data, TRAINING_TASKS, plan.profile.prompts, out / "prompts.parquet")
         mark_done(out, {"prompts": n, "split": split})
     return out
@@ -128,10 +128,10 @@ def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd
         snapshot_split(live_dir(plan, dataset), plan.state.db, dataset, "train", snapshot)
         launch(TrainJob(base=str(base_path), images=str(snapshot), annotations=str(snapshot), cfg=cfg,
                         mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, seed_offset=rnd, out=str(out),
-                        init=None if init is None else str(init)))
+                        init=None if init is None else str(init), pairing=plan.profile.data.pairing))
         shutil.rmtree(snapshot)  # a copy of the whole train split: the live tables keep the data
     else:
-        data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
+        data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train", plan.profile.data.pairing)
         if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
             own = load_trained(init.parent)[2] if init is not None else None  # never on the shared base
             base = base.with_unet(own if own is not None else copy.deepcopy(base.unet))
@@ -158,7 +158,7 @@ def evaluate_model(plan, dataset: str, base, model_dir: Path, model_id: str, ben
     if done[0][0]:
         return eval_id
     _, net, unet = load_trained(model_dir)
-    data = load_split(bench, bench, read_done(bench)["split"])
+    data = load_split(bench, bench, read_done(bench)["split"], plan.profile.data.pairing)
     metrics, _ = run_benchmark(base, [ModelUnderTest("prompt-diffusion", model_id, net, TRAINING_TASKS, unet=unet)], data,
                                bench / "prompts.parquet", plan.profile.eval, live_dir(plan, dataset) / "eval" / model_id / eval_key)
     now = datetime.now(timezone.utc)

@@ -138,7 +138,7 @@ def prompts_task(plan: Plan) -> dict:
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
 
-    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split, plan.profile.data.pairing)
     n = materialise_prompts(data, plan.eval_tasks, plan.profile.prompts, plan.dir("prompts") / "prompts.parquet")
     return {"rows": n, "tasks": list(plan.eval_tasks)}
 
@@ -219,7 +219,7 @@ def train_controlnet_task(plan: Plan, mode: str, tasks: tuple[str, ...], steps: 
         base_path = plan.dir("base") if plan.profile.base.kind == "tiny" else plan.profile.base.pretrained_path
         job = TrainJob(base=str(base_path), images=str(plan.dir("ingest")), annotations=str(plan.dir("annotate")),
                        cfg=plan.profile.train, mode=mode, tasks=tasks, steps=steps, seed_offset=seed_offset, out=str(out),
-                       validation_guidance=plan.profile.eval.guidance_scale)
+                       validation_guidance=plan.profile.eval.guidance_scale, pairing=plan.profile.data.pairing)
         publish = partial(publish_grid, model=name)
         if plan.profile.train.processes > 1:
             launch(job)  # the workers are outside this run: publish their grids once they are done
@@ -298,7 +298,7 @@ def benchmark_task(plan: Plan) -> dict:
         if unet is not None:  # trained with train.train_unet_decoder
             unets[name] = unet
     models = models_under_test(nets, plan.unseen_tasks, unets)
-    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
+    data = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split, plan.profile.data.pairing)
     train = load_split(plan.dir("ingest"), plan.dir("annotate"), "train")  # for the mean-map baseline
     prompts, cfg = plan.dir("prompts") / "prompts.parquet", plan.profile.eval
     metrics, samples = run_benchmark(base, models, data, prompts, cfg, plan.dir("evaluate"), train)
@@ -371,6 +371,7 @@ def report_task(plan: Plan, run_id: str) -> str:
     notes = [f"profile: {plan.profile.name}; evaluation protocol: {ev.protocol} "
              f"({ev.scheduler}, {ev.steps} steps, guidance {ev.guidance_scale}{pair})",
              f"trained: {trained}; CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
+             f"pairing: {plan.profile.data.pairing} (where each training and evaluation prompt takes its example pair from)",
              f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 

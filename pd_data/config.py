@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Pairing = Literal["other-layout", "any", "other-group"]
+
 
 class Frozen(BaseModel):
     """Base of every config: immutable, and an unknown key is an error, not a silent no-op."""
@@ -18,8 +20,13 @@ class DataConfig(Frozen):
     captions_file: str | None = Field(None, description="folder source: JSONL or CSV side file of captions")
     parquet_preset: Literal["instructpix2pix-hf"] | None = None
     parquet_columns: list[dict[str, str]] | None = Field(None, description='e.g. [{"image": "img", "caption": "text"}]')
-    n_groups: int = Field(24, ge=2, description="prompt groups (each a set of edited twins)")
-    images_per_group: int = Field(2, ge=2, le=8)
+    n_groups: int = Field(12, ge=2, description="procedural groups (each one theme in several layouts)")
+    layouts_per_group: int = Field(2, ge=1, le=8, description="procedural: layouts of a group's theme (an InstructPix2Pix folder's seeds)")
+    images_per_layout: int = Field(2, ge=1, le=8, description="procedural: a layout and its edited twins")
+    pairing: Pairing = Field("other-layout", description=(
+        "where a prompt's example pair comes from, in training and evaluation: 'other-layout' (another layout "
+        "of the query's group), 'any' (any other image of the group, twins included: the original's draw), "
+        "'other-group' (another group); a query whose group has no such image takes it from another group"))
     resolution: int = Field(32, ge=16, le=1024)
     seed: int = 0
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)

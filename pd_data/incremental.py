@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pd_data.annotate import annotate_shard
-from pd_data.config import DataConfig
+from pd_data.config import DataConfig, Pairing
 from pd_data.dataset import SplitData, split_from_tables
 from pd_data.ingest import listing, prepare, record_row
 from pd_data.normalize import Reject
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS data_rounds (
 """
 _ROUND_FILE = re.compile(r"-r(\d{4})-\d{5}\.parquet$")
 # What may change between rounds without invalidating earlier rounds: how much data and how it is read.
-_ROUND_INVARIANT = {"n_groups", "images_per_group", "shard_size", "workers", "source_path", "captions_file"}
+_ROUND_INVARIANT = {"n_groups", "layouts_per_group", "images_per_layout", "shard_size", "workers", "source_path",
+                    "captions_file"}
 
 
 def ensure_schema(con) -> None:
@@ -90,7 +91,7 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
     chash = config_hash(cfg)
     if prev_hash is not None and prev_hash != chash:
         raise ValueError(f"live dataset {dataset!r} was built with another data configuration (hash {prev_hash}, now "
-                         f"{chash}): only n_groups, images_per_group, shard_size, workers and source paths may change "
+                         f"{chash}): only n_groups, layouts_per_group, images_per_layout, shard_size, workers and source paths may change "
                          f"between rounds. Use a new dataset name for the new configuration.")
     rnd = prev_round + 1
     prepare(root)
@@ -175,9 +176,9 @@ def active_tables(root: Path, db: Path, dataset: str) -> tuple[pa.Table, pa.Tabl
     return read("images", IMAGES_SCHEMA), read("annotations", ANNOTATIONS_SCHEMA)
 
 
-def load_live_split(root: Path, db: Path, dataset: str, split: str) -> SplitData:
+def load_live_split(root: Path, db: Path, dataset: str, split: str, pairing: Pairing = "other-layout") -> SplitData:
     images, ann = active_tables(root, db, dataset)
-    return split_from_tables(images, ann, split, where=f"live dataset {dataset!r} ({root})")
+    return split_from_tables(images, ann, split, where=f"live dataset {dataset!r} ({root})", pairing=pairing)
 
 
 def snapshot_split(root: Path, db: Path, dataset: str, split: str, out: Path) -> None:

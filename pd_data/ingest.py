@@ -36,7 +36,7 @@ def record_row(item: Item, rec: RawRecord, cfg: DataConfig, source_name: str) ->
     caption, repaired = normalise_caption(rec.caption)
     img = normalise_image(rec.image, cfg.resolution, cfg.min_side, cfg.max_pixels)
     prov = dict(rec.provenance, **({"caption_repaired": True} if repaired else {}))
-    return {"image_id": item.image_id, "group_id": item.group_id,
+    return {"image_id": item.image_id, "group_id": item.group_id, "layout_id": item.layout,
             "split": split_of(item.group_id, cfg.seed, cfg.split_fractions), "caption": caption,
             "image": png_bytes(img), "width": cfg.resolution, "height": cfg.resolution,
             "source": source_name, "provenance": json.dumps(prov, sort_keys=True, default=str)}

@@ -1,10 +1,12 @@
-"""Seeded procedural scenes: groups of edited twins with captions and exact maps (depth, seg, soft
-edges, and the unseen-task maps: canny edges, scribbles, surface normals).
+"""Seeded procedural scenes in groups of layouts and edited twins, with captions and exact maps
+(depth, seg, soft edges, and the unseen-task maps: canny edges, scribbles, surface normals).
 
 A scene is a JSON-able dict (background + objects); `render(scene, res)` draws the image and every
-map from that one description, so the maps are exact by construction. A group is a base scene and
-edited copies of it (recolour, move, add, remove, new background, new lighting), like the
-before/after twins of InstructPix2Pix.
+map from that one description, so the maps are exact by construction. A group is one theme (the
+caption template: background, texture, lighting and a set of coloured objects) rendered in several
+layouts (horizon, object positions, sizes and which of the objects appear all vary), like the seeds
+of an InstructPix2Pix prompt folder; each layout comes with edited twins of itself (recolour, move,
+add, remove, new background, new lighting), like a seed's before/after pair.
 """
 from __future__ import annotations
 
@@ -54,6 +56,18 @@ def sample_scene(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
+def layout(theme: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """The theme's scene laid out anew: its background, texture and lighting; a fresh horizon; each of
+    its objects kept with probability 3/4 (at least one), placed and sized afresh."""
+    s = copy.deepcopy(theme)
+    keep = rng.random(len(s["objects"])) < 0.75
+    keep[int(rng.integers(len(keep)))] = True
+    s["horizon"] = float(rng.uniform(0.3, 0.55))
+    s["objects"] = [{**_new_object(rng), "kind": o["kind"], "color": o["color"]}
+                    for o, k in zip(s["objects"], keep) if k]
+    return s
+
+
 def edit_scene(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], str]:
     """One edit of a scene; returns the new scene and the edit's name."""
     s = copy.deepcopy(scene)
@@ -80,12 +94,44 @@ def edit_scene(scene: dict[str, Any], rng: np.random.Generator) -> tuple[dict[st
     return s, edit
 
 
+VISIBLE_FRACTION = 0.25  # a caption names an object only when at least this much of it can be seen
+_VISIBILITY_RES = 64     # measured on a fixed grid, so captions do not depend on the render size
+
+
+def visible_objects(scene: dict[str, Any]) -> list[dict[str, Any]]:
+    """The objects of `scene` at least `VISIBLE_FRACTION` visible (in frame, not hidden behind nearer
+    objects), in the scene's order."""
+    yy, xx = np.mgrid[0:_VISIBILITY_RES, 0:_VISIBILITY_RES].astype(np.float64) / _VISIBILITY_RES
+    owner = np.full(xx.shape, -1)
+    masks = []
+    for i, o in sorted(enumerate(scene["objects"]), key=lambda io: io[1]["y"]):  # painter's order, as render()
+        mask = _object_mask_and_height(o, xx, yy)[0]
+        owner[mask] = i
+        masks.append((i, mask))
+    area = {i: _object_area(scene["objects"][i]) for i, _ in masks}
+    seen = {i: (owner == i).sum() / max(area[i], 1.0) for i, _ in masks}
+    return [o for i, o in enumerate(scene["objects"]) if seen[i] >= VISIBLE_FRACTION]
+
+
+def _object_area(o: dict[str, Any]) -> float:
+    """Pixels of the object's whole mask on the visibility grid, frame or no frame (a 3x larger canvas)."""
+    n = _VISIBILITY_RES
+    yy, xx = (np.mgrid[-n:2 * n, -n:2 * n].astype(np.float64)) / n
+    return float(_object_mask_and_height(o, xx, yy)[0].sum())
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: dict[str, Any]) -> str:
-    objs = sorted(scene["objects"], key=lambda o: o["x"])
-    names = [f"a {o['color']} {o['kind']}" for o in objs]
-    things = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    side = "left" if scene["light"] < -0.3 else "right" if scene["light"] > 0.3 else "above"
-    return f"{things} on a {scene['texture']} {scene['background']} background, lit from the {side}"
+    """What can be seen, left to right: '<objects> on a <texture> <background> background, lit from <side>'."""
+    objs = sorted(visible_objects(scene), key=lambda o: o["x"])
+    names = [f"{_article(o['color'])} {o['color']} {o['kind']}" for o in objs]
+    things = "" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    side = "the left" if scene["light"] < -0.3 else "the right" if scene["light"] > 0.3 else "above"
+    where = f"a {scene['texture']} {scene['background']} background, lit from {side}"
+    return f"{things} on {where}" if things else where
 
 
 def _object_mask_and_height(o: dict[str, Any], xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,12 +239,18 @@ def normal_map(near: np.ndarray) -> np.ndarray:
     return np.clip((n + 1) * 127.5, 0, 255).round().astype(np.uint8)
 
 
-def make_group(group_seed: int, n_images: int) -> list[tuple[dict[str, Any], str]]:
-    """A group: a base scene and n-1 edits of it, each with its caption; all from one seed."""
-    rng = np.random.default_rng(group_seed)
-    scene = sample_scene(rng)
-    out = [(scene, caption(scene))]
-    for _ in range(n_images - 1):
-        edited, _edit = edit_scene(scene, rng)
-        out.append((edited, caption(edited)))
+def make_group(group_seed: int, layouts: int, images_per_layout: int) -> list[list[tuple[dict[str, Any], str]]]:
+    """A group: `layouts` layouts of one theme, each as a scene and `images_per_layout` - 1 edits of
+    it, every image with its caption. Layout l is drawn from (group_seed, l) alone, so a group with
+    more layouts keeps the ones of a group with fewer."""
+    theme = sample_scene(np.random.default_rng(group_seed))
+    out = []
+    for l in range(layouts):
+        rng = np.random.default_rng([group_seed, l])
+        scene = layout(theme, rng)
+        images = [(scene, caption(scene))]
+        for _ in range(images_per_layout - 1):
+            edited, _edit = edit_scene(scene, rng)
+            images.append((edited, caption(edited)))
+        out.append(images)
     return out

@@ -12,8 +12,9 @@ from PIL import Image
 from pd_data.state import atomic_write_bytes
 
 IMAGES_SCHEMA = pa.schema([
-    ("image_id", pa.string()),      # unique across the dataset: "<group_id>-<k>"
-    ("group_id", pa.string()),      # images of one group are edited twins of each other
+    ("image_id", pa.string()),      # unique across the dataset (procedural: "<group_id>-<layout>-<k>")
+    ("group_id", pa.string()),      # one caption theme (an InstructPix2Pix prompt folder)
+    ("layout_id", pa.string()),     # one picture and its edited twins (an InstructPix2Pix seed)
     ("split", pa.string()),         # train | val | test, by group
     ("caption", pa.string()),
     ("image", pa.binary()),         # PNG bytes, RGB, resolution x resolution

@@ -26,7 +26,13 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 class Item:
     image_id: str
     group_id: str
-    ref: tuple  # where to find it: a path, (file, row, column), (group, k), ...
+    ref: tuple  # where to find it: a path, (file, row, column), (group, layout, k), ...
+    # Images of one layout are edited twins of one picture (an InstructPix2Pix seed's pair); "" is the image alone.
+    layout_id: str = ""
+
+    @property
+    def layout(self) -> str:
+        return self.layout_id or self.image_id
 
 
 @dataclass
@@ -56,7 +62,8 @@ def _listing_hash(paths: list[Path]) -> str:
 
 
 class ProceduralSource:
-    """Seeded scenes in groups of edited twins; the scene goes into the provenance for exact maps."""
+    """Seeded scenes in groups of layouts and their edited twins; the scene goes into the provenance
+    for exact maps."""
 
     name = "procedural"
 
@@ -65,15 +72,16 @@ class ProceduralSource:
         self._group_cache: tuple[int, list] | None = None
 
     def items(self) -> list[Item]:
-        return [Item(f"g{g:06d}-{k}", f"g{g:06d}", (g, k))
-                for g in range(self.cfg.n_groups) for k in range(self.cfg.images_per_group)]
+        c = self.cfg
+        return [Item(f"g{g:06d}-{l}-{k}", f"g{g:06d}", (g, l, k), f"g{g:06d}-{l}")
+                for g in range(c.n_groups) for l in range(c.layouts_per_group) for k in range(c.images_per_layout)]
 
     def load(self, item: Item) -> RawRecord:
-        g, k = item.ref
+        g, l, k = item.ref
         seed = self.cfg.seed * 1_000_003 + g
         if self._group_cache is None or self._group_cache[0] != g:
-            self._group_cache = (g, procedural.make_group(seed, self.cfg.images_per_group))
-        scene, text = self._group_cache[1][k]
+            self._group_cache = (g, procedural.make_group(seed, self.cfg.layouts_per_group, self.cfg.images_per_layout))
+        scene, text = self._group_cache[1][l][k]
         img = procedural.render(scene, self.cfg.resolution, texture_seed=seed)["image"]
         return RawRecord(img, text, {"scene": scene, "texture_seed": seed})
 
@@ -82,7 +90,8 @@ class ProceduralSource:
 
 
 def _read_side_captions(path: Path) -> dict[str, dict[str, str]]:
-    """JSONL or CSV with a file column (`file`, `image` or `file_name`) and `caption`/`text`, optional `group`."""
+    """JSONL or CSV with a file column (`file`, `image` or `file_name`) and `caption`/`text`, optional
+    `group` and `layout`."""
     rows: list[dict] = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
@@ -100,7 +109,7 @@ def _read_side_captions(path: Path) -> dict[str, dict[str, str]]:
     for r in rows:
         key = r.get("file") or r.get("image") or r.get("file_name")
         if key:
-            out[str(key)] = {"caption": r.get("caption", r.get("text")), "group": r.get("group")}
+            out[str(key)] = {"caption": r.get("caption", r.get("text")), "group": r.get("group"), "layout": r.get("layout")}
     return out
 
 
@@ -108,7 +117,8 @@ class FolderSource:
     """Images under a folder; captions from a JSONL/CSV side file or a `.txt` beside each image.
 
     Groups: the side file's `group` column if given, else the image's sub-folder (images directly
-    in the root form one group each). Prompts pair images of one group.
+    in the root form one group each). Layouts: the side file's `layout` column (edited twins of one
+    picture share one), else each image is its own. Prompts pair images of one group (`data.pairing`).
     """
 
     name = "folder"
@@ -129,7 +139,7 @@ class FolderSource:
             rel = p.relative_to(self.root).as_posix()
             side = self._side.get(rel) or self._side.get(p.name) or {}
             group = side.get("group") or (p.parent.relative_to(self.root).as_posix() if p.parent != self.root else rel)
-            items.append(Item(rel, str(group), (rel,)))
+            items.append(Item(rel, str(group), (rel,), str(side.get("layout") or "")))
         return items
 
     def load(self, item: Item) -> RawRecord:
@@ -148,7 +158,8 @@ class FolderSource:
 
 
 class InstructPix2PixSource:
-    """The original layout: `seeds.json` = [[prompt_dir, [seed, ...]], ...]; both images of every seed."""
+    """The original layout: `seeds.json` = [[prompt_dir, [seed, ...]], ...]; both images of every seed.
+    A prompt folder is a group and a seed a layout (its `_0` / `_1` images are edited twins)."""
 
     name = "instructpix2pix"
 
@@ -161,7 +172,8 @@ class InstructPix2PixSource:
         self._prompts: dict[str, dict] = {}
 
     def items(self) -> list[Item]:
-        return [Item(f"{d}/{s}_{k}", str(d), (str(d), int(s), k)) for d, seeds in self.seeds for s in seeds for k in (0, 1)]
+        return [Item(f"{d}/{s}_{k}", str(d), (str(d), int(s), k), f"{d}/{s}")
+                for d, seeds in self.seeds for s in seeds for k in (0, 1)]
 
     def _prompt(self, d: str) -> dict:
         if d not in self._prompts:
@@ -190,7 +202,7 @@ class ParquetSource:
     """Parquet files with image bytes and captions, columns mapped by name.
 
     `columns` is a list of {"image": col, "caption": col} views of a row: each view becomes one
-    image, and the images of one row form a group (or the `group` column's value, if mapped).
+    image, and the images of one row form a group and a layout (a before/after pair are twins).
     Image cells may be raw bytes or Hugging Face's {"bytes": ..., "path": ...} struct.
     """
 
@@ -220,7 +232,8 @@ class ParquetSource:
             for rg in range(md.num_row_groups):
                 for local in range(md.row_group(rg).num_rows):
                     for v, view in enumerate(self.views):
-                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, local, row, v)))
+                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, local, row, v),
+                                          f"{f.stem}/{row}"))
                     row += 1
         return items
 

@@ -1,8 +1,11 @@
-"""Trivial baselines for image->map tasks: the RMSE a model gets without learning the task.
+"""Trivial baselines: the score a model gets without doing the task.
 
-`baseline/copy-query` answers with the query image itself; `baseline/mean-map` answers every
-query with the per-pixel mean of the task's target maps over the train split (the best constant
-answer in mean squared error). A trained model that does not beat both has not learned the map.
+`baseline/copy-example` answers with the example pair's target (the answer if in-context learning
+were copying; for map->image, a real image of the query's group, so FID/KID see real pictures);
+for image->map tasks also `baseline/copy-query` (the query image itself) and `baseline/mean-map`
+(the per-pixel mean of the task's target maps over the train split: the best constant answer in
+mean squared error). A trained model that does not beat every baseline of its task has not shown
+that it learnt the task.
 """
 from __future__ import annotations
 
@@ -11,7 +14,12 @@ import numpy as np
 from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, TaskSpec
 
-BASELINES: tuple[str, ...] = ("baseline/copy-query", "baseline/mean-map")
+BASELINES: tuple[str, ...] = ("baseline/copy-query", "baseline/mean-map", "baseline/copy-example")
+
+
+def baselines_for(spec: TaskSpec) -> tuple[str, ...]:
+    """The baselines that answer `spec`: all three for image->map, copy-example for map->image."""
+    return BASELINES if spec.metric == "rmse" else ("baseline/copy-example",)
 
 
 def mean_map(train: SplitData, modality: str) -> np.ndarray:
@@ -24,11 +32,13 @@ def mean_map(train: SplitData, modality: str) -> np.ndarray:
 
 
 def baseline_outputs(name: str, spec: TaskSpec, prompts: list[Prompt], train: SplitData) -> np.ndarray:
-    """(N, H, W, 3) answers of baseline `name` to `prompts` of an image->map task."""
-    if spec.metric != "rmse":
-        raise ValueError(f"baselines answer image->map tasks only, not {spec.name!r}")
+    """(N, H, W, 3) answers of baseline `name` to `prompts` of task `spec`."""
+    if name not in baselines_for(spec):
+        known = "" if name in BASELINES else f"unknown baseline {name!r}; "
+        raise ValueError(f"{known}{spec.name} ({spec.metric}) is answered by {baselines_for(spec)}; "
+                         f"copy-query and mean-map answer image->map tasks only")
+    if name == "baseline/copy-example":
+        return np.stack([p.example_target for p in prompts])
     if name == "baseline/copy-query":
         return np.stack([p.query for p in prompts])
-    if name == "baseline/mean-map":
-        return np.broadcast_to(mean_map(train, spec.target), (len(prompts), *prompts[0].target.shape))
-    raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
+    return np.broadcast_to(mean_map(train, spec.target), (len(prompts), *prompts[0].target.shape))

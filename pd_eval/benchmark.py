@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
 from pd_data.tasks import TaskSpec, get_task
-from pd_eval.baselines import BASELINES, baseline_outputs
+from pd_eval.baselines import baseline_outputs, baselines_for
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
 from pd_eval.metrics import fid, kid, map_similarity, rmse
@@ -79,7 +79,7 @@ def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]
     paths = []
     for a, n in zip(arrays, names):
         p = folder / f"{n}.png"
-        Image.fromarray(a).save(p)
+        Image.fromarray(a if a.dtype == np.uint8 else np.asarray(a).round().clip(0, 255).astype(np.uint8)).save(p)
         paths.append(p)
     return paths
 
@@ -97,14 +97,30 @@ def _row(model_id: str, task: str, metric: str, value, extractor: str, cfg: Eval
             "protocol": cfg.effective().protocol, "seconds": round(seconds, 2)}
 
 
+def _score(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, names: list[str], out_dir: Path,
+           extractor: tuple[str, object], cfg: EvalConfig) -> list[dict]:
+    """The task's metric rows for `outputs` (saved under samples/ first: FID reads folders): RMSE,
+    SSIM, PSNR for image->map; FID and KID against the real targets for map->image."""
+    _save_pngs(out_dir / "samples" / slug(model_id) / slug(spec.name), outputs, names)
+    if spec.metric == "rmse":
+        return _rmse_rows(model_id, spec, outputs, targets, cfg)
+    real_dir = out_dir / "real" / slug(spec.name)
+    if not real_dir.exists():
+        _save_pngs(real_dir, targets, names)
+    name, net = extractor
+    value = fid(out_dir / "samples" / slug(model_id) / slug(spec.name), real_dir, net, cfg.bootstrap, cfg.seed)
+    k = kid(outputs, targets, net, cfg.bootstrap, cfg.seed, cfg.kid_subsets, cfg.kid_subset_size)
+    return [_row(model_id, spec.name, "fid", value, name, cfg), _row(model_id, spec.name, "kid", k, name, cfg)]
+
+
 def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData, prompts_path: Path,
                   cfg: EvalConfig, out_dir: Path, train: SplitData | None = None) -> tuple[list[dict], list[dict]]:
     """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows).
 
-    With `train` (the train split), the image->map tasks are also scored for the trivial
-    baselines of `pd_eval.baselines`, on the same prompts."""
+    With `train` (the train split), every task is also scored for the trivial baselines of
+    `pd_eval.baselines` (copy-example; copy-query and mean-map for image->map), on the same prompts."""
     eff = cfg.effective()
-    extractor_name, extractor = load_extractor()
+    extractor = load_extractor()
     prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
@@ -126,38 +142,31 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]
-            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
-            paths = _save_pngs(gen_dir, outputs, names)
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")
-            if spec.metric == "rmse":
-                new = _rmse_rows(m.model_id, spec, outputs, targets, cfg)
-            else:
-                real_dir = out_dir / "real" / slug(task)
-                if not real_dir.exists():
-                    _save_pngs(real_dir, targets, names)
-                value = fid(gen_dir, real_dir, extractor, cfg.bootstrap, cfg.seed)
-                k = kid(outputs, targets, extractor, cfg.bootstrap, cfg.seed, cfg.kid_subsets, cfg.kid_subset_size)
-                new = [_row(m.model_id, task, "fid", value, extractor_name, cfg),
-                       _row(m.model_id, task, "kid", k, extractor_name, cfg)]
+            new = _score(m.model_id, spec, outputs, targets, names, out_dir, extractor, cfg)
             new[0]["seconds"] = round(time.perf_counter() - t0, 2)
             metric_rows += new
-            sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(p)}
-                            for r, p in zip(rows, paths)]
+            gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
+            sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(gen_dir / f"{n}.png")}
+                            for r, n in zip(rows, names)]
     if train is not None:
-        metric_rows += baseline_rows(data, train, prompts, cfg)
+        metric_rows += baseline_rows(data, train, prompts, cfg, out_dir, extractor)
     return metric_rows, sample_rows
 
 
-def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: EvalConfig) -> list[dict]:
-    """RMSE of every baseline on every image->map task of the materialised prompts."""
+def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: EvalConfig, out_dir: Path,
+                  extractor: tuple[str, object] | None = None) -> list[dict]:
+    """Every baseline of every task of the materialised prompts, scored as the models are (`_score`);
+    their answers are saved under samples/ too."""
+    extractor = extractor or load_extractor()
     out = []
     for task in dict.fromkeys(r["task"] for r in prompts):
         spec = get_task(task)
-        if spec.metric != "rmse":
-            continue
-        built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in prompts if r["task"] == task]
+        rows = [r for r in prompts if r["task"] == task]
+        built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in rows]
         targets = np.stack([p.target for p in built])
-        for name in BASELINES:
-            out += _rmse_rows(name, spec, baseline_outputs(name, spec, built, train), targets, cfg)
+        names = [r["prompt_id"].split("/")[-1] for r in rows]
+        for name in baselines_for(spec):
+            out += _score(name, spec, baseline_outputs(name, spec, built, train), targets, names, out_dir, extractor, cfg)
     return out

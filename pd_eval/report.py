@@ -35,29 +35,33 @@ def _name(model_id: str) -> str:
 
 
 def baseline_statements(rows: list[dict]) -> list[str]:
-    """Per image->map task: does each model beat both trivial baselines in RMSE? Computed from `rows`
-    (metric rows: model_id, task, metric, value, ci_low, ci_high), one sentence per task."""
+    """Per task: does each model beat every trivial baseline of the task in its Table-1 metric (RMSE
+    for image->map, FID for map->image; lower is better)? Computed from `rows` (metric rows:
+    model_id, task, metric, value, ci_low, ci_high), one sentence per task that has baselines."""
+    from pd_data.tasks import TASKS
     from pd_eval.baselines import BASELINES
 
-    rmse = {(r["model_id"], r["task"]): r for r in rows if r["metric"] == "rmse"}
+    by = {(r["model_id"], r["task"], r["metric"]): r for r in rows}
     out = []
-    for task in sorted({t for _, t in rmse}):
-        base = {b: rmse.get((b, task)) for b in BASELINES}
-        if None in base.values():
+    for task in sorted({t for m, t, _ in by if m in BASELINES and t in TASKS}):
+        metric = TASKS[task].metric
+        base = {b: by[(b, task, metric)] for b in BASELINES if (b, task, metric) in by}
+        if not base:
             continue
         best = min(r["value"] for r in base.values())
         ref = ", ".join(f"{b.split('/')[1]} {r['value']:.3f}" for b, r in base.items())
         parts = []
-        for model in sorted(m for m, t in rmse if t == task and m not in BASELINES):
-            r = rmse[(model, task)]
+        for model in sorted(m for m, t, k in by if t == task and k == metric and m not in BASELINES):
+            r = by[(model, task, metric)]
             if r["value"] < best:
-                sure = " (its 95% interval lies below both)" if r["ci_high"] is not None and r["ci_high"] < best else ""
-                parts.append(f"{_name(model)} beats both baselines with {r['value']:.3f}{sure}")
+                sure = " (its 95% interval lies below them)" if r["ci_high"] is not None and r["ci_high"] < best else \
+                    " (but its 95% interval reaches the best of them)"
+                parts.append(f"{_name(model)} beats every baseline with {r['value']:.3f}{sure}")
             else:
                 lost = [b.split("/")[1] for b, br in base.items() if r["value"] >= br["value"]]
                 parts.append(f"{_name(model)} does NOT beat {' and '.join(lost)} ({r['value']:.3f})")
         if parts:
-            out.append(f"{task} (baselines: {ref}): " + "; ".join(parts) + ".")
+            out.append(f"{task} ({metric.upper()}; baselines: {ref}): " + "; ".join(parts) + ".")
     return out
 
 
@@ -111,7 +115,7 @@ def report_tables(db: Path, run_id: str, eval_id: str) -> dict[str, tuple[list[s
         "generalization": query(db, "SELECT task, metric, condition, value, ci_low, ci_high, n, feature_extractor "
                                     "FROM generalization WHERE run_id = ? ORDER BY task, metric, condition", [run_id]),
         "task-inference": query(db, "SELECT model_id AS model, shown_task AS \"example pair shows\", "
-                                    "list(count ORDER BY predicted_task) AS \"output follows depth, hed, seg\" "
+                                    "list(count ORDER BY predicted_task) AS \"output follows copied-example, depth, hed, seg\" "
                                     "FROM task_inference WHERE eval_id = ? GROUP BY ALL ORDER BY 1, 2", [eval_id]),
     }
 
@@ -146,8 +150,10 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
         ("text", "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use the "
                  "feature extractor named in their row, on this run's data: compare rows of one extractor only."),
         ("table", tables["paper-table"])]))
-    sections.append(("Do the trained models beat the trivial baselines? (RMSE, lower is better)", [
-        ("text", "Baselines: copy-query answers with the query image; mean-map with the per-pixel mean train map of the task."),
+    sections.append(("Do the trained models beat the trivial baselines? (RMSE / FID, lower is better)", [
+        ("text", "Baselines: copy-example answers with the example pair's target (for map->image, a real image of "
+                 "the query's group); for image->map also copy-query (the query image) and mean-map (the per-pixel "
+                 "mean train map of the task). A model that does not beat copy-example may be copying its example."),
         ("list", baseline_statements(rows) or ["no image->map task with both baselines in this evaluation"])]))
     sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars.png", "trained tasks")))
     if unseen:
@@ -156,20 +162,24 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
                      "(the pair zeroed), cn-ft/nearest (the CN(FT) of the nearest trained task), cn-ft/oracle "
                      "(a CN(FT) trained on the unseen task, when the profile trains one); baselines for image->map."),
             ("table", tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
-    _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ?", [eval_id])
-    if cells:
-        from pd_eval.task_inference import FORWARD, MODEL_ID
+    from pd_eval.task_inference import COPY_BASELINE, FORWARD, MODEL_ID, PREDICTED
 
-        m = np.zeros((3, 3), dtype=np.int64)
+    _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ? AND model_id = ?",
+                     [eval_id, MODEL_ID])
+    if cells:
+        m = np.zeros((len(FORWARD), len(PREDICTED)), dtype=np.int64)
         for s, p, c in cells:
-            m[FORWARD.index(s), FORWARD.index(p)] += c
+            m[FORWARD.index(s), PREDICTED.index(p)] += c
         acc = next(r for r in rows if r["model_id"] == MODEL_ID and r["metric"] == "accuracy")
-        confusion_plot(m, [t.split("->")[1] for t in FORWARD], out_dir / "task-inference.png", "text removed: which task does the output follow?")
+        copy = next((r for r in rows if r["model_id"] == COPY_BASELINE and r["metric"] == "accuracy"), None)
+        confusion_plot(m, [t.split("->")[-1] for t in FORWARD], out_dir / "task-inference.png",
+                       "text removed: which task does the output follow?", [t.split("->")[-1] for t in PREDICTED])
         sections.append(("In-context task inference (text removed)", [
             ("text", f"Same query and seed, empty text, example pairs of image->depth / hed / seg; each output is "
-                     f"classified as the task whose true map of the query it is nearest to (RMSE). Accuracy "
+                     f"classified as the task whose true map of the query it is nearest to (RMSE), or as "
+                     f"copied-example when the example pair's own target is at least as near (no credit). Accuracy "
                      f"{acc['value']:.3f} (95% interval {acc['ci_low']:.3f} to {acc['ci_high']:.3f}, n = {acc['n']}; "
-                     f"chance 0.333)."),
+                     f"chance 0.333)" + (f"; the copy-example baseline scores {copy['value']:.3f}." if copy else ".")),
             ("table", tables["task-inference"]), ("image", ("", "task-inference.png"))]))
     sections.append(("Every metric with its bootstrap 95% interval", [("table", tables["metrics"])]))
     if loss_png and loss_png.exists():

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS models (
     train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
 CREATE TABLE IF NOT EXISTS metrics (
     -- model_id: the Table 1 row ('prompt-diffusion', 'cn-ft': per-task checkpoints in models) or a
-    -- baseline ('baseline/copy-query', 'baseline/mean-map')
+    -- baseline ('baseline/copy-example' on every task; 'baseline/copy-query', 'baseline/mean-map' on image->map)
     eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
     ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (eval_id, model_id, task, metric));
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS samples (
     PRIMARY KEY (eval_id, model_id, prompt_id));
 CREATE TABLE IF NOT EXISTS task_inference (
     -- confusion matrix of in-context task inference: text removed, the pair shows shown_task, the
-    -- output is nearest (RMSE) to the query's true map of predicted_task
+    -- output is nearest (RMSE) to the query's true map of predicted_task, or 'copied-example' when the
+    -- example pair's target is at least as near; model_id 'baseline/copy-example' answers with that target
     eval_id VARCHAR, model_id VARCHAR, shown_task VARCHAR, predicted_task VARCHAR, count INTEGER,
     PRIMARY KEY (eval_id, model_id, shown_task, predicted_task));
 CREATE TABLE IF NOT EXISTS paper_reference (

@@ -1,10 +1,13 @@
-"""In-context task inference: with the text removed, does the output follow the task the example pair shows?
+"""In-context task inference: with the text removed, does the output do the task the example pair shows?
 
 Each query image gets three prompts with the same seed and an empty text, whose example pairs
-(from another image of the query's group) show image->depth, image->hed and image->seg. An output
-is classified as the modality whose true map of the query it is closest to in RMSE; a model that
-reads its example pair lands on the diagonal of the confusion matrix. The queries are those of the
-first materialised image->depth prompts, so every model run sees the same ones.
+(from the example image of its materialised prompt, under `data.pairing`) show image->depth,
+image->hed and image->seg. An output is classified as the task whose true map of the query it is
+closest to in RMSE, unless the example pair's own target is at least as close: then it is
+`copied-example` and earns no credit (the task done on the query, not the example's answer
+copied). A model that reads its example pair lands on the diagonal of the confusion matrix; the
+copy-example baseline (the example's target as the answer) is scored the same way. The queries are
+those of the first materialised image->depth prompts, so every model run sees the same ones.
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ from pd_model.base import BaseModel
 from pd_model.sampling import generate
 
 FORWARD: tuple[str, ...] = ("image->depth", "image->hed", "image->seg")
+COPIED = "copied-example"  # the predicted "task" of an output nearest to the example pair's target
+PREDICTED: tuple[str, ...] = (*FORWARD, COPIED)
 MODEL_ID = "prompt-diffusion/no-text"
+COPY_BASELINE = "baseline/copy-example"
 TASK = "task-inference"  # the metrics row's task; its metric is "accuracy"
 
 
@@ -38,18 +44,21 @@ def inference_prompts(data: SplitData, prompts: list[dict], n: int) -> list[tupl
     return out
 
 
-def classify(output: np.ndarray, truths: dict[str, np.ndarray]) -> str:
-    """The task whose true map of the query is nearest to `output` (per-image RMSE)."""
-    names = list(truths)
-    mse = per_image_mse(np.stack([output] * len(names)), np.stack([truths[k] for k in names]))
-    return names[int(np.argmin(mse))]
+def classify(output: np.ndarray, truths: dict[str, np.ndarray], example_target: np.ndarray | None = None) -> str:
+    """The task whose true map of the query is nearest to `output` (per-image RMSE); `COPIED` when
+    `example_target` (the shown pair's target) is at least as near as every one of them."""
+    names = ([COPIED] if example_target is not None else []) + list(truths)
+    refs = ([example_target] if example_target is not None else []) + [truths[k] for k in truths]
+    mse = per_image_mse(np.stack([output] * len(names)), np.stack(refs))
+    return names[int(np.argmin(mse))]  # argmin takes the first of equals: a tie with the copy is a copy
 
 
-def confusion(shown: list[str], predicted: list[str], labels: tuple[str, ...] = FORWARD) -> np.ndarray:
-    """(len(labels), len(labels)) counts: rows = task the pair shows, columns = task the output follows."""
-    m = np.zeros((len(labels), len(labels)), dtype=np.int64)
+def confusion(shown: list[str], predicted: list[str], rows: tuple[str, ...] = FORWARD,
+              columns: tuple[str, ...] = PREDICTED) -> np.ndarray:
+    """(len(rows), len(columns)) counts: rows = task the pair shows, columns = what the output follows."""
+    m = np.zeros((len(rows), len(columns)), dtype=np.int64)
     for s, p in zip(shown, predicted):
-        m[labels.index(s), labels.index(p)] += 1
+        m[rows.index(s), columns.index(p)] += 1
     return m
 
 
@@ -59,9 +68,22 @@ def accuracy(shown: list[str], predicted: list[str], resamples: int, seed: int) 
     return MetricValue(float(hit.mean()), lo, hi, len(hit))
 
 
+def scored(model_id: str, outputs: np.ndarray, items: list[tuple[dict, str, Prompt]], data: SplitData,
+           cfg: EvalConfig, seconds: float = 0.0) -> tuple[dict, list[dict]]:
+    """(accuracy metric row, confusion cells) of `outputs`, one per item."""
+    shown = [t for _, t, _ in items]
+    predicted = [classify(o, {t: data.arrays[r["query_id"]][get_task(t).target] for t in FORWARD}, p.example_target)
+                 for o, (r, _, p) in zip(outputs, items)]
+    m = confusion(shown, predicted)
+    cells = [{"model_id": model_id, "shown_task": s, "predicted_task": p, "count": int(m[i, j])}
+             for i, s in enumerate(FORWARD) for j, p in enumerate(PREDICTED)]
+    return _row(model_id, TASK, "accuracy", accuracy(shown, predicted, cfg.bootstrap, cfg.seed), "", cfg, seconds), cells
+
+
 def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_path: Path, cfg: EvalConfig,
                        out_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """Generate, save PNGs and a grid, classify; returns (accuracy metric row, confusion cells, sample rows)."""
+    """Generate, save PNGs and a grid, classify; returns (accuracy metric rows, confusion cells, sample
+    rows) of the model and of the copy-example baseline."""
     eff = cfg.effective()
     items = inference_prompts(data, evaluation_prompts(prompts_path, cfg), cfg.task_inference_queries)
     if not items:
@@ -73,17 +95,11 @@ def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_pat
                  steps=eff.steps, guidance_scale=eff.guidance_scale, negative_prompt=eff.negative_prompt,
                  pair_guidance_scale=eff.pair_guidance_scale)
         for i in range(0, len(built), eff.batch_size)])
-    shown = [t for _, t, _ in items]
-    predicted = [classify(o, {t: data.arrays[r["query_id"]][get_task(t).target] for t in FORWARD})
-                 for o, (r, _, _) in zip(outputs, items)]
-    m = confusion(shown, predicted)
-    cells = [{"model_id": MODEL_ID, "shown_task": s, "predicted_task": p, "count": int(m[i, j])}
-             for i, s in enumerate(FORWARD) for j, p in enumerate(FORWARD)]
-    row = _row(MODEL_ID, TASK, "accuracy", accuracy(shown, predicted, cfg.bootstrap, cfg.seed), "", cfg,
-               time.perf_counter() - t0)
+    row, cells = scored(MODEL_ID, outputs, items, data, cfg, time.perf_counter() - t0)
+    copy_row, copy_cells = scored(COPY_BASELINE, np.stack([p.example_target for p in built]), items, data, cfg)
     ids = [f"{r['prompt_id']}@{t}" for r, t, _ in items]
     paths = _save_pngs(out_dir / "samples" / slug(MODEL_ID) / TASK, outputs, [slug(i).replace("@", "__") for i in ids])
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
     prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(MODEL_ID)}__{TASK}.png")
     samples = [{"model_id": MODEL_ID, "task": TASK, "prompt_id": i, "path": str(p)} for i, p in zip(ids, paths)]
-    return [row], cells, samples
+    return [row, copy_row], cells + copy_cells, samples

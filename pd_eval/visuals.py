@@ -106,8 +106,10 @@ def metric_bars(panels: dict[str, list[dict]], path: Path, title: str) -> Path:
     return path
 
 
-def confusion_plot(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
-    """A confusion matrix as a heat map with its counts: rows shown, columns predicted."""
+def confusion_plot(matrix: np.ndarray, labels: list[str], path: Path, title: str,
+                   columns: list[str] | None = None) -> Path:
+    """A confusion matrix as a heat map with its counts: rows shown (`labels`), columns predicted
+    (`columns`, the same labels unless given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +121,7 @@ def confusion_plot(matrix: np.ndarray, labels: list[str], path: Path, title: str
         for j in range(matrix.shape[1]):
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(columns or labels)), columns or labels, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("task the output follows")
     ax.set_ylabel("task the example pair shows")

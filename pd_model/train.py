@@ -404,7 +404,7 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
         return denoising_loss(base, batch, emb, gens, controlnet, cfg.snr_gamma)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
-    held_out = val_data is not None and bool(val_data.multi_image_groups)
+    held_out = val_data is not None and val_data.pair_count() > 0
     val_seed = cfg.seed + seed_offset + (0 if held_out else 1)
     ckpt = None
     if checkpoint_dir is not None and cfg.checkpoint_every:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from pd_data.config import Frozen
+from pd_data.config import Frozen, Pairing
 from pd_data.state import atomic_write_bytes
 from pd_model.config import TrainConfig
 from pd_model.train import Mode, world
@@ -40,6 +40,7 @@ class TrainJob(Frozen):
     out: str  # the model's folder: checkpoints/, validation/, controlnet/, pipeline.json, losses.json
     validation_guidance: float = 3.0  # of the validation grids (cfg.validate_every); the benchmark's, say
     init: str | None = None  # a saved ControlNet folder to continue from (retraining), else the base's copy
+    pairing: Pairing = "other-layout"  # data.pairing: where each prompt's example pair comes from
 
 
 def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -> list[float]:
@@ -57,9 +58,9 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
     if init is not None and job.cfg.train_unet_decoder:  # continue the model's own decoder when it has one
         own = load_trained(init.parent)[2]
         base = base.with_unet(own) if own is not None else base
-    data = load_split(Path(job.images), Path(job.annotations), "train")
+    data = load_split(Path(job.images), Path(job.annotations), "train", job.pairing)
     try:  # validation prompts for the best checkpoint; without a val split, held-out draws of train
-        val = load_split(Path(job.images), Path(job.annotations), "val")
+        val = load_split(Path(job.images), Path(job.annotations), "val", job.pairing)
     except ValueError:
         val = None
     net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,

@@ -37,7 +37,7 @@ def main() -> int:
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         for r in range(args.repeats):
             for workers in (1, 2) if r % 2 == 0 else (2, 1):
-                over = {"data": {"n_groups": args.images // 2, "resolution": args.resolution,
+                over = {"data": {"n_groups": args.images // 4, "resolution": args.resolution,  # 2 layouts x 2 twins
                                  "shard_size": args.shard_size, "workers": workers}}
                 state = str(tmp / f"r{r}-w{workers}")
                 t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Image->map RMSE of training/sampling variants against the copy-query and mean-map baselines.
+"""Image->map RMSE of training/sampling variants against the copy-query, mean-map and copy-example baselines.
 
 Reuses a profile's cached data and base (run the profile once first, e.g. `make benchmark`),
 trains one ControlNet per variant in this process, and scores it on the profile's materialised
@@ -68,8 +68,8 @@ def main() -> None:
         if not plan0.dir(stage).exists():
             raise SystemExit(f"no cached {stage} stage at {plan0.dir(stage)}; run the {args.profile} profile once first")
     split = args.split or plan0.profile.prompts.split
-    data = load_split(plan0.dir("ingest"), plan0.dir("annotate"), split)
-    train = load_split(plan0.dir("ingest"), plan0.dir("annotate"), "train")
+    data = load_split(plan0.dir("ingest"), plan0.dir("annotate"), split, plan0.profile.data.pairing)
+    train = load_split(plan0.dir("ingest"), plan0.dir("annotate"), "train", plan0.profile.data.pairing)
     map_tasks = [t for t in plan0.tasks if get_task(t).metric == "rmse"]
     prompts_path = plan0.dir("prompts") / "prompts.parquet"
     if split != plan0.profile.prompts.split:  # choose settings on held-out prompts that the benchmark never scores
@@ -88,6 +88,7 @@ def main() -> None:
         name, mode, over = parse_variant(text)
         plan = make_plan(args.profile, over, args.state_dir)
         base = load_base_for(plan)
+        train.pairing = plan.profile.data.pairing  # a variant may train under another pairing (data.pairing=any)
         cfg, ev = plan.profile.train, plan.profile.eval.effective()
         t0 = time.perf_counter()
         # task -> (ControlNet, its own UNet when the decoder was trained too, else None)

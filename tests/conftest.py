@@ -15,7 +15,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 # Sizes that keep an end-to-end run to seconds; the smoke profile with these overrides.
 TINY = {
-    "data": {"n_groups": 12, "split_fractions": [0.5, 0.0, 0.5]},
+    "data": {"n_groups": 6, "split_fractions": [0.5, 0.0, 0.5]},  # 24 images: 6 groups x 2 layouts x 2 twins
     "prompts": {"per_task": 3},
     "base": {"train_steps": 8, "batch_size": 4},
     "train": {"steps": 4, "batch_size": 4, "baseline_steps_per_task": 2},
@@ -63,7 +63,7 @@ def train_world(tmp_path_factory) -> Path:
     from pd_model.config import BaseModelConfig
 
     root = tmp_path_factory.mktemp("train-world")
-    cfg = DataConfig(n_groups=6, split_fractions=(1.0, 0.0, 0.0))
+    cfg = DataConfig(n_groups=3, split_fractions=(1.0, 0.0, 0.0))
     ingest(cfg, root / "img")
     for p in sorted((root / "img").glob("images-*.parquet")):
         annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), cfg.annotators)

@@ -1,4 +1,5 @@
-"""Trivial baselines of the image->map tasks, and the report's verdict against them."""
+"""Trivial baselines (copy-example on every task; copy-query and mean-map on image->map), and the
+report's verdict against them."""
 import numpy as np
 import pytest
 
@@ -33,29 +34,57 @@ def test_mean_map_is_the_per_pixel_train_mean_and_copy_query_is_the_query():
         mean_map(train, "hed")
     with pytest.raises(ValueError, match="image->map tasks only"):
         baseline_outputs("baseline/copy-query", get_task("depth->image"), prompts, train)
+    # copy-example answers both directions with the example pair's target.
+    assert np.array_equal(baseline_outputs("baseline/copy-example", spec, prompts, train),
+                          np.stack([test.arrays["i0"]["depth"], test.arrays["i1"]["depth"]]))
+    inverse = [test.prompt(get_task("depth->image"), "i0", "i1")]
+    assert np.array_equal(baseline_outputs("baseline/copy-example", get_task("depth->image"), inverse, train)[0],
+                          test.arrays["i0"]["image"])
 
 
-def test_baseline_rows_score_every_image_to_map_task_with_an_interval():
+def test_baseline_rows_score_every_task_with_an_interval(tmp_path):
     train, test = _split(6, 0), _split(4, 1)
-    prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}"} for t in ("image->depth", "depth->image") for k in (1, 2, 3)]
-    rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50))
-    assert sorted((r["model_id"], r["task"], r["metric"]) for r in rows) == [
-        (b, "image->depth", m) for b in BASELINES for m in ("psnr", "rmse", "ssim")]
-    copy = next(r for r in rows if r["model_id"] == "baseline/copy-query" and r["metric"] == "rmse")
-    outs = np.stack([test.arrays[f"i{k}"]["image"] for k in (1, 2, 3)]).astype(float)
+    prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}", "prompt_id": f"{t}/{k}"}
+               for t in ("image->depth", "depth->image") for k in (1, 2, 3)]
+    rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50), tmp_path)
+    assert sorted((r["model_id"], r["task"], r["metric"]) for r in rows) == sorted(
+        [(b, "image->depth", m) for b in BASELINES for m in ("psnr", "rmse", "ssim")]
+        + [("baseline/copy-example", "depth->image", m) for m in ("fid", "kid")])
+    outs = {b: np.stack(o).astype(float) for b, o in {
+        "baseline/copy-query": [test.arrays[f"i{k}"]["image"] for k in (1, 2, 3)],
+        "baseline/copy-example": [test.arrays["i0"]["depth"]] * 3}.items()}
     tgts = np.stack([test.arrays[f"i{k}"]["depth"] for k in (1, 2, 3)]).astype(float)
-    assert np.isclose(copy["value"], np.sqrt(np.mean(((outs - tgts) / 255) ** 2)))
-    assert copy["ci_low"] <= copy["value"] <= copy["ci_high"] and copy["n"] == 3
+    for b, o in outs.items():
+        r = next(r for r in rows if r["model_id"] == b and r["metric"] == "rmse")
+        assert np.isclose(r["value"], np.sqrt(np.mean(((o - tgts) / 255) ** 2)))
+        assert r["ci_low"] <= r["value"] <= r["ci_high"] and r["n"] == 3
+    fid = next(r for r in rows if r["metric"] == "fid")
+    assert fid["n"] == 3 and fid["feature_extractor"] and fid["value"] > 0
+    # The answers are saved like a model's samples (FID reads them from there).
+    assert len(list((tmp_path / "samples" / "baseline_copy-example" / "depth-to-image").glob("*.png"))) == 3
 
 
-def _r(model, task, value, hi=None):
-    return {"model_id": model, "task": task, "metric": "rmse", "value": value, "ci_low": value, "ci_high": hi or value}
+def _r(model, task, value, hi=None, metric="rmse"):
+    return {"model_id": model, "task": task, "metric": metric, "value": value, "ci_low": value, "ci_high": hi or value}
 
 
 def test_baseline_statement_is_computed_from_the_numbers():
     rows = [_r("baseline/copy-query", "image->hed", 0.5), _r("baseline/mean-map", "image->hed", 0.3),
+            _r("baseline/copy-example", "image->hed", 0.45),
             _r("prompt-diffusion", "image->hed", 0.2, 0.25), _r("cn-ft", "image->hed", 0.4)]
     [line] = baseline_statements(rows)
-    assert "Prompt Diffusion beats both baselines with 0.200 (its 95% interval lies below both)" in line
+    assert "Prompt Diffusion beats every baseline with 0.200 (its 95% interval lies below them)" in line
     assert "CN(FT) does NOT beat mean-map (0.400)" in line
-    assert baseline_statements(rows[2:]) == []  # no baselines, no claim
+    assert baseline_statements(rows[3:]) == []  # no baselines, no claim
+
+
+def test_copy_example_enters_the_verdict_in_both_directions():
+    rows = [_r("baseline/copy-query", "image->depth", 0.3), _r("baseline/mean-map", "image->depth", 0.2),
+            _r("baseline/copy-example", "image->depth", 0.08), _r("prompt-diffusion", "image->depth", 0.15, 0.17),
+            _r("baseline/copy-example", "depth->image", 0.05, metric="fid"), _r("prompt-diffusion", "depth->image", 0.3, metric="fid"),
+            _r("cn-ft", "depth->image", 0.04, 0.06, metric="fid")]
+    inverse, forward = baseline_statements(rows)
+    assert "Prompt Diffusion does NOT beat copy-example (0.150)" in forward and "RMSE" in forward
+    assert inverse.startswith("depth->image (FID; baselines: copy-example 0.050)")
+    assert "Prompt Diffusion does NOT beat copy-example (0.300)" in inverse
+    assert "CN(FT) beats every baseline with 0.040 (but its 95% interval reaches the best of them)" in inverse

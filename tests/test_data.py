@@ -14,13 +14,42 @@ from pd_data.tasks import TASKS, TRAINING_TASKS, get_task
 
 
 def test_scenes_are_deterministic_and_twins_differ():
-    a, b = procedural.make_group(7, 3), procedural.make_group(7, 3)
+    a, b = procedural.make_group(7, 1, 3), procedural.make_group(7, 1, 3)
     assert a == b
-    r0 = procedural.render(a[0][0], 32, 7)
-    r1 = procedural.render(a[1][0], 32, 7)
+    r0 = procedural.render(a[0][0][0], 32, 7)
+    r1 = procedural.render(a[0][1][0], 32, 7)
     assert set(r0) == {"image", *procedural.MODALITIES}
     assert all(v.shape == (32, 32, 3) and v.dtype == np.uint8 for v in r0.values())
-    assert not np.array_equal(r0["image"], r1["image"]) or a[0][1] != a[1][1]
+    assert not np.array_equal(r0["image"], r1["image"]) or a[0][0][1] != a[0][1][1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_layouts_of_one_group_share_a_theme_and_differ_in_every_map(seed):
+    group = procedural.make_group(seed, 3, 2)
+    scenes = [lay[0][0] for lay in group]
+    for s in scenes:  # one theme: background, texture, lighting, and objects drawn from one set
+        assert (s["background"], s["texture"], s["light"]) == (scenes[0]["background"], scenes[0]["texture"], scenes[0]["light"])
+    theme = {(o["kind"], o["color"]) for s in scenes for o in s["objects"]}
+    assert len(theme) <= 4
+    maps = [procedural.render(s, 32) for s in scenes]
+    for m in ("depth", "hed", "seg"):
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert not np.array_equal(maps[i][m], maps[j][m]), (m, i, j)
+    # More layouts keep the ones of fewer: layout l is drawn from (seed, l) alone.
+    assert procedural.make_group(seed, 2, 2) == group[:2]
+
+
+def test_captions_name_only_what_can_be_seen():
+    near = {"kind": "box", "color": "red", "x": 0.5, "y": 0.8, "size": 0.28}
+    hidden = {"kind": "ball", "color": "orange", "x": 0.5, "y": 0.75, "size": 0.12}  # behind the box
+    aside = {"kind": "ball", "color": "orange", "x": 0.15, "y": 0.5, "size": 0.1}
+    scene = {"background": "grey", "texture": "plain", "horizon": 0.5, "light": 0.0, "objects": [near, hidden]}
+    assert procedural.visible_objects(scene) == [near]
+    assert procedural.caption(scene) == "a red box on a plain grey background, lit from above"
+    scene["objects"].append(aside)
+    assert procedural.caption(scene) == "an orange ball and a red box on a plain grey background, lit from above"
+    assert procedural.caption(scene | {"light": -1.0}).endswith("lit from the left")
 
 
 def test_maps_are_exact_for_the_scene():
@@ -48,7 +77,7 @@ def _digest(folder, prefix):
 
 
 def test_ingest_resumes_to_identical_rows(tmp_path):
-    cfg = DataConfig(n_groups=10, shard_size=6)
+    cfg = DataConfig(n_groups=5, shard_size=6)
     full = ingest(cfg, tmp_path / "a")
     assert full["rows_out"] == 20 and full["shards"] == 4
     # An interrupted run: two shards written, one leftover temporary file of a shard being written.
@@ -63,7 +92,7 @@ def test_ingest_resumes_to_identical_rows(tmp_path):
 
 
 def test_annotation_covers_every_image_with_provenance(tmp_path):
-    cfg = DataConfig(n_groups=6, split_fractions=(0.5, 0.0, 0.5))
+    cfg = DataConfig(n_groups=3, split_fractions=(0.5, 0.0, 0.5))
     ingest(cfg, tmp_path / "img")
     for p in sorted((tmp_path / "img").glob("images-*.parquet")):
         annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
@@ -82,7 +111,7 @@ def test_unknown_annotator_names_what_exists():
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_prompts_follow_the_paper(tmp_path, name):
-    cfg = DataConfig(n_groups=4, split_fractions=(1.0, 0.0, 0.0))
+    cfg = DataConfig(n_groups=2, split_fractions=(1.0, 0.0, 0.0))
     ingest(cfg, tmp_path / "img")
     for p in sorted((tmp_path / "img").glob("images-*.parquet")):
         annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
@@ -94,8 +123,10 @@ def test_task_prompts_follow_the_paper(tmp_path, name):
     else:  # forward task: a fixed string
         assert p.text == {"depth": "depth map", "hed": "hed map", "seg": "segmentation map",
                           "canny": "canny map"}[spec.target]
-    # Example and query come from two different images of one group.
+    # Example and query come from two different layouts of one group (data.pairing's default).
     assert not (np.array_equal(p.example_source, p.query) and np.array_equal(p.example_target, p.target))
+    example, query = data.draw_pair(np.random.default_rng(0))
+    assert data.layout_of(example) != data.layout_of(query)
 
 
 def test_task_registry_has_six_trained_and_unseen_tasks():

@@ -20,7 +20,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     report = full_benchmark("smoke", TINY)
     plan = Plan(load_profile("smoke", TINY), StateDir.resolve())
 
-    # 1. Parquet: every image of 12 groups x 2, six maps each, 3 prompts x (6 trained + 4 unseen tasks).
+    # 1. Parquet: every image of 6 groups x 2 layouts x 2 twins, six maps each, 3 prompts x (6 trained + 4 unseen tasks).
     n_images = sum(pq.read_metadata(p).num_rows for p in plan.dir("ingest").glob("images-*.parquet"))
     n_maps = sum(pq.read_metadata(p).num_rows for p in plan.dir("annotate").glob("annotations-*.parquet"))
     prompts = pq.read_table(plan.dir("prompts") / "prompts.parquet").to_pylist()
@@ -34,30 +34,32 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 11 and "prompt-diffusion" in ckpts and "cn-ft-oracle_canny-to-image" in ckpts
 
-    # 3. DuckDB: FID + KID for 3 map->image tasks x 2 model families and 3 unseen ones x 4 conditions;
-    #    RMSE + SSIM + PSNR for 3 image->map tasks x (2 families + 2 baselines) and image->canny x
-    #    (4 conditions + 2 baselines); one completed run pointing at the report.
+    # 3. DuckDB: FID + KID for 3 map->image tasks x (2 model families + copy-example) and 3 unseen ones
+    #    x (4 conditions + copy-example); RMSE + SSIM + PSNR for 3 image->map tasks x (2 families + 3
+    #    baselines) and image->canny x (4 conditions + 3 baselines); one completed run pointing at the report.
     db = plan.state.db
     _, per_metric = query(db, "SELECT metric, count(*) FROM metrics GROUP BY ALL ORDER BY 1")
-    assert per_metric == [("accuracy", 1), ("fid", 18), ("kid", 18), ("psnr", 18), ("rmse", 18), ("ssim", 18)]
+    assert per_metric == [("accuracy", 2), ("fid", 24), ("kid", 24), ("psnr", 22), ("rmse", 22), ("ssim", 22)]
     _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
-    assert base == [("baseline/copy-query", 12), ("baseline/mean-map", 12)]
-    # 3a. In-context task inference: 3 queries x 3 example tasks, a full 3 x 3 confusion matrix.
-    _, acc = query(db, "SELECT model_id, task, n, value BETWEEN 0 AND 1 FROM metrics WHERE metric = 'accuracy'")
-    assert acc == [("prompt-diffusion/no-text", "task-inference", 9, True)]
-    _, cells = query(db, "SELECT count(*), sum(count), count(DISTINCT shown_task) FROM task_inference")
-    assert cells == [(9, 9, 3)]
+    assert base == [("baseline/copy-example", 6 * 2 + 4 * 3 + 1), ("baseline/copy-query", 12), ("baseline/mean-map", 12)]
+    # 3a. In-context task inference: 3 queries x 3 example tasks, a 3 x 4 confusion matrix (the fourth
+    #     column: the example copied) for the model and for the copy-example baseline, which earns nothing.
+    _, acc = query(db, "SELECT model_id, task, n, value BETWEEN 0 AND 1 FROM metrics WHERE metric = 'accuracy' ORDER BY 1")
+    assert acc == [("baseline/copy-example", "task-inference", 9, True), ("prompt-diffusion/no-text", "task-inference", 9, True)]
+    assert query(db, "SELECT value FROM metrics WHERE metric = 'accuracy' AND model_id LIKE 'baseline/%'")[1] == [(0.0,)]
+    _, cells = query(db, "SELECT model_id, count(*), sum(count), count(DISTINCT shown_task) FROM task_inference GROUP BY 1 ORDER BY 1")
+    assert cells == [("baseline/copy-example", 12, 9, 3), ("prompt-diffusion/no-text", 12, 9, 3)]
     _, gen = query(db, "SELECT task, list(DISTINCT condition ORDER BY condition), count(*), min(n) FROM generalization "
                        "WHERE metric IN ('fid', 'rmse') GROUP BY task ORDER BY task")
-    conditions = ["cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion", "prompt-diffusion/empty-pair"]
+    conditions = ["baseline/copy-example", "cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion", "prompt-diffusion/empty-pair"]
     assert gen == [(t, sorted(conditions + (["baseline/copy-query", "baseline/mean-map"] if t == "image->canny" else [])),
-                    6 if t == "image->canny" else 4, 3) for t in sorted(plan.unseen_tasks)]
+                    7 if t == "image->canny" else 5, 3) for t in sorted(plan.unseen_tasks)]
     _, kids = query(db, "SELECT DISTINCT feature_extractor FROM metrics WHERE metric IN ('fid', 'kid')")
     assert kids == [("random-conv-v1",)]
     names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
                             "WHERE profile = 'smoke' ORDER BY model")
-    assert [r[0] for r in rows] == ["baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"]
-    assert all(0 < r[1] < 1 for r in rows) and all(r[2] >= 0 for r in rows[2:])
+    assert [r[0] for r in rows] == ["baseline/copy-example", "baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"]
+    assert all(0 < r[1] < 1 for r in rows) and all(r[2] >= 0 for r in rows[3:]) and rows[0][2] >= 0
     _, runs = query(db, "SELECT status, report_path FROM runs")
     assert runs == [("completed", report)]
 
@@ -78,7 +80,8 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "CN(FT) budget: equal steps: each of the 6 CN(FT) models 2 steps" in md  # the rule the run used
-    assert "beat the trivial baselines" in md and md.count("(baselines: copy-query") == 4
+    assert "beat the trivial baselines" in md and md.count("(RMSE; baselines: copy-query") == 4
+    assert md.count("(FID; baselines: copy-example") == 6 and "pairing: other-layout" in md
     assert "## Unseen tasks: zero-shot generalisation" in md and "## In-context task inference (text removed)" in md
     folder = plan.state.reports / report.split("/")[-2]
     for png in ("bars.png", "generalization.png", "task-inference.png"):

@@ -7,7 +7,7 @@ from flows.stages import annotate_flow
 from pd_data.shards import read_shards
 from pd_data.state import StateDir
 
-OVER = {"data": {"n_groups": 16, "shard_size": 8}}
+OVER = {"data": {"n_groups": 8, "shard_size": 8}}
 
 
 def _digest(plan: Plan) -> str:

@@ -168,11 +168,11 @@ def _digest(out):
 
 
 def _slow_ingest(out):
-    ingest(DataConfig(n_groups=60, shard_size=8, resolution=64), out)
+    ingest(DataConfig(n_groups=30, shard_size=8, resolution=64), out)
 
 
 def test_killed_ingest_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path):
-    cfg = DataConfig(n_groups=60, shard_size=8, resolution=64)
+    cfg = DataConfig(n_groups=30, shard_size=8, resolution=64)
     ingest(cfg, tmp_path / "whole")
     proc = mp.get_context("spawn").Process(target=_slow_ingest, args=(tmp_path / "killed",))
     proc.start()

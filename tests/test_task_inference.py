@@ -2,7 +2,8 @@
 import numpy as np
 
 from pd_data.dataset import SplitData
-from pd_eval.task_inference import FORWARD, accuracy, classify, confusion, inference_prompts
+from pd_eval.config import EvalConfig
+from pd_eval.task_inference import COPIED, FORWARD, PREDICTED, accuracy, classify, confusion, inference_prompts, scored
 
 
 def _split() -> SplitData:
@@ -32,12 +33,28 @@ def test_an_output_is_classified_as_the_task_whose_true_map_it_is_nearest():
     for t in FORWARD:
         noisy = np.clip(truths[t].astype(int) + 10, 0, 255).astype(np.uint8)
         assert classify(noisy, truths) == t
+        assert classify(noisy, truths, data.arrays["i0"][t.split("->")[1]]) == t  # the example's target is farther
+
+
+def test_copying_the_example_gets_no_credit():
+    data = _split()
+    rows = [{"prompt_id": f"image->depth/{k}", "task": "image->depth", "example_id": "i0", "query_id": f"i{k + 1}",
+             "seed": k} for k in range(3)]
+    items = inference_prompts(data, rows, 3)
+    copies = np.stack([p.example_target for _, _, p in items])
+    row, cells = scored("baseline/copy-example", copies, items, data, EvalConfig(bootstrap=20))
+    assert row["value"] == 0.0 and row["n"] == 9
+    assert {(c["shown_task"], c["predicted_task"]): c["count"] for c in cells if c["count"]} == {
+        (t, COPIED): 3 for t in FORWARD}
+    # The true maps of the query, the task done on the query, are credited.
+    answers = np.stack([data.arrays[r["query_id"]][t.split("->")[1]] for r, t, _ in items])
+    assert scored("m", answers, items, data, EvalConfig(bootstrap=20))[0]["value"] == 1.0
 
 
 def test_confusion_matrix_and_accuracy_count_what_was_shown_against_what_was_followed():
     shown = ["image->depth", "image->depth", "image->hed", "image->seg"]
     predicted = ["image->depth", "image->seg", "image->hed", "image->depth"]
-    m = confusion(shown, predicted)
-    assert m.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 0]] and m.sum() == 4
+    m = confusion(shown + ["image->hed"], predicted + [COPIED])
+    assert m.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 0]] and m.sum() == 5 and len(PREDICTED) == 4
     acc = accuracy(shown, predicted, resamples=100, seed=0)
     assert acc.value == 0.5 and acc.n == 4 and 0 <= acc.ci_low <= 0.5 <= acc.ci_high <= 1
