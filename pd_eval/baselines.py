@@ -14,12 +14,13 @@ import numpy as np
 from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, TaskSpec
 
-BASELINES: tuple[str, ...] = ("baseline/copy-query", "baseline/mean-map", "baseline/copy-example")
+COPY_EXAMPLE = "baseline/copy-example"
+BASELINES: tuple[str, ...] = ("baseline/copy-query", "baseline/mean-map", COPY_EXAMPLE)
 
 
 def baselines_for(spec: TaskSpec) -> tuple[str, ...]:
     """The baselines that answer `spec`: all three for image->map, copy-example for map->image."""
-    return BASELINES if spec.metric == "rmse" else ("baseline/copy-example",)
+    return BASELINES if spec.metric == "rmse" else (COPY_EXAMPLE,)
 
 
 def mean_map(train: SplitData, modality: str) -> np.ndarray:
@@ -37,7 +38,7 @@ def baseline_outputs(name: str, spec: TaskSpec, prompts: list[Prompt], train: Sp
         known = "" if name in BASELINES else f"unknown baseline {name!r}; "
         raise ValueError(f"{known}{spec.name} ({spec.metric}) is answered by {baselines_for(spec)}; "
                          f"copy-query and mean-map answer image->map tasks only")
-    if name == "baseline/copy-example":
+    if name == COPY_EXAMPLE:
         return np.stack([p.example_target for p in prompts])
     if name == "baseline/copy-query":
         return np.stack([p.query for p in prompts])

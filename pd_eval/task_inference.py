@@ -18,6 +18,7 @@ import numpy as np
 
 from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, get_task
+from pd_eval.baselines import COPY_EXAMPLE
 from pd_eval.benchmark import _row, _save_pngs, evaluation_prompts, slug
 from pd_eval.config import EvalConfig
 from pd_eval.metrics import MetricValue, bootstrap, per_image_mse
@@ -29,7 +30,7 @@ FORWARD: tuple[str, ...] = ("image->depth", "image->hed", "image->seg")
 COPIED = "copied-example"  # the predicted "task" of an output nearest to the example pair's target
 PREDICTED: tuple[str, ...] = (*FORWARD, COPIED)
 MODEL_ID = "prompt-diffusion/no-text"
-COPY_BASELINE = "baseline/copy-example"
+COPY_BASELINE = COPY_EXAMPLE  # scored here as well: copying must earn no credit
 TASK = "task-inference"  # the metrics row's task; its metric is "accuracy"
 
 

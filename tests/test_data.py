@@ -100,6 +100,8 @@ def test_annotation_covers_every_image_with_provenance(tmp_path):
     assert len(ann) == 12 * 6
     assert {(r["annotator"], r["annotator_version"]) for r in ann} == {("procedural", "1")}
     data = load_split(tmp_path / "img", tmp_path / "ann", "test")
+    # Every procedural image records its layout: 2 layouts x 2 twins per group.
+    assert all(len({data.layout_of(i) for i in ids}) == 2 and len(ids) == 4 for ids in data.groups.values())
     for arrays in data.arrays.values():
         assert set(arrays) == {"image", "depth", "hed", "seg", "canny", "scribble", "normal"}
 

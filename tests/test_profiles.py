@@ -89,3 +89,17 @@ def test_baseline_budget_rule_sets_cnft_steps_and_says_so():
     assert compute.baseline_steps(6) == 300 // 6 and "together 300 steps (50 each)" in compute.budget_rule(6)
     with pytest.raises(ValidationError, match="train.steps=4 over 6 CN.FT. models: 0 steps each; raise train.steps"):
         load_profile("smoke", {"train": {"steps": 4, "baseline_budget": "equal_compute"}})
+
+
+def test_the_pairing_changes_the_prompts_and_the_models_not_the_data(tmp_path):
+    from flows.plan import Plan
+    from pd_data.state import StateDir
+
+    def keys(over):
+        plan = Plan(load_profile("smoke", over), StateDir(tmp_path))
+        return {s: plan.key(s) for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate")}
+
+    default, anyp = keys({}), keys({"data": {"pairing": "any"}})
+    assert {s for s in default if default[s] != anyp[s]} == {"prompts", "train", "evaluate"}
+    with pytest.raises(ValueError, match="pairing"):
+        load_profile("smoke", {"data": {"pairing": "twins"}})

@@ -44,15 +44,17 @@ def test_folder_with_jsonl_csv_and_txt_captions(tmp_path):
         (root / "groupA" / "a.png").write_bytes(_img())
         (root / "groupA" / "b.png").write_bytes(_img(color=(0, 0, 200)))
         if name == "jsonl":
-            (tmp_path / side).write_text('{"file": "groupA/a.png", "caption": "a red thing"}\n'
+            (tmp_path / side).write_text('{"file": "groupA/a.png", "caption": "a red thing", "layout": "L1"}\n'
                                          '{"file": "groupA/b.png", "caption": "a blue thing"}\n')
         else:
-            (tmp_path / side).write_text("file,caption\ngroupA/a.png,a red thing\ngroupA/b.png,a blue thing\n")
+            (tmp_path / side).write_text("file,caption,layout\ngroupA/a.png,a red thing,L1\ngroupA/b.png,a blue thing,\n")
         out = tmp_path / f"out-{name}"
         summary = ingest(_cfg(), out, FolderSource(root, tmp_path / side))
         rows = _rows(out)
         assert summary["rows_out"] == 2 and rows["groupA/a.png"]["caption"] == "a red thing"
         assert {r["group_id"] for r in rows.values()} == {"groupA"}
+        # The side file's layout, else the image is a layout of its own.
+        assert (rows["groupA/a.png"]["layout_id"], rows["groupA/b.png"]["layout_id"]) == ("L1", "groupA/b.png")
         assert decode_png(rows["groupA/b.png"]["image"]).shape == (32, 32, 3)
     root = tmp_path / "txt"
     root.mkdir()
@@ -85,6 +87,8 @@ def test_instructpix2pix_layout_takes_both_images_of_every_seed(tmp_path):
     assert summary["rows_out"] == 8 and summary["rejects"] == {"duplicate-id": 2}
     assert rows["0001/11_0"]["caption"] == "photo 0001" and rows["0001/11_1"]["caption"] == "photo 0001 at night"
     assert {r["group_id"] for r in rows.values()} == {"0001", "0002"}
+    assert rows["0001/11_0"]["layout_id"] == rows["0001/11_1"]["layout_id"] == "0001/11"  # a seed is a layout
+    assert len({r["layout_id"] for r in rows.values()}) == 4
     assert json.loads(rows["0002/12_1"]["provenance"])["edit"] == "make it night"
 
 
@@ -99,6 +103,7 @@ def test_parquet_hf_preset_and_column_mapping(tmp_path):
     rows = _rows(out)
     assert summary["rows_out"] == 3 and summary["rejects"] == {"empty-file": 1}
     assert rows["train-0000/0/1"]["caption"] == "a green cat" and rows["train-0000/0/1"]["group_id"] == "train-0000/0"
+    assert rows["train-0000/0/0"]["layout_id"] == rows["train-0000/0/1"]["layout_id"] == "train-0000/0"  # the row
     plain = pa.table({"img": [_img()], "text": ["plain mapping"]})
     pq.write_table(plain, tmp_path / "plain.parquet")
     src = ParquetSource(tmp_path / "plain.parquet", columns=[{"image": "img", "caption": "text"}])
