@@ -14,7 +14,7 @@ from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 
 # Bump a stage's version when its code changes what it writes, so that old outputs are not reused.
-CODE_VERSIONS = {"ingest": 2, "annotate": 2, "prompts": 3, "base": 2, "train": 5, "evaluate": 6}
+CODE_VERSIONS = {"ingest": 2, "annotate": 2, "prompts": 3, "base": 3, "train": 5, "evaluate": 6}
 
 
 @dataclass(frozen=True)

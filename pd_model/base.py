@@ -81,9 +81,16 @@ def build_tokenizer(captions: list[str], max_length: int) -> PreTrainedTokenizer
 
 
 def build_tiny_base(cfg: BaseModelConfig, captions: list[str], resolution: int) -> BaseModel:
-    """A randomly initialised pixel-space base, sized by the profile; the seed fixes its weights."""
+    """A randomly initialised pixel-space base, sized by the profile; the seed fixes its weights.
+
+    Its vocabulary holds the words of `captions` and of every task's fixed text ("depth map", ...):
+    built from captions alone, the four forward-task texts were all [unknown, unknown] and told the
+    model nothing about the task."""
+    from pd_data.tasks import TASKS
+
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer(captions, cfg.max_text_length)
+    tokenizer = build_tokenizer(list(captions) + sorted({t.fixed_text for t in TASKS.values() if t.fixed_text}),
+                                cfg.max_text_length)
     text_cfg = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size, intermediate_size=cfg.text_hidden_size * 4,
         num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_hidden_size // 16),

@@ -132,3 +132,15 @@ def test_the_loss_targets_what_the_scheduler_predicts_and_survives_a_round_trip(
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-5)
     image = generate(b, None, [Prompt("depth->image", *(np.zeros((32, 32, 3), np.uint8),) * 4, "a red ball")], [0], steps=2)
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_the_tiny_base_tells_every_task_text_apart(base):
+    """Its word-level vocabulary is built from the captions *and* the tasks' fixed texts: captions alone
+    made "depth map", "hed map", "segmentation map" and "canny map" the same unknown tokens."""
+    from pd_data.tasks import TASKS
+
+    tok = base.tokenizer
+    texts = sorted({t.fixed_text for t in TASKS.values() if t.fixed_text})
+    ids = [tuple(tok(t).input_ids) for t in texts]
+    assert len(texts) == 4 and len(set(ids)) == len(texts)
+    assert all(tok.unk_token_id not in i for i in ids)
