@@ -27,7 +27,7 @@ class SplitData:
     groups: dict[str, list[str]] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)
     pairing: Pairing = "other-layout"
-    _names: tuple[int, list[str]] | None = field(default=None, repr=False)
+    _names: tuple[dict, list[str]] | None = field(default=None, repr=False)
 
     def layout_of(self, image_id: str) -> str:
         return self.layouts.get(image_id, image_id)
@@ -35,8 +35,8 @@ class SplitData:
     @property
     def group_names(self) -> list[str]:
         """The groups holding at least one image, sorted (cached until `groups` is replaced)."""
-        if self._names is None or self._names[0] != id(self.groups):
-            self._names = (id(self.groups), sorted(g for g, ids in self.groups.items() if ids))
+        if self._names is None or self._names[0] is not self.groups:  # the dict itself: an id could be reused
+            self._names = (self.groups, sorted(g for g, ids in self.groups.items() if ids))
         return self._names[1]
 
     def partners(self, group: str, query_id: str) -> list[str]:
