@@ -366,6 +366,7 @@ def report_task(plan: Plan, run_id: str) -> str:
         shutil.copyfile(plan.dir("base") / "samples.png", out / "base-samples.png")
     ev, tr = plan.profile.eval.effective(), plan.profile.train
     pair = f", example-pair guidance {ev.pair_guidance_scale}" if ev.pair_guidance_scale else ""
+    pair += f", text guidance {ev.map_guidance_scale} for image->map" if ev.map_guidance_scale is not None else ""
     trained = ("each ControlNet with its own copy of the UNet decoder (train_unet_decoder=True; the base's encoder "
                "and text encoder frozen)" if tr.train_unet_decoder else "the ControlNets only (base frozen)")
     notes = [f"profile: {plan.profile.name}; evaluation protocol: {ev.protocol} "

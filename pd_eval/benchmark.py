@@ -136,7 +136,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
             for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
                 chunk = slice(i, i + eff.batch_size)
                 outs.append(generate(model_base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
-                                     scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_scale,
+                                     scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_for(spec),
                                      positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
                                      pair_guidance_scale=eff.pair_guidance_scale, empty_pair=m.empty_pair))
             outputs = np.concatenate(outs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pd_data.config import Frozen
 
@@ -19,6 +19,9 @@ class EvalConfig(Frozen):
     scheduler: Literal["ddim", "dpm", "unipc"] = "ddim"
     steps: int = Field(10, ge=1)
     guidance_scale: float = Field(3.0, ge=1.0)
+    map_guidance_scale: float | None = Field(
+        None, ge=1.0, description="text guidance of the image->map tasks (task inference included); None is "
+                                  "guidance_scale, as in the paper's protocol")
     pair_guidance_scale: float | None = Field(
         None, ge=1.0, description="Prompt Diffusion only: separate guidance over the example pair (pipeline docstring); "
                                   "None is the paper's text-only rule")
@@ -29,6 +32,17 @@ class EvalConfig(Frozen):
     kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (torchmetrics)")
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset, clamped to the set size")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _applies(self) -> "EvalConfig":
+        if self.protocol == "paper" and self.map_guidance_scale is not None:
+            raise ValueError(f"eval.map_guidance_scale={self.map_guidance_scale} cannot apply under eval.protocol='paper', "
+                             f"which samples every task at guidance 9; set protocol='fast' or leave it unset")
+        return self
+
+    def guidance_for(self, spec) -> float:
+        """Text guidance of a task (a `TaskSpec`): `map_guidance_scale` for image->map when set."""
+        return self.map_guidance_scale if spec.metric == "rmse" and self.map_guidance_scale is not None else self.guidance_scale
 
     def effective(self) -> "EvalConfig":
         """The protocol pins its own sampler settings; `fast` keeps what was configured."""

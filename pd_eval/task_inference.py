@@ -93,7 +93,7 @@ def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_pat
     built, seeds = [p for _, _, p in items], [r["seed"] for r, _, _ in items]
     outputs = np.concatenate([
         generate(base, controlnet, built[i:i + eff.batch_size], seeds[i:i + eff.batch_size], scheduler=eff.scheduler,
-                 steps=eff.steps, guidance_scale=eff.guidance_scale, negative_prompt=eff.negative_prompt,
+                 steps=eff.steps, guidance_scale=eff.guidance_for(get_task(FORWARD[0])), negative_prompt=eff.negative_prompt,
                  pair_guidance_scale=eff.pair_guidance_scale)
         for i in range(0, len(built), eff.batch_size)])
     row, cells = scored(MODEL_ID, outputs, items, data, cfg, time.perf_counter() - t0)
