@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from pd_data.annotate import annotate_shard
 from pd_data.config import DataConfig, Pairing
 from pd_data.dataset import SplitData, split_from_tables
-from pd_data.ingest import listing, prepare, record_row
-from pd_data.normalize import Reject
+from pd_data.ingest import duplicate_check, listing, prepare, record_row, reject_row
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, write_shard
 from pd_data.sources import RawRecord, make_source
 from pd_data.state import fingerprint
@@ -63,7 +62,7 @@ def content_hash(rec: RawRecord) -> str:
     else:
         h.update(bytes(rec.image))
     cap = rec.caption.decode("utf-8", "replace") if isinstance(rec.caption, bytes) else rec.caption
-    h.update(b"\0" + (cap or "").encode())
+    h.update(b"\0" + (cap or "").encode("utf-8", "surrogatepass"))  # a lone surrogate: rejected by record_row
     return h.hexdigest()
 
 
@@ -104,8 +103,7 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
     rows, hashes, rejects, kinds = [], {}, [], {"added": 0, "changed": 0, "unchanged": 0}
     for item, dup in tqdm(list(zip(items, duplicate)), desc=f"round {rnd}: hash {source.name}", unit="item", mininterval=2):
         try:
-            if dup:
-                raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
+            duplicate_check(item, dup)
             rec = source.load(item)
             h = content_hash(rec)
             prev = known.get(item.image_id)
@@ -115,11 +113,8 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
             rows.append(record_row(item, rec, cfg, source.name))
             hashes[item.image_id] = h
             kinds["changed" if prev is not None and prev[1] != "deleted" else "added"] += 1
-        except Reject as r:
-            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": r.reason, "detail": r.detail})
         except Exception as e:  # noqa: BLE001 - one bad record never kills the round
-            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest",
-                            "reason": "load-error", "detail": f"{type(e).__name__}: {e}"[:500]})
+            rejects.append(reject_row(item, e))
     listed_ids = {it.image_id for it in items}
     deleted = sorted(i for i, (_, st) in known.items() if st != "deleted" and i not in listed_ids)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pd_data.config import DataConfig
-from pd_data.normalize import Reject, normalise_caption, normalise_image
+from pd_data.normalize import Reject, normalise_caption, normalise_image, require_utf8
 from pd_data.shards import IMAGES_SCHEMA, REJECTS_SCHEMA, png_bytes, read_shards, write_shard
 from pd_data.sources import Item, RawRecord, Source, make_source
 
@@ -32,14 +32,30 @@ def _ingest_item(source: Source, item: Item, cfg: DataConfig) -> dict:
 
 
 def record_row(item: Item, rec: RawRecord, cfg: DataConfig, source_name: str) -> dict:
-    """A loaded record, normalised into an images-shard row; raises `Reject` for bad input."""
+    """A loaded record, normalised into an images-shard row; raises `Reject` for bad input, text that UTF-8
+    cannot encode included (checked in every string field before the row can join, and fail, its shard)."""
     caption, repaired = normalise_caption(rec.caption)
-    img = normalise_image(rec.image, cfg.resolution, cfg.min_side, cfg.max_pixels)
     prov = dict(rec.provenance, **({"caption_repaired": True} if repaired else {}))
-    return {"image_id": item.image_id, "group_id": item.group_id, "layout_id": item.layout,
-            "split": split_of(item.group_id, cfg.seed, cfg.split_fractions), "caption": caption,
-            "image": png_bytes(img), "width": cfg.resolution, "height": cfg.resolution,
+    text = {"image_id": item.image_id, "group_id": item.group_id, "layout_id": item.layout, "caption": caption,
             "source": source_name, "provenance": json.dumps(prov, sort_keys=True, default=str)}
+    require_utf8(text)
+    img = normalise_image(rec.image, cfg.resolution, cfg.min_side, cfg.max_pixels)
+    return {**text, "split": split_of(item.group_id, cfg.seed, cfg.split_fractions), "image": png_bytes(img),
+            "width": cfg.resolution, "height": cfg.resolution}
+
+
+def reject_row(item: Item, e: Exception) -> dict:
+    """The rejects-shard row of an item whose ingestion raised `e`: its `Reject` reason, else `load-error`.
+    Text UTF-8 cannot encode is backslash-escaped, so writing the rejects never fails."""
+    reason, detail = (e.reason, e.detail) if isinstance(e, Reject) else ("load-error", f"{type(e).__name__}: {e}"[:500])
+    row = {"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": reason, "detail": detail}
+    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") for k, v in row.items()}
+
+
+def duplicate_check(item: Item, duplicate: bool) -> None:
+    """The listing's duplicate flag as a reject: the first occurrence of an id wins."""
+    if duplicate:
+        raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
 
 
 Listing = tuple[list[Item], list[bool]]
@@ -72,14 +88,10 @@ def ingest_shard(cfg: DataConfig, s: int, out_dir: Path, listed: Listing, source
     for i in range(s * cfg.shard_size, min(len(items), (s + 1) * cfg.shard_size)):
         item = items[i]
         try:
-            if duplicate[i]:
-                raise Reject("duplicate-id", f"{item.image_id} appears earlier in the source")
+            duplicate_check(item, duplicate[i])
             rows.append(_ingest_item(source, item, cfg))
-        except Reject as r:
-            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest", "reason": r.reason, "detail": r.detail})
         except Exception as e:  # noqa: BLE001 - one bad record never kills the run
-            rejects.append({"image_id": item.image_id, "ref": str(item.ref), "stage": "ingest",
-                            "reason": "load-error", "detail": f"{type(e).__name__}: {e}"[:500]})
+            rejects.append(reject_row(item, e))
     write_shard(out_dir / f"rejects-{s:05d}.parquet", rejects, REJECTS_SCHEMA)
     write_shard(path, rows, IMAGES_SCHEMA)  # last: its presence marks the shard complete
     return {"shard": s, "resumed": False}

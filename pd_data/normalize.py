@@ -3,13 +3,16 @@
 Normalised: grayscale, 1-bit, palette, RGBA/LA (composited on white), CMYK, 16-bit and float
 images, EXIF orientation, any size above the minimum (centre-cropped, resized). Rejected, with a
 reason: empty files, non-images, truncated files, decompression bombs, images below the minimum
-side, missing captions. Captions that are not UTF-8 are decoded with replacement characters and
-marked in the provenance.
+side, missing captions, text that UTF-8 cannot encode (a lone surrogate). Captions that are not
+UTF-8 are decoded with replacement characters and marked in the provenance. `data.max_pixels` is
+the one size limit: Pillow's own guard is raised to it while an image is opened.
 """
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,12 +26,34 @@ class Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
+_PILLOW_GUARD = threading.Lock()
+
+
+@contextmanager
+def pillow_limit(max_pixels: int):
+    """Pillow's decompression-bomb guard (the global `Image.MAX_IMAGE_PIXELS`) raised to `max_pixels` while
+    held, so that our header check is the one limit. A raise holds a lock until it is undone, so threads never
+    restore each other's value (their opens wait); an open that needs no raise takes the lock only to read."""
+    _PILLOW_GUARD.acquire()
+    limit = Image.MAX_IMAGE_PIXELS  # read under the lock: never a value another open has raised
+    if limit is None or max_pixels <= limit:
+        _PILLOW_GUARD.release()
+        yield
+        return
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+        _PILLOW_GUARD.release()
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode fully (so truncation shows here, not later); never allocate a decompression bomb."""
+    """Decode fully (so truncation shows here, not later); never allocate more than `max_pixels`."""
     if not data:
         raise Reject("empty-file")
     try:
-        with warnings.catch_warnings():
+        with pillow_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:  # checked on the header, before pixels are decoded
@@ -80,14 +105,29 @@ def normalise_image(data: bytes | np.ndarray, resolution: int, min_side: int, ma
     return square_resize(to_rgb(img), resolution)
 
 
+def decode_utf8(data: bytes) -> tuple[str, bool]:
+    """(text, repaired): bytes that are not UTF-8 are decoded with U+FFFD replacements."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def require_utf8(fields: dict[str, str]) -> None:
+    """Reject `unencodable-text` naming the first field UTF-8 cannot encode (a lone surrogate, from a JSON
+    `\\udcff` escape or a filename's undecodable bytes): one such value would fail its whole shard's write."""
+    for name, value in fields.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Reject("unencodable-text", f"{name} {value!r:.200}: {e.reason} at position {e.start}") from None
+
+
 def normalise_caption(caption: str | bytes | None) -> tuple[str, bool]:
     """(caption, repaired): bytes that are not UTF-8 are decoded with U+FFFD replacements."""
     repaired = False
     if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            caption, repaired = caption.decode("utf-8", errors="replace"), True
+        caption, repaired = decode_utf8(caption)
     if caption is None or not str(caption).strip():
         raise Reject("missing-caption")
     return " ".join(str(caption).split()), repaired

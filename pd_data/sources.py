@@ -2,15 +2,19 @@
 
 A source lists cheap `Item`s up front, in a deterministic order (so shard s always holds the same
 items and a rerun can skip finished shards without reading them), and `load`s one item on demand.
-`load` may raise: ingestion turns any exception into a reject and carries on.
+`load` may raise: ingestion turns any exception into a reject and carries on. What a source's own
+listing files hold and cannot be used (a bad captions line, a file listed but absent) is listed as
+an item too, whose `load` raises that `Reject`: it lands in its shard's rejects like any record.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pd_data import procedural
 from pd_data.config import DataConfig
+from pd_data.normalize import Reject, decode_utf8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -57,7 +62,7 @@ def _listing_hash(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -89,28 +94,66 @@ class ProceduralSource:
         return "procedural"  # fully determined by the data config
 
 
-def _read_side_captions(path: Path) -> dict[str, dict[str, str]]:
+FILE_COLUMNS = ("file", "image", "file_name")
+Problem = tuple[str, str]  # (reason, detail) of a captions-file line that cannot be used
+
+
+def _lines(path: Path) -> list[tuple[str, bool]]:
+    """The file's lines (ends kept, a UTF-8 BOM dropped) and whether each had to be repaired to decode."""
+    return [decode_utf8(raw) for raw in path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(keepends=True)]
+
+
+def _jsonl_rows(lines: list[tuple[str, bool]]) -> Iterator[tuple[int, dict | str, bool]]:
+    for n, (text, repaired) in enumerate(lines, 1):
+        if text.strip():
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, f"not valid JSON ({e.msg} at column {e.colno})", repaired
+                continue
+            yield n, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object", repaired
+
+
+def _csv_rows(lines: list[tuple[str, bool]], path: Path) -> Iterator[tuple[int, dict | str, bool]]:
+    reader = csv.DictReader(text for text, _ in lines)
+    if not set(FILE_COLUMNS) & set(reader.fieldnames or ()):
+        raise ValueError(f"data.captions_file {path} has no file column ({', '.join(FILE_COLUMNS)}); its header "
+                         f"is {reader.fieldnames}")
+    end = reader.line_num
+    for row in reader:  # a row's number is its last line (a quoted caption may span several)
+        start, end = end + 1, reader.line_num
+        yield end, row, any(rep for _, rep in lines[start - 1:end])
+
+
+def _read_side_captions(path: Path) -> tuple[dict[str, dict], dict[int, Problem]]:
     """JSONL or CSV with a file column (`file`, `image` or `file_name`) and `caption`/`text`, optional
-    `group` and `layout`."""
-    rows: list[dict] = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove that line") from None
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise ValueError(f"captions file {path} must be .jsonl or .csv")
-    out = {}
-    for r in rows:
-        key = r.get("file") or r.get("image") or r.get("file_name")
-        if key:
-            out[str(key)] = {"caption": r.get("caption", r.get("text")), "group": r.get("group"), "layout": r.get("layout")}
-    return out
+    `group` and `layout`: ({file: row with its line number and `repaired`}, {line number: problem}).
+
+    The first row of a file wins; a later one is a `duplicate-id` problem, a line that is not a JSON
+    object or names no file a `bad-caption-line` one. A line that is not UTF-8 is decoded with U+FFFD
+    replacements and its row marked repaired.
+    """
+    if path.suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"data.captions_file {path} must be .jsonl or .csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"data.captions_file {path} does not exist; point it at your JSONL or CSV captions, "
+                                "or unset it to read the .txt beside each image")
+    rows, problems = {}, {}
+    lines = _lines(path)
+    for n, r, repaired in _jsonl_rows(lines) if path.suffix == ".jsonl" else _csv_rows(lines, path):
+        if isinstance(r, str):
+            problems[n] = ("bad-caption-line", f"{path}:{n}: {r}")
+            continue
+        key = str(next((r[c] for c in FILE_COLUMNS if r.get(c)), ""))
+        if not key:
+            problems[n] = ("bad-caption-line", f"{path}:{n}: names no file (no {', '.join(FILE_COLUMNS)} value)")
+        elif key in rows:
+            problems[n] = ("duplicate-id", f"{path}:{n}: a second caption row for {key!r}; the first (line "
+                                           f"{rows[key]['line']}) wins")
+        else:
+            rows[key] = {"caption": r.get("caption", r.get("text")), "group": r.get("group"), "layout": r.get("layout"),
+                         "line": n, "repaired": repaired}
+    return rows, problems
 
 
 class FolderSource:
@@ -119,6 +162,7 @@ class FolderSource:
     Groups: the side file's `group` column if given, else the image's sub-folder (images directly
     in the root form one group each). Layouts: the side file's `layout` column (edited twins of one
     picture share one), else each image is its own. Prompts pair images of one group (`data.pairing`).
+    A side-file row names an image by its path under the root or by its file name.
     """
 
     name = "folder"
@@ -128,33 +172,60 @@ class FolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"folder source {self.root} does not exist; set data.source_path to your image folder")
         self.captions_file = Path(captions_file).expanduser() if captions_file else None
-        self._side = _read_side_captions(self.captions_file) if self.captions_file else {}
+        self._side, self._problems = _read_side_captions(self.captions_file) if self.captions_file else ({}, {})
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
+    def _side_of(self, rel: str) -> dict | None:
+        return self._side.get(rel) or self._side.get(PurePosixPath(rel).name)
+
+    def _item(self, rel: str) -> Item:
+        side, parent = self._side_of(rel) or {}, PurePosixPath(rel).parent.as_posix()
+        return Item(rel, str(side.get("group") or (rel if parent == "." else parent)), (rel,), str(side.get("layout") or ""))
+
     def items(self) -> list[Item]:
-        items = []
-        for p in self._files():
-            rel = p.relative_to(self.root).as_posix()
-            side = self._side.get(rel) or self._side.get(p.name) or {}
-            group = side.get("group") or (p.parent.relative_to(self.root).as_posix() if p.parent != self.root else rel)
-            items.append(Item(rel, str(group), (rel,), str(side.get("layout") or "")))
-        return items
+        """The images on disk, then, in line order, the side file's rows that cannot be used: a file that
+        is not on disk (its `load` rejects `missing-file`) and each line with a problem."""
+        rels = [p.relative_to(self.root).as_posix() for p in self._files()]
+        found = set(rels) | {PurePosixPath(r).name for r in rels}
+        cf = self.captions_file
+        tail = [(row["line"], self._item(key)) for key, row in self._side.items() if key not in found]
+        tail += [(n, Item(f"{cf.name}:{n}", cf.name, (str(cf), n))) for n in self._problems]
+        return [self._item(r) for r in rels] + [it for _, it in sorted(tail, key=lambda t: t[0])]
 
     def load(self, item: Item) -> RawRecord:
-        path = self.root / item.ref[0]
-        side = self._side.get(item.ref[0]) or self._side.get(path.name)
+        if len(item.ref) == 2:  # a side-file line with a problem
+            raise Reject(*self._problems[item.ref[1]])
+        path, side = self.root / item.ref[0], self._side_of(item.ref[0])
+        if not path.is_file():
+            listed = f" (listed at {self.captions_file}:{side['line']})" if side else ""
+            raise Reject("missing-file", f"{path} is not on disk{listed}")
         if side is not None:
-            caption = side.get("caption")
+            caption, repaired = side.get("caption"), side["repaired"]
         else:
             txt = path.with_suffix(".txt")
-            caption = txt.read_bytes() if txt.exists() else None
-        return RawRecord(path.read_bytes(), caption, {"path": str(path)})
+            caption, repaired = txt.read_bytes() if txt.exists() else None, False  # bytes: marked when decoded
+        return RawRecord(path.read_bytes(), caption, {"path": str(path), **({"caption_repaired": True} if repaired else {})})
 
     def fingerprint(self) -> str:
         files = self._files() + ([self.captions_file] if self.captions_file else [])
         return _listing_hash(files)
+
+
+def _read_prompt(path: Path) -> tuple[dict, bool]:
+    """An InstructPix2Pix prompt.json and whether it had to be repaired to decode; rejects when it is missing
+    or not a JSON object (every image of its folder then carries that reason)."""
+    if not path.is_file():
+        raise Reject("missing-prompt-json", f"{path} not found; every prompt folder in seeds.json needs one")
+    text, repaired = decode_utf8(path.read_bytes())
+    try:
+        prompt = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Reject("bad-prompt-json", f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(prompt, dict):
+        raise Reject("bad-prompt-json", f"{path}: a JSON {type(prompt).__name__}, not an object with input/output/edit")
+    return prompt, repaired
 
 
 class InstructPix2PixSource:
@@ -169,23 +240,23 @@ class InstructPix2PixSource:
         if not seeds.is_file():
             raise FileNotFoundError(f"{seeds} not found; data.source_path must be the InstructPix2Pix folder holding seeds.json")
         self.seeds = json.loads(seeds.read_text())
-        self._prompts: dict[str, dict] = {}
+        self._prompts: dict[str, tuple[dict, bool]] = {}
 
     def items(self) -> list[Item]:
         return [Item(f"{d}/{s}_{k}", str(d), (str(d), int(s), k), f"{d}/{s}")
                 for d, seeds in self.seeds for s in seeds for k in (0, 1)]
 
-    def _prompt(self, d: str) -> dict:
-        if d not in self._prompts:
-            self._prompts[d] = json.loads((self.root / d / "prompt.json").read_text(encoding="utf-8"))
-        return self._prompts[d]
-
     def load(self, item: Item) -> RawRecord:
         d, seed, k = item.ref
+        if d not in self._prompts:  # a reject is not kept: each image of the folder re-reads and rejects
+            self._prompts[d] = _read_prompt(self.root / d / "prompt.json")
+        prompt, repaired = self._prompts[d]
         path = self.root / d / f"{seed}_{k}.jpg"
-        prompt = self._prompt(d)
+        if not path.is_file():
+            raise Reject("missing-file", f"{path} (listed in {self.root / 'seeds.json'}) is not on disk")
         caption = prompt.get("input") if k == 0 else prompt.get("output")
-        return RawRecord(path.read_bytes(), caption, {"path": str(path), "edit": prompt.get("edit")})
+        prov = {"path": str(path), "edit": prompt.get("edit"), **({"caption_repaired": True} if repaired else {})}
+        return RawRecord(path.read_bytes(), caption, prov)
 
     def fingerprint(self) -> str:
         return _listing_hash([self.root / "seeds.json", *sorted(self.root.glob("*/prompt.json"))])

@@ -64,6 +64,25 @@ def test_folder_with_jsonl_csv_and_txt_captions(tmp_path):
         "caption beside the image"
 
 
+def test_flat_folder_with_captions_csv_and_no_group_column_makes_each_image_its_own_group(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "a.png").write_bytes(_img())
+    (root / "b.jpg").write_bytes(_img(fmt="JPEG"))
+    (tmp_path / "captions.csv").write_text("file,caption\na.png,a red thing\nb.jpg,another red thing\n")
+    rows = _rows_of(ingest(_cfg(), tmp_path / "out", FolderSource(root, tmp_path / "captions.csv")), tmp_path / "out")
+    assert {i: (r["group_id"], r["caption"]) for i, r in rows.items()} == \
+        {"a.png": ("a.png", "a red thing"), "b.jpg": ("b.jpg", "another red thing")}
+
+
+def test_captions_file_faults_name_the_setting(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.captions_file .*nope.jsonl does not exist"):
+        FolderSource(tmp_path, tmp_path / "nope.jsonl")
+    (tmp_path / "caps.csv").write_text("name,caption\na.png,a thing\n")
+    with pytest.raises(ValueError, match=r"data.captions_file .*caps.csv has no file column"):
+        FolderSource(tmp_path, tmp_path / "caps.csv")
+
+
 def _rows_of(summary, out):
     assert summary["rows_out"] >= 1
     return _rows(out)
