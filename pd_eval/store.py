@@ -2,6 +2,11 @@
 `paper_table`, `latest_paper_table`, `generalization` (unseen tasks by condition) and, over the
 Parquet files, `images`, `annotations`, `rejects`, `splits` and `prompts`.
 
+The data views name their shards relative to the state directory the database file sits in
+(`<root>/results/pd.duckdb`, see `pd_data.state.StateDir`), and `connect` puts that directory on
+DuckDB's `file_search_path`: a copied or moved state directory reads its own shards. Through
+`connect` (and so `pd sql`), a relative glob in any query resolves under the state directory.
+
 DuckDB lets one process write a file at a time. Writers here open a connection, write in one
 transaction and close it at once; a writer that finds the file locked waits and retries, so two
 flow runs finishing together both land their rows.
@@ -9,7 +14,9 @@ flow runs finishing together both land their rows.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -71,34 +78,82 @@ WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'comple
 """
 
 
-def data_views_sql(data_root: Path) -> str:
-    """Views over the Parquet shards and the materialised evaluation prompts; the globs are read at
-    query time, so new shards show up (but each needs one matching file when the view is made)."""
-    d = str(data_root).replace("'", "''")
+DATA_VIEWS = ("images", "annotations", "rejects", "prompts", "splits")
+
+
+def state_root(db: Path) -> Path:
+    """The state directory of a database file: `<root>/results/pd.duckdb` (`pd_data.state.StateDir`)."""
+    return Path(os.path.abspath(db)).parent.parent
+
+
+def _sql_text(s: str) -> str:
+    """`s` for use inside a single-quoted SQL string."""
+    return s.replace("'", "''")
+
+
+def _searchable(root: Path) -> bool:
+    return "," not in str(root)  # file_search_path is a comma-separated list, with no quoting
+
+
+def data_views_sql(data_root: Path | str) -> str:
+    """Views over the Parquet shards and the materialised evaluation prompts. `data_root` is written
+    into the SQL as given: relative (to the state directory on `file_search_path`) or absolute.
+
+    Every path is a glob on purpose: DuckDB looks a relative glob up in `file_search_path` only, but a
+    relative plain file in the working directory first. The globs are read at query time, so new shards
+    show up (but each needs one matching file when the view is made). DuckDB reports `filename` as the
+    absolute path it matched; the keys (`dataset`, `annotation_set`, `stage_key`, `prompt_set`) are
+    taken from its last folder, so the state directory's own path cannot leak into them."""
+    d = _sql_text(Path(data_root).as_posix())
     return f"""
 CREATE OR REPLACE VIEW images AS
-SELECT regexp_extract(filename, '/ingest/([^/]+)/', 1) AS dataset, * EXCLUDE (filename)
+SELECT regexp_extract(filename, '/ingest/([^/]+)/[^/]+$', 1) AS dataset, * EXCLUDE (filename)
 FROM read_parquet('{d}/ingest/*/images-*.parquet', filename = true, union_by_name = true);
 CREATE OR REPLACE VIEW annotations AS
 SELECT l.dataset, a.* EXCLUDE (filename) FROM
-    (SELECT *, regexp_extract(filename, '/annotate/([^/]+)/', 1) AS annotation_set
+    (SELECT *, regexp_extract(filename, '/annotate/([^/]+)/[^/]+$', 1) AS annotation_set
      FROM read_parquet('{d}/annotate/*/annotations-*.parquet', filename = true)) a
 JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set);
 CREATE OR REPLACE VIEW rejects AS
-SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/', 2) AS stage_key, * EXCLUDE (filename)
+SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/[^/]+$', 2) AS stage_key, * EXCLUDE (filename)
 FROM read_parquet(['{d}/ingest/*/rejects-*.parquet', '{d}/annotate/*/rejects-*.parquet'], filename = true, union_by_name = true);
 CREATE OR REPLACE VIEW prompts AS
-SELECT regexp_extract(filename, '/prompts/([^/]+)/', 1) AS prompt_set, * EXCLUDE (filename)
+SELECT regexp_extract(filename, '/prompts/([^/]+)/[^/]+$', 1) AS prompt_set, * EXCLUDE (filename)
 FROM read_parquet('{d}/prompts/*/prompts.parquet', filename = true, union_by_name = true);
 CREATE OR REPLACE VIEW splits AS
 SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL;
 """
 
 
-def register_data_views(db: Path, data_root: Path) -> None:
+def _view_data_root(db: Path, data_root: Path) -> str:
+    """`data_root` relative to the state directory of `db` where it lies inside it, else absolute."""
+    data, root = Path(os.path.abspath(data_root)), state_root(db)
+    if _searchable(root):
+        for r in (root, root.resolve()):
+            if data.is_relative_to(r):
+                return data.relative_to(r).as_posix()
+    return data.as_posix()
+
+
+# Each data view needs one file matching each of its globs when it is made (relative to the data root).
+_VIEW_NEEDS = {"images": ("ingest/*/images-*.parquet",),
+               "annotations": ("annotate/*/annotations-*.parquet", "annotate/*/lineage.parquet"),
+               "rejects": ("ingest/*/rejects-*.parquet", "annotate/*/rejects-*.parquet"),
+               "prompts": ("prompts/*/prompts.parquet",), "splits": ("ingest/*/images-*.parquet",)}
+
+
+def register_data_views(db: Path, data_root: Path) -> list[str]:
+    """(Re)make the data views whose shards exist yet (the ingest stage's views before the prompts are
+    drawn, say), and return their names. A `data_root` inside the state directory of `db` is stored
+    relative to it, so the views move with the directory; one outside it is stored absolute."""
+    made = [v for v in DATA_VIEWS if all(next(Path(data_root).glob(g), None) for g in _VIEW_NEEDS[v])]
+    statements = [st for st in data_views_sql(_view_data_root(db, data_root)).split(";") if st.strip()]
     with connect(db) as con:
         _ensure_schema(con)
-        con.execute(data_views_sql(data_root))
+        for st in statements:
+            if re.search(r"VIEW (\w+) AS", st).group(1) in made:
+                con.execute(st)
+    return made
 
 
 def _is_lock_error(e: Exception) -> bool:
@@ -108,7 +163,8 @@ def _is_lock_error(e: Exception) -> bool:
 
 @contextlib.contextmanager
 def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived connection; waits (with jitter) while another process holds the write lock."""
+    """A short-lived connection; waits (with jitter) while another process holds the write lock. Its
+    `file_search_path` is the state directory of `db`, where the data views' relative globs resolve."""
     db.parent.mkdir(parents=True, exist_ok=True)
     deadline, delay = time.monotonic() + timeout_s, 0.05
     while True:
@@ -121,6 +177,8 @@ def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iter
             time.sleep(delay + random.random() * delay)
             delay = min(delay * 2, 2.0)
     try:
+        if _searchable(root := state_root(db)):
+            con.execute(f"SET file_search_path = '{_sql_text(str(root))}'")
         yield con
     finally:
         con.close()
@@ -157,9 +215,27 @@ def query(db: Path, sql: str, params: list | None = None) -> tuple[list[str], li
     if not db.exists():
         raise FileNotFoundError(f"no results database at {db}; run a benchmark first (make benchmark)")
     with connect(db, read_only=True) as con:
-        cur = con.execute(sql, params or [])
+        try:
+            cur = con.execute(sql, params or [])
+        except (duckdb.CatalogException, duckdb.IOException) as e:
+            if (hint := _data_view_hint(e, db)) is None:
+                raise
+            raise type(e)(f"{e}\n{hint}") from e
         names = [d[0] for d in cur.description] if cur.description else []
         return names, cur.fetchall()
+
+
+def _data_view_hint(e: duckdb.Error, db: Path) -> str | None:
+    """What to do about a data view that was never made, or whose shards are gone; None otherwise."""
+    text = str(e)
+    if (m := re.search(r"with name (\w+) does not exist", text)) and m[1].lower() in DATA_VIEWS:
+        return (f"the data views ({', '.join(DATA_VIEWS)}) are made when the pipeline's data stage "
+                f"finishes; run it on this state directory first (make smoke or make benchmark)")
+    if re.search(r'No files found that match the pattern "[^"]*(ingest|annotate|prompts)/\*/', text):
+        return (f"the data views read their shards relative to the state directory {state_root(db)}, "
+                f"whose data/ folder lacks them: copy or move the whole state directory, or rerun "
+                f"the data stage there")
+    return None
 
 
 def format_table(names: list[str], rows: list[tuple], floatfmt: str = "{:.4g}") -> str:

@@ -1,9 +1,15 @@
 import multiprocessing as mp
+import re
+import shutil
 from datetime import datetime, timezone
 
+import duckdb
+import pyarrow as pa
 import pytest
 
-from pd_eval.store import format_table, init_db, query, write_rows
+from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, PROMPTS_SCHEMA, REJECTS_SCHEMA, write_shard
+from pd_data.state import StateDir
+from pd_eval.store import connect, format_table, init_db, query, register_data_views, write_rows
 
 TABLE1_COLUMNS = ["run_id", "profile", "model", "feature_extractor", "fid_depth->image", "fid_hed->image",
                   "fid_seg->image", "rmse_image->depth", "rmse_image->hed", "rmse_image->seg"]
@@ -74,3 +80,70 @@ def test_generalization_view_has_one_row_per_run_unseen_task_condition_and_metri
     assert names == ["run_id", "profile", "task", "condition", "metric", "value", "ci_low", "ci_high", "n",
                      "feature_extractor"]
     assert [(r[3], r[5]) for r in rows] == [("cn-ft/nearest", 11.0), ("prompt-diffusion", 9.0)]
+
+
+LINEAGE_SCHEMA = pa.schema([("annotation_set", pa.string()), ("dataset", pa.string()), ("annotators", pa.string())])
+DATA_QUERIES = {  # what each data view answers, in one row
+    "images": "SELECT dataset, caption FROM images",
+    "annotations": "SELECT dataset, annotation_set, image_id, modality FROM annotations",
+    "rejects": "SELECT stage_key, reason FROM rejects ORDER BY stage",
+    "prompts": "SELECT prompt_set, text FROM prompts",
+    "splits": "SELECT dataset, split, images FROM splits",
+}
+
+
+def _write_data(state: StateDir, caption: str) -> None:
+    """One image, its depth map, a reject per stage and a prompt, in the stages' folder layout."""
+    ingest, annotate, prompts = (state.stage_dir(s, f"{s}-key") for s in ("ingest", "annotate", "prompts"))
+    write_shard(ingest / "images-00000.parquet", [{
+        "image_id": "g-0-0", "group_id": "g", "layout_id": "g-0", "split": "test", "caption": caption,
+        "image": b"", "width": 8, "height": 8, "source": "procedural", "provenance": "{}"}], IMAGES_SCHEMA)
+    write_shard(annotate / "annotations-00000.parquet", [{
+        "image_id": "g-0-0", "modality": "depth", "map": b"", "annotator": "procedural",
+        "annotator_version": "1", "weights_hash": ""}], ANNOTATIONS_SCHEMA)
+    write_shard(annotate / "lineage.parquet", [{"annotation_set": "annotate-key", "dataset": "ingest-key",
+                                                "annotators": "{}"}], LINEAGE_SCHEMA)
+    for stage, folder in (("annotate", annotate), ("ingest", ingest)):
+        write_shard(folder / "rejects-00000.parquet", [{"image_id": "x", "ref": "r", "stage": stage,
+                                                        "reason": f"{caption}-reason", "detail": ""}], REJECTS_SCHEMA)
+    write_shard(prompts / "prompts.parquet", [{"prompt_id": "p0", "task": "depth->image", "example_id": "g-0-0",
+                                               "query_id": "g-0-0", "text": caption, "seed": 0}], PROMPTS_SCHEMA)
+
+
+def _answers(caption):
+    return {"images": [("ingest-key", caption)], "annotations": [("ingest-key", "annotate-key", "g-0-0", "depth")],
+            "rejects": [("annotate-key", f"{caption}-reason"), ("ingest-key", f"{caption}-reason")],
+            "prompts": [("prompts-key", caption)], "splits": [("ingest-key", "test", 1)]}
+
+
+def test_a_copied_state_directory_reads_its_own_shards(tmp_path, monkeypatch):
+    original = StateDir(tmp_path / "state1")
+    _write_data(original, "original")
+    register_data_views(original.db, original.data)
+    copy = StateDir(tmp_path / "state2")
+    shutil.copytree(original.root, copy.root)
+    _write_data(copy, "copied")  # the copy's shards now differ from the original's
+    monkeypatch.chdir(original.root)  # a working directory with data/ingest/... must not be read either
+
+    assert {v: query(copy.db, q)[1] for v, q in DATA_QUERIES.items()} == _answers("copied")
+    assert {v: query(original.db, q)[1] for v, q in DATA_QUERIES.items()} == _answers("original")
+
+    shutil.rmtree(original.root)  # `mv state1 state2`, in effect
+    assert {v: query(copy.db, q)[1] for v, q in DATA_QUERIES.items()} == _answers("copied")
+    with connect(copy.db) as con:  # a read-write connection (the flows') resolves them too
+        assert con.execute(DATA_QUERIES["images"]).fetchall() == [("ingest-key", "copied")]
+
+
+def test_data_views_on_a_state_without_shards_fail_with_what_to_do(tmp_path):
+    state = StateDir(tmp_path / "fresh")
+    init_db(state.db)  # a fresh state: results tables, no data views yet
+    assert query(state.db, "SELECT count(*) FROM runs")[1] == [(0,)]
+    with pytest.raises(duckdb.CatalogException, match="made when the pipeline's data stage finishes"):
+        query(state.db, "SELECT * FROM images")
+
+    _write_data(state, "c")
+    register_data_views(state.db, state.data)
+    shutil.rmtree(state.data)  # a state directory copied without its data/ folder
+    assert query(state.db, "SELECT count(*) FROM runs")[1] == [(0,)]
+    with pytest.raises(duckdb.IOException, match=re.escape(f"relative to the state directory {state.root}")):
+        query(state.db, "SELECT * FROM splits")
