@@ -1,33 +1,150 @@
-"""In-memory view of a split: images, their maps and captions, grouped into layouts and groups; which
-image gives a query its example pair (`data.pairing`), and prompt sampling from it."""
+"""A split's images, their maps and captions, grouped into layouts and groups; which image gives a
+query its example pair (`data.pairing`), and prompt sampling from it.
+
+`load_split` reads only the small columns of the shards (ids, groups, layouts, captions, which maps
+exist) and decodes pixels on demand: `arrays[image_id][modality]` reads the row group holding that
+PNG and keeps the decoded array in a bounded cache, so memory does not grow with the dataset and a
+training process (or loader worker) reads only what its own samples need.
+"""
 from __future__ import annotations
 
-from collections import defaultdict
+import bisect
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pd_data.config import Pairing
-from pd_data.shards import decode_png, read_shards
+from pd_data.shards import decode_png, read_shards, shard_files
 from pd_data.tasks import Prompt, TaskSpec, compose_prompt
+
+DEFAULT_CACHE_MB = 256.0
+
+
+class ShardColumn:
+    """Random access to one binary column of a list of Parquet files by (file, row).
+
+    A read fetches the row group holding the row (shards are written in small row groups, see
+    `pd_data.shards.ROW_GROUP_ROWS`); the last few row groups and open files are kept. Picklable:
+    a copy (a DataLoader worker) starts with empty caches and opens its own files."""
+
+    def __init__(self, files: list[str], starts: list[list[int]], column: str, keep: int = 4):
+        self.files, self.starts, self.column, self.keep = files, starts, column, keep
+        self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": OrderedDict(), "_groups": OrderedDict()}
+
+    def get(self, f: int, row: int) -> bytes:
+        rg = bisect.bisect_right(self.starts[f], row) - 1
+        col = self._groups.get((f, rg))
+        if col is None:
+            if f not in self._open:
+                self._open[f] = pq.ParquetFile(self.files[f])
+                while len(self._open) > 16:
+                    self._open.popitem(last=False)
+            col = self._open[f].read_row_group(rg, columns=[self.column]).column(0).combine_chunks()
+            self._groups[(f, rg)] = col
+            while len(self._groups) > self.keep:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end((f, rg))
+        return col[row - self.starts[f][rg]].as_py()
+
+
+class LazyArrays(Mapping):
+    """`arrays[image_id]` -> {"image" | modality: (H, W, 3) uint8}, decoded on first use; decoded
+    arrays are kept in an LRU cache of at most `cache_mb` MB (per process)."""
+
+    def __init__(self, ids: list[str], image_loc: np.ndarray, map_loc: np.ndarray, modalities: tuple[str, ...],
+                 images: ShardColumn, maps: ShardColumn | None, cache_mb: float = DEFAULT_CACHE_MB):
+        self._ids, self._image_loc, self._map_loc = ids, image_loc, map_loc
+        self._pos = {i: k for k, i in enumerate(ids)}
+        self._mod = {m: j for j, m in enumerate(modalities)}
+        self.modalities, self._images, self._maps = modalities, images, maps
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._cached = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached": 0}
+
+    def __getitem__(self, image_id: str) -> "ImageArrays":
+        return ImageArrays(self, self._pos[image_id])
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._pos
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def decode(self, k: int, modality: str) -> np.ndarray:
+        key = (k, modality)
+        arr = self._cache.get(key)
+        if arr is not None:
+            self._cache.move_to_end(key)
+            return arr
+        if modality == "image":
+            arr = decode_png(self._images.get(*self._image_loc[k]))
+        else:
+            arr = decode_png(self._maps.get(*self._map_loc[k, self._mod[modality]]))
+        arr.setflags(write=False)  # shared by every prompt that uses it
+        self._cache[key] = arr
+        self._cached += arr.nbytes
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return arr
+
+
+class ImageArrays(Mapping):
+    """One image's photo and maps, each decoded when first read."""
+
+    def __init__(self, owner: LazyArrays, k: int):
+        self._owner, self._k = owner, k
+
+    def __getitem__(self, modality: str) -> np.ndarray:
+        if modality != "image" and modality not in self._owner._mod:
+            raise KeyError(modality)
+        return self._owner.decode(self._k, modality)
+
+    def __iter__(self):
+        return iter(("image", *self._owner.modalities))
+
+    def __len__(self) -> int:
+        return 1 + len(self._owner.modalities)
 
 
 @dataclass
 class SplitData:
-    """`arrays[image_id][modality]` is an (H, W, 3) uint8 array; "image" is the photo itself.
+    """`arrays[image_id][modality]` is an (H, W, 3) uint8 array; "image" is the photo itself (a dict,
+    or the `LazyArrays` of `load_split`).
 
     `layouts[image_id]` names the picture an image is an edited twin of (absent: the image alone);
     `pairing` says which images may give a query its example pair (see `partners`)."""
 
-    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    arrays: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)
     pairing: Pairing = "other-layout"
     _names: tuple[dict, list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The maps every image has (the annotated modalities)."""
+        if isinstance(self.arrays, LazyArrays):
+            return self.arrays.modalities
+        keys = [set(a) - {"image"} for a in self.arrays.values()]
+        return tuple(sorted(set.intersection(*keys))) if keys else ()
 
     def layout_of(self, image_id: str) -> str:
         return self.layouts.get(image_id, image_id)
@@ -68,6 +185,11 @@ class SplitData:
             candidates = self.groups[groups[k + (k >= gi)]]  # any group but g
         return candidates[int(rng.integers(len(candidates)))], query
 
+    def has_pairs(self) -> bool:
+        """Whether `draw_pair` can return anything: a group with a partner, or two groups."""
+        groups = self.group_names
+        return len(groups) > 1 or any(self.partners(g, q) for g in groups for q in self.groups[g])
+
     def pair_count(self) -> int:
         """How many distinct (example, query) pairs `draw_pair` can return."""
         groups = self.group_names
@@ -98,9 +220,59 @@ class SplitData:
         return self.prompt(spec, *self.draw_pair(rng))
 
 
-def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pairing = "other-layout") -> SplitData:
-    return split_from_tables(read_shards(images_dir, "images"), read_shards(annotations_dir, "annotations"), split,
-                             where=str(images_dir), pairing=pairing)
+def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pairing = "other-layout",
+               cache_mb: float = DEFAULT_CACHE_MB) -> SplitData:
+    """One split of a stage's shards with lazily decoded arrays (see `LazyArrays`); an image missing a
+    map that other images have (a rejected map) takes part in no prompt, so every task sees the same
+    images."""
+    img_files, ann_files = shard_files(images_dir, "images"), shard_files(annotations_dir, "annotations")
+    rows: list[tuple[str, str, str, str, int, int]] = []  # (id, group, layout, caption, file, row)
+    for f, path in enumerate(img_files):
+        cols = ["image_id", "group_id", "split", "caption"]
+        names = pq.read_schema(path).names
+        t = pq.read_table(path, columns=cols + (["layout_id"] if "layout_id" in names else []))
+        keep = np.flatnonzero(np.asarray(pc.equal(t["split"], split).to_numpy(zero_copy_only=False), bool))
+        ids, groups, caps = (t[c].to_pylist() for c in ("image_id", "group_id", "caption"))
+        layouts = t["layout_id"].to_pylist() if "layout_id" in names else [None] * t.num_rows
+        rows += [(ids[r], groups[r], layouts[r] or ids[r], caps[r], f, int(r)) for r in keep]
+    if not rows:
+        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions or data.n_groups")
+    pos = {r[0]: k for k, r in enumerate(rows)}
+    found: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    modalities: set[str] = set()
+    for f, path in enumerate(ann_files):
+        t = pq.read_table(path, columns=["image_id", "modality"])
+        modalities |= set(t["modality"].unique().to_pylist())  # over every split, as a rejected map is anywhere
+        for r, (i, m) in enumerate(zip(t["image_id"].to_pylist(), t["modality"].to_pylist())):
+            if i in pos:
+                found[i][m] = (f, r)
+    mods = tuple(sorted(modalities))
+    complete = [r for r in rows if len(found.get(r[0], ())) == len(mods)]
+    image_loc = np.array([(r[4], r[5]) for r in complete], np.int64).reshape(-1, 2)
+    map_loc = np.array([[found[r[0]][m] for m in mods] for r in complete], np.int64).reshape(-1, len(mods), 2)
+    arrays = LazyArrays([r[0] for r in complete], image_loc, map_loc, mods,
+                        ShardColumn([str(p) for p in img_files], _row_group_starts(img_files), "image"),
+                        ShardColumn([str(p) for p in ann_files], _row_group_starts(ann_files), "map") if ann_files else None,
+                        cache_mb)
+    out = SplitData(arrays=arrays, pairing=pairing)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for r in complete:
+        out.captions[r[0]] = r[3]
+        out.layouts[r[0]] = r[2]
+        groups[r[1]].append(r[0])
+    out.groups = {g: sorted(ids) for g, ids in groups.items()}
+    for r in rows:  # a group whose images all lack a map is still listed, empty (as before)
+        out.groups.setdefault(r[1], [])
+    return out
+
+
+def _row_group_starts(files: list[Path]) -> list[list[int]]:
+    """Per file, the first row of each row group."""
+    out = []
+    for path in files:
+        md = pq.read_metadata(path)
+        out.append(list(np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])[:-1].tolist()))
+    return out
 
 
 def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = "the dataset",

@@ -58,16 +58,25 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+# Rows per row group: a random read of one image (training, see `pd_data.dataset.ShardColumn`) decodes
+# its row group only, ~16 PNGs, not the whole shard.
+ROW_GROUP_ROWS = 16
+
+
 def write_shard(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     """Write rows as one Parquet file, atomically: a crash leaves the old file or none, never half."""
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     atomic_write_bytes(path, sink.getvalue())
 
 
-def read_shards(folder: Path, prefix: str) -> pa.Table:
+def shard_files(folder: Path, prefix: str) -> list[Path]:
     files = sorted(folder.glob(f"{prefix}-*.parquet"))
     if not files:
         raise FileNotFoundError(f"no {prefix}-*.parquet shards in {folder}; run the stage that writes them first")
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return files
+
+
+def read_shards(folder: Path, prefix: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in shard_files(folder, prefix)])

@@ -81,6 +81,8 @@ class TrainConfig(Frozen):
     mixed_precision: Literal["no", "bf16", "auto"] = Field("auto", description="bf16 autocast; auto: on CUDA with bf16 support")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes composing each process's samples ahead of "
+                                "the loop (0: in the loop); the weights do not depend on it")
     seed: int = 0
 
     def baseline_steps(self, n_tasks: int) -> int:

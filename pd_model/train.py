@@ -270,7 +270,9 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig,
     base.text_encoder.requires_grad_(False)
 
     # (modality, text) of the trained forward tasks: "depth map", ... (see BaseModelConfig.map_fraction)
-    maps = [(get_task(t).target, get_task(t).fixed_text) for t in TRAINING_TASKS if get_task(t).source == "image"]
+    have = set(data.modalities)
+    maps = [(get_task(t).target, get_task(t).fixed_text) for t in TRAINING_TASKS
+            if get_task(t).source == "image" and get_task(t).target in have]
 
     def step_loss(step: int, idx: range) -> torch.Tensor:
         # The whole global batch is drawn (as before slicing existed), then this micro-batch's slice taken.
@@ -279,7 +281,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig,
         # 10% empty captions, so that classifier-free guidance has an unconditional model to use.
         texts = ["" if u < 0.1 else data.captions[i] for i, u in zip(pick, rng.random(len(pick)))]
         arrays = [data.arrays[i]["image"] for i in pick]
-        if cfg.map_fraction > 0:  # drawn after the draws above, so map_fraction=0 keeps the batches as they were
+        if cfg.map_fraction > 0 and maps:  # drawn after the draws above, so map_fraction=0 keeps the batches as they were
             for k, (u, m) in enumerate(zip(rng.random(len(pick)), rng.integers(len(maps), size=len(pick)))):
                 if u < cfg.map_fraction:
                     modality, text = maps[int(m)]
@@ -355,11 +357,74 @@ def validation_loss(base: BaseModel, controlnet: ControlNetModel, prompts: list[
     return total / len(prompts)
 
 
+class PromptSamples(torch.utils.data.Dataset):
+    """Sample (step, i) of a ControlNet run: its task, prompt, dropout draw and noise seed, from the
+    generator seeded by (*key, step, i) alone, so it is the same whichever process or loader worker
+    composes it. Images are (H, W, 3) uint8 arrays (decoding and composition happen here, off the loop)."""
+
+    def __init__(self, data: SplitData, specs: list, key: tuple[int, int]):
+        self.data, self.specs, self.key = data, specs, key
+
+    def __getitem__(self, index: tuple[int, int]) -> dict:
+        r = np.random.default_rng([*self.key, *index])
+        p = self.data.sample_prompt(self.specs[int(r.integers(len(self.specs)))], r)
+        return {"example_source": p.example_source, "example_target": p.example_target, "query": p.query,
+                "target": p.target, "text": p.text, "u": r.random(), "gen_seed": int(r.integers(2**63))}
+
+
+def _collate(items: list[dict]) -> dict:
+    """(B, 3, H, W) uint8 tensors of the four images, and the texts, dropout draws and noise seeds."""
+    out = {k: torch.from_numpy(np.stack([it[k] for it in items])).permute(0, 3, 1, 2)
+           for k in ("example_source", "example_target", "query", "target")}
+    return out | {"texts": [it["text"] for it in items], "u": np.array([it["u"] for it in items]),
+                  "gen_seeds": [it["gen_seed"] for it in items], "index": [it["index"] for it in items]}
+
+
+class _Keys(torch.utils.data.Dataset):
+    """`PromptSamples` with each item's (step, i) attached, to check the order batches arrive in."""
+
+    def __init__(self, samples: PromptSamples):
+        self.samples = samples
+
+    def __getitem__(self, index):
+        return self.samples[index] | {"index": tuple(index)}
+
+
+class StepLoader:
+    """This process's micro-batches of steps [first, steps) through a `torch.utils.data.DataLoader`:
+    `workers` processes compose samples ahead of the loop (2 batches each), 0 composes them in the
+    loop. `next(step, idx)` returns the batch of `idx` at `step` and counts the seconds waited."""
+
+    def __init__(self, samples: PromptSamples, steps: int, slices: list[range], workers: int = 0, pin_memory: bool = False):
+        self.samples, self.steps, self.slices, self.workers, self.pin = samples, steps, slices, workers, pin_memory
+        self._it, self.wait_s = None, 0.0
+
+    def _start(self, first: int) -> None:
+        batches = [[(s, i) for i in idx] for s in range(first, self.steps) for idx in self.slices]
+        kw = {"num_workers": self.workers, "persistent_workers": False, "pin_memory": self.pin}
+        if self.workers:  # forkserver: no fork of a process whose threads (Prefect's, torch's) hold locks
+            kw |= {"prefetch_factor": 2, "multiprocessing_context": "forkserver"}
+        self._it = iter(torch.utils.data.DataLoader(_Keys(self.samples), batch_sampler=batches, collate_fn=_collate, **kw))
+
+    def next(self, step: int, idx: range) -> dict:
+        t0 = time.perf_counter()
+        if self._it is None:
+            self._start(step)
+        b = next(self._it)
+        self.wait_s += time.perf_counter() - t0
+        if b["index"][0] != (step, idx.start):
+            raise RuntimeError(f"data loader out of order: got sample {b['index'][0]}, expected {(step, idx.start)}")
+        return b
+
+    def close(self) -> None:
+        self._it = None  # shuts the workers down
+
+
 def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], cfg: TrainConfig,
                      mode: Mode, steps: int, seed_offset: int = 0, checkpoint_dir: Path | None = None,
                      val_data: SplitData | None = None, init: Path | None = None, validation_dir: Path | None = None,
                      validation_guidance: float = 3.0, on_grid: Callable[[Path, int], None] | None = None,
-                     ) -> tuple[ControlNetModel, list[float]]:
+                     stats: dict | None = None) -> tuple[ControlNetModel, list[float]]:
     """Joint Prompt Diffusion training over `tasks` (uniform per sample), or CN(FT) on one task.
 
     Sample i of step s is drawn from (seed, seed_offset, s, i) alone: its task, prompt, dropout,
@@ -368,7 +433,9 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
     separate seed. `init`: a saved ControlNet folder to continue from (retraining) instead of the
     base's copy. With `cfg.validate_every` and `validation_dir`, the main process saves a grid of
     outputs on the first of those prompts every N steps (see `pd_model.validation`) and hands each
-    to `on_grid(path, step)`, e.g. to publish it."""
+    to `on_grid(path, step)`, e.g. to publish it. Samples are composed by a `StepLoader` (with
+    `cfg.loader_workers` worker processes); `stats`, if given, receives the seconds the loop waited
+    for data and its wall time."""
     device = resolve_device(cfg)
     torch.manual_seed(cfg.seed + seed_offset)
     base.freeze()
@@ -392,19 +459,24 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
     text_cache = TextCache(base)
     empty = text_cache([""])[0]
 
+    samples = PromptSamples(data, specs, (cfg.seed, seed_offset))
+    loader = StepLoader(samples, steps, micro_batches(cfg.batch_size, cfg.grad_accum_steps), cfg.loader_workers,
+                        pin_memory=device.type == "cuda")
+
     def step_loss(step: int, idx: range) -> torch.Tensor:
-        rngs = [np.random.default_rng([cfg.seed, seed_offset, step, i]) for i in idx]
-        prompts = [data.sample_prompt(specs[int(r.integers(len(specs)))], r) for r in rngs]
-        batch = prompt_batch(prompts, "-1,1")
-        drop_text, drop_pair = cfg_dropout(np.array([r.random() for r in rngs]), cfg)
+        b = loader.next(step, idx)
+        batch = Batch(to_unit(b["target"]) * 2 - 1, b["texts"],
+                      torch.cat([to_hint(b["example_source"], "-1,1"), to_hint(b["example_target"], "-1,1")], 1),
+                      to_hint(b["query"], "-1,1"))
+        drop_text, drop_pair = cfg_dropout(b["u"], cfg)
         emb = text_cache(batch.texts)
         emb[torch.from_numpy(drop_text)] = empty  # dropped text = embedding of ""
         batch.pair[torch.from_numpy(drop_pair)] = 0.0  # dropped pair = zeros; the query is never dropped
-        gens = [torch.Generator().manual_seed(int(r.integers(2**63))) for r in rngs]
+        gens = [torch.Generator().manual_seed(int(g)) for g in b["gen_seeds"]]
         return denoising_loss(base, batch, emb, gens, controlnet, cfg.snr_gamma)
 
     desc = "prompt-diffusion" if mode == "prompt_diffusion" else f"cn-ft {tasks[0]}"
-    held_out = val_data is not None and val_data.pair_count() > 0
+    held_out = val_data is not None and val_data.has_pairs()
     val_seed = cfg.seed + seed_offset + (0 if held_out else 1)
     ckpt = None
     if checkpoint_dir is not None and cfg.checkpoint_every:
@@ -425,7 +497,13 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
             if on_grid is not None:
                 on_grid(path, step)
         every = (cfg.validate_every, draw)
-    losses = _loop(params, o, step_loss, desc, ckpt, every)
+    t0 = time.perf_counter()
+    try:
+        losses = _loop(params, o, step_loss, desc, ckpt, every)
+    finally:
+        loader.close()
+    if stats is not None:
+        stats.update(data_wait_s=loader.wait_s, wall_s=time.perf_counter() - t0, loader_workers=cfg.loader_workers)
     return controlnet.eval(), losses
 
 

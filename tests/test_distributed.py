@@ -82,3 +82,18 @@ def test_a_continued_model_with_its_own_decoder_continues_that_decoder(world, tm
     base, first, more = unet(world / "base"), unet(tmp_path / "first"), unet(tmp_path / "more")
     # 3 more steps from `first`'s decoder: nearer to it than to the base's, which is 6 steps away.
     assert max_diff(more, first) < max_diff(more, base)
+
+
+def test_loader_workers_change_nothing_in_the_weights_bitwise(world):
+    """Samples are composed from (seed, step, i) alone, by the loop or by 2 DataLoader processes alike."""
+    data = load_split(world / "img", world / "ann", "train")
+    nets = {}
+    for workers in (0, 2):
+        cfg = CFG.model_copy(update={"loader_workers": workers})
+        stats: dict = {}
+        net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion",
+                                       cfg.steps, stats=stats)
+        nets[workers] = (net.state_dict(), losses)
+        assert stats["loader_workers"] == workers and 0 <= stats["data_wait_s"] <= stats["wall_s"]
+    assert nets[0][1] == nets[2][1]
+    assert all(torch.equal(nets[0][0][k], nets[2][0][k]) for k in nets[0][0])
