@@ -17,6 +17,11 @@ from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 CODE_VERSIONS = {"ingest": 2, "annotate": 2, "prompts": 3, "base": 3, "train": 5, "evaluate": 6}
 
 
+def annotated_tasks(tasks: tuple[str, ...], modalities: tuple[str, ...]) -> tuple[str, ...]:
+    """The tasks whose every map is among `modalities`."""
+    return tuple(t for t in tasks if set(TASKS[t].modalities) <= set(modalities))
+
+
 @dataclass(frozen=True)
 class Plan:
     profile: Profile
@@ -24,14 +29,14 @@ class Plan:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The tasks Prompt Diffusion and CN(FT) are trained on."""
-        return TRAINING_TASKS
+        """The tasks Prompt Diffusion and CN(FT) are trained on: the paper's six, less those whose maps
+        the configured annotators do not make (`data.annotators`)."""
+        return annotated_tasks(TRAINING_TASKS, self.profile.data.modalities)
 
     @property
     def unseen_tasks(self) -> tuple[str, ...]:
         """Never-trained tasks whose maps the configured annotators make: evaluated zero-shot."""
-        have = set(self.profile.data.modalities)
-        return tuple(t for t in UNSEEN_TASKS if set(TASKS[t].modalities) <= have)
+        return annotated_tasks(UNSEEN_TASKS, self.profile.data.modalities)
 
     @property
     def eval_tasks(self) -> tuple[str, ...]:
@@ -48,7 +53,7 @@ class Plan:
             "base": lambda: (self.key("annotate") if p.base.map_fraction else self.key("ingest"), p.base.model_dump()),
             "train": lambda: (self.key("annotate"), self.key("base"),
                               p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validation_samples", "validate_every",
-                                                          "gradient_checkpointing"}), self.tasks, p.data.pairing),
+                                                          "gradient_checkpointing", "loader_workers"}), self.tasks, p.data.pairing),
             "evaluate": lambda: (self.key("train"), self.key("prompts"), p.eval.model_dump()),
         }[stage]()
         return fingerprint(stage, CODE_VERSIONS[stage], parts)

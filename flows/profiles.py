@@ -1,12 +1,13 @@
 """Named profiles: one typed, frozen configuration per kind of run, overridable key by key."""
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from pd_data.config import DataConfig, Frozen, PromptConfig
-from pd_data.tasks import TRAINING_TASKS
+from pd_data.tasks import FORWARD_TASKS, TASKS, TRAINING_TASKS
 from pd_eval.config import EvalConfig
 from pd_model.config import BaseModelConfig, TrainConfig, resolution_multiple
 
@@ -28,12 +29,29 @@ class Profile(Frozen):
                 f"pixel-space base with block_out_channels={self.base.block_out_channels}"
             raise ValueError(f"data.resolution={r} is not divisible by {m}, which the {kind} needs; "
                              f"use data.resolution={max(m, r // m * m)} or {(r // m + 1) * m}")
-        t, n = self.train, len(TRAINING_TASKS)
+        have = set(self.data.modalities)
+        trained = [name for name in TRAINING_TASKS if set(TASKS[name].modalities) <= have]
+        if not trained:
+            raise ValueError(f"data.annotators={self.data.annotators} makes none of the maps the six training tasks need "
+                             f"(depth, hed, seg); add at least one, e.g. data.annotators={{\"hed\": \"controlnet_aux\"}}")
+        need = {TASKS[name].target for name in FORWARD_TASKS}
+        if self.eval.task_inference_queries and not need <= have:
+            raise ValueError(f"eval.task_inference_queries={self.eval.task_inference_queries} shows depth, hed and seg "
+                             f"examples, but data.annotators lacks {sorted(need - have)}; annotate them or set "
+                             f"eval.task_inference_queries=0")
+        t, n = self.train, len(trained)
         if t.baseline_steps_per_task and t.baseline_steps(n) == 0:
             raise ValueError(f"train.baseline_budget='equal_compute' splits train.steps={t.steps} over {n} CN(FT) models: "
                              f"0 steps each; raise train.steps to at least {n} or set train.baseline_steps_per_task=0")
         return self
 
+
+# Where the paper profile reads its data and weights (override any of them with -o).
+PAPER_INPUTS = "~/pd-inputs"
+# The annotators of ControlNet 1.0 as the paper used them: HED (and its fake scribble), MiDaS DPT-hybrid
+# depth, UperNet ADE20k segmentation, Canny, BAE normals.
+PAPER_ANNOTATORS = {"depth": "transformers", "hed": "controlnet_aux", "seg": "transformers",
+                    "canny": "controlnet_aux", "scribble": "controlnet_aux", "normal": "controlnet_aux"}
 
 # Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
 PROFILES: dict[str, dict[str, Any]] = {
@@ -60,10 +78,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         # over the example pair changed nothing (scripts/bench_maps.py --split val).
         "eval": {"steps": 20, "guidance_scale": 3.0, "map_guidance_scale": 1.0},
     },
+    # The paper's run: InstructPix2Pix, the ControlNet annotators, Stable Diffusion 1.5, Inception FID.
+    # Every input is read from PAPER_INPUTS (`pd check --profile paper` lists what is missing there).
     "paper": {
-        "data": {"n_groups": 1000, "resolution": 256, "shard_size": 256},
+        "data": {"source": "instructpix2pix", "source_path": f"{PAPER_INPUTS}/instructpix2pix", "resolution": 256,
+                 "shard_size": 256, "annotators": PAPER_ANNOTATORS, "annotator_weights": f"{PAPER_INPUTS}/annotators"},
         "prompts": {"per_task": 1000},
-        "base": {"kind": "sd15", "pretrained_path": "runwayml/stable-diffusion-v1-5", "train_steps": 0},
+        "base": {"kind": "sd15", "pretrained_path": f"{PAPER_INPUTS}/stable-diffusion-v1-5", "train_steps": 0},
         "train": {"steps": 5000, "batch_size": 32, "learning_rate": 1e-4, "baseline_steps_per_task": 5000},
         "eval": {"protocol": "paper", "batch_size": 8},
     },
@@ -77,11 +98,37 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run: one line per problem, each naming the key, the value and a fix."""
+
+
+def _describe(err: dict, model: type[BaseModel] = None) -> str:
+    """One pydantic error as `section.key=value: what is wrong; what works`."""
+    loc = [str(x) for x in err["loc"]]
+    key, value = ".".join(loc), err.get("input")
+    if err["type"] == "extra_forbidden":
+        fields: Any = Profile.model_fields
+        for part in loc[:-1]:  # the section's own fields, to suggest the key that was meant
+            ann = fields[part].annotation if part in fields else None
+            fields = getattr(ann, "model_fields", {})
+        near = difflib.get_close_matches(loc[-1], list(fields), n=1)
+        hint = f"did you mean {'.'.join(loc[:-1] + near[:1])}?" if near else f"known keys: {', '.join(sorted(fields))}"
+        return f"{key}={value!r}: there is no such setting; {hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule over several settings: its message names them
+        return msg
+    return f"{key}={value!r}: {msg}"
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
-    """`load_profile("demo", {"train": {"steps": 10}})`; unknown profiles and keys are errors."""
+    """`load_profile("demo", {"train": {"steps": 10}})`; an unknown profile, key or bad value raises
+    `ConfigError` listing every problem."""
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    return Profile.model_validate(_merge({"name": name, **PROFILES[name]}, overrides or {}))
+        raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    try:
+        return Profile.model_validate(_merge({"name": name, **PROFILES[name]}, overrides or {}))
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err) for err in e.errors(include_url=False))) from None
 
 
 def split_overrides(text: str) -> list[str]:

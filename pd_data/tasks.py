@@ -50,6 +50,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _inverse("normal", False, "depth->image"), _forward("canny", "canny map", False, "image->hed"),
 ]}
 TRAINING_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.trained)
+# In-context task inference shows the same query with an example of each of these (pd_eval.task_inference).
+FORWARD_TASKS: tuple[str, ...] = ("image->depth", "image->hed", "image->seg")
 UNSEEN_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if not t.trained)
 
 

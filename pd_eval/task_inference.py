@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pd_data.dataset import SplitData
-from pd_data.tasks import Prompt, get_task
+from pd_data.tasks import FORWARD_TASKS, Prompt, get_task
 from pd_eval.baselines import COPY_EXAMPLE
 from pd_eval.benchmark import _row, _save_pngs, evaluation_prompts, slug
 from pd_eval.config import EvalConfig
@@ -26,7 +26,7 @@ from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
 from pd_model.sampling import generate
 
-FORWARD: tuple[str, ...] = ("image->depth", "image->hed", "image->seg")
+FORWARD: tuple[str, ...] = FORWARD_TASKS
 COPIED = "copied-example"  # the predicted "task" of an output nearest to the example pair's target
 PREDICTED: tuple[str, ...] = (*FORWARD, COPIED)
 MODEL_ID = "prompt-diffusion/no-text"
