@@ -25,11 +25,15 @@ def baselines_for(spec: TaskSpec) -> tuple[str, ...]:
 
 def mean_map(train: SplitData, modality: str) -> np.ndarray:
     """(H, W, 3) float64 per-pixel mean of every train map of `modality` (0..255 scale)."""
-    maps = [a[modality] for a in train.arrays.values() if modality in a]
-    if not maps:
+    total, n = None, 0
+    for a in train.arrays.values():  # a running sum: one map in memory at a time, at any dataset size
+        if modality in a:
+            m = a[modality].astype(np.float64)
+            total, n = (m if total is None else total + m), n + 1
+    if not n:
         raise ValueError(f"no {modality!r} maps in the train split; the mean-map baseline needs them "
                          f"(is {modality!r} in data.annotators?)")
-    return np.stack(maps).astype(np.float64).mean(axis=0)
+    return total / n
 
 
 def baseline_outputs(name: str, spec: TaskSpec, prompts: list[Prompt], train: SplitData) -> np.ndarray:
