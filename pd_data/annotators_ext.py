@@ -3,17 +3,32 @@
 Importing this module registers two backends in `pd_data.annotate.ANNOTATORS`:
 
 - ``controlnet_aux``: canny, hed, scribble, depth, normal, lineart, mlsd. The weight files are
-  those of the Hugging Face repo ``lllyasviel/Annotators`` (see ``AUX_SPECS``), read from
-  ``weights_dir``, else ``$PD_ANNOTATOR_WEIGHTS``, else the local Hugging Face cache.
-  ``scribble`` is HED followed by controlnet-aux's scribble post-processing (thinning, blur,
-  threshold), as ControlNet 1.0's "fake scribble" did: it shares ``ControlNetHED.pth`` with hed.
-- ``transformers``: seg, a UperNet in ``save_pretrained`` layout (``openmmlab/upernet-convnext-small``),
-  read from ``weights_dir``, else ``$PD_SEG_WEIGHTS``, else the local Hugging Face cache; the class
-  map is coloured with the ADE20k palette of ControlNet's seg annotator.
+  those of the Hugging Face repo ``lllyasviel/Annotators`` (see ``AUX_SPECS``), read from the
+  ``data.annotator_weights`` folder itself. ``scribble`` is HED followed by controlnet-aux's
+  scribble post-processing (thinning, blur, threshold), as ControlNet 1.0's "fake scribble" did: it
+  shares ``ControlNetHED.pth`` with hed. ``depth`` is MiDaS v3 dpt-hybrid through timm (with timm
+  1.0.31 its state-dict keys and shapes are those of the released dpt_hybrid-midas-501f0c75.pt).
+- ``transformers`` (see ``HF_SPECS``): seg, a UperNet (``openmmlab/upernet-convnext-small``), coloured
+  with the ADE20k palette of ControlNet's seg annotator; depth, the same MiDaS v3 dpt-hybrid as
+  ``Intel/dpt-hybrid-midas`` (``DPTForDepthEstimation``). Each is a ``save_pretrained`` folder
+  (config.json, model.safetensors or pytorch_model.bin, and the image processor's
+  preprocessor_config.json: required for seg, optional for depth) in a sub-folder of
+  ``data.annotator_weights`` named after the repo. These run on CUDA when present (else the CPU) and
+  map a list of images in batches with ``batch(images)``.
 
-The first of weights_dir / environment variable that is set is the only place looked in (no
-silent fallback to another copy); the cache is looked up with ``local_files_only=True``, so
-nothing is ever downloaded.
+One ``data.annotator_weights`` folder serves every annotator::
+
+    <data.annotator_weights>/
+        ControlNetHED.pth  dpt_hybrid-midas-501f0c75.pt  scannet.pt  ...   (controlnet_aux)
+        upernet-convnext-small/{config.json, preprocessor_config.json, model.safetensors}
+        dpt-hybrid-midas/{config.json, model.safetensors[, preprocessor_config.json]}
+
+Where weights are looked for, in order; the first that is set is the only place looked in (no
+silent fallback to another copy): ``data.annotator_weights`` (the ``weights_dir`` argument); for a
+transformers model, ``$PD_SEG_WEIGHTS`` / ``$PD_DEPTH_WEIGHTS`` naming its folder itself;
+``$PD_ANNOTATOR_WEIGHTS``, read as ``data.annotator_weights`` is; the local Hugging Face cache of
+the repo, looked up with ``local_files_only=True``. Nothing is ever downloaded, and a missing file is
+an error naming it, the folder it must go in and the setting.
 """
 from __future__ import annotations
 
@@ -31,10 +46,13 @@ from PIL import Image
 
 from pd_data.annotate import ANNOTATORS
 
-AUX_ENV = "PD_ANNOTATOR_WEIGHTS"
+SETTING = "data.annotator_weights"  # the user-facing setting every missing-weights error names
+AUX_ENV = "PD_ANNOTATOR_WEIGHTS"  # the same folder as data.annotator_weights, from the environment
 AUX_REPO = "lllyasviel/Annotators"
 SEG_ENV = "PD_SEG_WEIGHTS"
 SEG_REPO = "openmmlab/upernet-convnext-small"
+DEPTH_ENV = "PD_DEPTH_WEIGHTS"
+DEPTH_REPO = "Intel/dpt-hybrid-midas"
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,25 @@ AUX_SPECS: dict[str, AuxSpec] = {
     "normal": AuxSpec("NormalBaeDetector", ("scannet.pt",)),
     "lineart": AuxSpec("LineartDetector", ("sk_model.pth", "sk_model2.pth"), {"coarse": False}),
     "mlsd": AuxSpec("MLSDdetector", ("mlsd_large_512_fp32.pth",), {"thr_v": 0.1, "thr_d": 0.1}, binary=True),
+}
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """Where one transformers annotator's save_pretrained folder lives."""
+
+    repo: str  # Hugging Face repo id; its name is the folder's name under data.annotator_weights
+    env: str  # environment variable naming the folder itself
+    configs: tuple[str, ...]  # files the folder must hold besides the weights
+
+    @property
+    def subfolder(self) -> str:
+        return self.repo.rsplit("/", 1)[-1]
+
+
+HF_SPECS: dict[str, HFSpec] = {
+    "seg": HFSpec(SEG_REPO, SEG_ENV, ("config.json", "preprocessor_config.json")),
+    "depth": HFSpec(DEPTH_REPO, DEPTH_ENV, ("config.json",)),  # no processor config: MiDaS's (DPTDepthAnnotator)
 }
 
 # The ADE20k palette (150 classes, index = class id) of ControlNet's seg annotator, as mmseg's
@@ -154,36 +191,42 @@ def hash_weights(paths: list[Path]) -> str:
     return "+".join(file_sha256(p) for p in paths)
 
 
-def _missing_weights(modality: str, missing: list[str], folder: Path | None, env: str, repo: str) -> FileNotFoundError:
-    """The error for absent weights: which files, where to put them, where they come from."""
-    files = ", ".join(missing)
-    if folder is not None:
-        where = f"put {files} in {folder} (or set {env} / pass weights_dir)"
-    else:  # nothing configured and the Hugging Face cache has no copy
-        where = (f"put {files} in a folder and pass it as weights_dir or set {env} to it "
-                 f"(the local Hugging Face cache of {repo} has none)")
-    return FileNotFoundError(f"weights for {modality!r} not found: {where}; "
-                             f"the files are those of huggingface.co/{repo}. Nothing is downloaded.")
-
-
-def _configured_dir(weights_dir: Path | str | None, env: str) -> Path | None:
-    """An explicit weights_dir wins, then the environment variable; None means: use the HF cache."""
+def _configured(weights_dir: Path | str | None, sub: str = "", env: str | None = None) -> tuple[Path, str] | None:
+    """The one folder to look in and the setting that named it: data.annotator_weights (+ sub), then
+    $env (the folder itself), then $PD_ANNOTATOR_WEIGHTS (+ sub); None means: use the HF cache."""
     if weights_dir is not None:
-        return Path(weights_dir).expanduser()
-    if os.environ.get(env):
-        return Path(os.environ[env]).expanduser()
+        return Path(weights_dir).expanduser() / sub, f"{SETTING}={weights_dir}"
+    for var, tail in ((env, ""), (AUX_ENV, sub)):
+        if var and os.environ.get(var):
+            return Path(os.environ[var]).expanduser() / tail, f"${var}={os.environ[var]}"
     return None
+
+
+def _missing_weights(modality: str, missing: list[str], found: tuple[Path, str] | None, repo: str,
+                     sub: str = "", env: str | None = None) -> FileNotFoundError:
+    """The error for absent weights: which files, the folder they go in, and the setting naming it."""
+    files = ", ".join(missing)
+    home = f"<{SETTING}>/{sub}/" if sub else f"<{SETTING}>/"
+    if found is not None:
+        what = f"{found[0]} (from {found[1]}) lacks {files}; put {'it' if len(missing) == 1 else 'them'} there"
+    else:  # nothing configured and the Hugging Face cache has no copy
+        what = (f"{SETTING} is not set and the local Hugging Face cache has no {repo}; "
+                f"set {SETTING} to a folder and put {files} in {home}")
+    alt = f"${env} naming that folder itself, or " if env else ""
+    return FileNotFoundError(
+        f"weights for {modality!r} not found: {what}. Expected: {home} holding the files of huggingface.co/{repo} "
+        f"(or {alt}${AUX_ENV} in place of {SETTING}). Nothing is downloaded.")
 
 
 def resolve_aux_weights(modality: str, weights_dir: Path | str | None = None) -> list[Path]:
     """Paths of the weight files of one controlnet-aux modality, all in one folder; never downloads."""
     files = AUX_SPECS[modality].files
-    folder = _configured_dir(weights_dir, AUX_ENV)
-    if folder is not None:
-        missing = [f for f in files if not (folder / f).is_file()]
+    found = _configured(weights_dir)
+    if found is not None:
+        missing = [f for f in files if not (found[0] / f).is_file()]
         if missing:
-            raise _missing_weights(modality, missing, folder, AUX_ENV, AUX_REPO)
-        return [folder / f for f in files]
+            raise _missing_weights(modality, missing, found, AUX_REPO)
+        return [found[0] / f for f in files]
     from huggingface_hub import hf_hub_download
 
     paths, missing = [], []
@@ -193,7 +236,7 @@ def resolve_aux_weights(modality: str, weights_dir: Path | str | None = None) ->
         except Exception:  # not cached (LocalEntryNotFoundError), or a broken cache entry
             missing.append(f)
     if missing:
-        raise _missing_weights(modality, missing, None, AUX_ENV, AUX_REPO)
+        raise _missing_weights(modality, missing, None, AUX_REPO)
     return paths
 
 
@@ -253,71 +296,167 @@ class ControlNetAuxAnnotator:
 # ---------------------------------------------------------------------------------------------
 # transformers backend
 
-_SEG_CONFIGS = ("config.json", "preprocessor_config.json")
-_SEG_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHTS_HINT = "model.safetensors (or pytorch_model.bin)"
 
 
-def resolve_seg_folder(weights_dir: Path | str | None = None) -> Path:
-    """The folder of a UperNet in save_pretrained layout; never downloads."""
-    folder = _configured_dir(weights_dir, SEG_ENV)
-    if folder is None:
+def _weight_files(folder: Path) -> list[Path]:
+    """The files holding the tensors (shards included), in a fixed order."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def resolve_hf_folder(modality: str, weights_dir: Path | str | None = None) -> Path:
+    """The save_pretrained folder of one transformers annotator (see the module docstring); never downloads."""
+    spec = HF_SPECS[modality]
+    found = _configured(weights_dir, spec.subfolder, spec.env)
+    if found is None:
         from huggingface_hub import snapshot_download
 
         try:
-            folder = Path(snapshot_download(SEG_REPO, local_files_only=True))
+            found = Path(snapshot_download(spec.repo, local_files_only=True)), "the Hugging Face cache"
         except Exception:  # not cached
-            folder = None
-    need = [*_SEG_CONFIGS, "model.safetensors (or pytorch_model.bin)"]
-    if folder is None:
-        raise _missing_weights("seg", need, None, SEG_ENV, SEG_REPO)
-    missing = [f for f in _SEG_CONFIGS if not (folder / f).is_file()]
-    if not any((folder / f).is_file() for f in _SEG_WEIGHTS):
-        missing.append(need[-1])
+            raise _missing_weights(modality, [*spec.configs, _WEIGHTS_HINT], None, spec.repo,
+                                   spec.subfolder, spec.env) from None
+    folder = found[0]
+    missing = [f for f in spec.configs if not (folder / f).is_file()]
+    missing += [] if _weight_files(folder) else [_WEIGHTS_HINT]
     if missing:
-        raise _missing_weights("seg", missing, folder, SEG_ENV, SEG_REPO)
+        err = _missing_weights(modality, missing, found, spec.repo, spec.subfolder, spec.env)
+        if not folder.is_dir() and (folder.parent / "config.json").is_file():  # the model folder itself was named
+            err.args = (f"{err} ({folder.parent} is itself a model folder: set {SETTING} to the folder above it)",)
+        raise err
     return folder
 
 
-def _seg_weight_files(folder: Path) -> list[Path]:
-    """The files holding the tensors (shards included), in a fixed order."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    return files
+def _same_shape_runs(images: list[np.ndarray], size: int):
+    """Consecutive images of one shape, at most `size` at a time, in order."""
+    run: list[np.ndarray] = []
+    for image in images:
+        if run and (len(run) == size or image.shape != run[0].shape):
+            yield run
+            run = []
+        run.append(image)
+    if run:
+        yield run
 
 
-class UperNetSegAnnotator:
-    """ADE20k semantic segmentation with a transformers UperNet, coloured with ADE20K_PALETTE."""
+class TransformersAnnotator:
+    """A transformers model and its image processor behind the Annotator signature.
 
-    def __init__(self, model, processor, weights_hash: str = ""):
-        n = model.config.num_labels
-        if n != len(ADE20K_PALETTE):
-            raise ValueError(f"the seg model predicts {n} classes; the ADE20k palette has {len(ADE20K_PALETTE)}")
-        self.model = model.eval().to("cpu")
+    Runs on CUDA when present, else the CPU (or on `device`). `batch(images)` maps a list of (H, W, 3)
+    uint8 images with one forward pass per `batch_size` consecutive images of one shape; each map
+    depends on its own image only (eval mode, per-image post-processing), so `a(image, prov)` equals
+    `a.batch([image])[0]` and a batch's maps equal the single-image maps up to float rounding.
+    """
+
+    modality: str
+    model_class: str  # the transformers class read from the folder
+    batch_size = 8
+
+    def __init__(self, model, processor, weights_hash: str = "", device: str | None = None):
+        import torch
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
         self.processor = processor
         self.name = f"transformers.{type(model).__name__}"
         self.version = importlib.metadata.version("transformers")
         self.weights_hash = weights_hash
 
     @classmethod
-    def from_pretrained(cls, weights_dir: Path | str | None = None) -> "UperNetSegAnnotator":
-        """Load model and image processor from a local folder (see resolve_seg_folder)."""
-        folder = resolve_seg_folder(weights_dir)
-        from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
+    def from_pretrained(cls, weights_dir: Path | str | None = None, device: str | None = None):
+        """Load model and image processor from a local folder (see resolve_hf_folder)."""
+        import transformers
 
-        model = UperNetForSemanticSegmentation.from_pretrained(folder, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        return cls(model, processor, hash_weights(_seg_weight_files(folder)))
+        folder = resolve_hf_folder(cls.modality, weights_dir)
+        model = getattr(transformers, cls.model_class).from_pretrained(folder, local_files_only=True)
+        return cls(model, cls.load_processor(folder, model), hash_weights(_weight_files(folder)), device)
+
+    @staticmethod
+    def load_processor(folder: Path, model):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
 
     def __call__(self, image: np.ndarray, provenance: dict) -> np.ndarray:
+        return self.batch([image])[0]
+
+    def batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        _check_image(image)
-        height, width = image.shape[:2]
-        inputs = self.processor(images=image, return_tensors="pt")
-        with torch.inference_mode():
-            outputs = self.model(pixel_values=inputs["pixel_values"])
+        for image in images:
+            _check_image(image)
+        maps: list[np.ndarray] = []
+        for run in _same_shape_runs(images, self.batch_size):
+            pixels = self.processor(images=run, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.inference_mode():
+                maps += self.postprocess(self.model(pixel_values=pixels), run[0].shape[:2])
+        return maps
+
+    def postprocess(self, outputs, size: tuple[int, int]) -> list[np.ndarray]:
+        """The model's outputs for a batch as (H, W, 3) uint8 maps of the inputs' size."""
+        raise NotImplementedError
+
+
+class UperNetSegAnnotator(TransformersAnnotator):
+    """ADE20k semantic segmentation with a transformers UperNet, coloured with ADE20K_PALETTE."""
+
+    modality, model_class = "seg", "UperNetForSemanticSegmentation"
+
+    def __init__(self, model, processor, weights_hash: str = "", device: str | None = None):
+        n = model.config.num_labels
+        if n != len(ADE20K_PALETTE):
+            raise ValueError(f"the seg model predicts {n} classes; the ADE20k palette has {len(ADE20K_PALETTE)}")
+        super().__init__(model, processor, weights_hash, device)
+
+    def postprocess(self, outputs, size):
         # Logits are upsampled to the input's size before the argmax, so class borders stay sharp.
-        classes = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[(height, width)])[0]
-        return ADE20K_PALETTE[classes.cpu().numpy()]
+        classes = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[size] * len(outputs.logits))
+        return [ADE20K_PALETTE[c.cpu().numpy()] for c in classes]
+
+
+class DPTDepthAnnotator(TransformersAnnotator):
+    """MiDaS relative inverse depth as ControlNet's depth annotator draws it: normalised to 0..255 per
+    image (nearest white), resized to the input's size, the same value in all three channels.
+
+    Unlike controlnet-aux's MidasDetector (fed the image at its own size, rounded to 64 px), the network
+    sees it resized to its fixed input (384 px for dpt-hybrid-midas): transformers' hybrid embedding does
+    not interpolate its position embeddings.
+    """
+
+    modality, model_class = "depth", "DPTForDepthEstimation"
+
+    @staticmethod
+    def load_processor(folder: Path, model):
+        if (folder / "preprocessor_config.json").is_file():
+            return TransformersAnnotator.load_processor(folder, model)
+        from transformers import DPTImageProcessor
+
+        # MiDaS's dpt-hybrid preprocessing: bicubic resize to the network's input size, then [-1, 1]
+        # (the processor's default mean = std = 0.5, i.e. ControlNet's x / 127.5 - 1).
+        h, w = (model.config.image_size,) * 2 if isinstance(model.config.image_size, int) else model.config.image_size
+        return DPTImageProcessor(size={"height": h, "width": w})
+
+    def postprocess(self, outputs, size):
+        import torch
+        import torch.nn.functional as F
+
+        depth = outputs.predicted_depth  # (B, h, w), larger is nearer
+        lo, hi = depth.amin(dim=(1, 2), keepdim=True), depth.amax(dim=(1, 2), keepdim=True)
+        depth = (depth - lo) / (hi - lo).clamp_min(1e-12)  # per image, as ControlNet's MiDaS annotator
+        depth = F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
+        maps = (depth * 255).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        return list(np.ascontiguousarray(maps.cpu().numpy()))
+
+
+def resolve_weights(backend: str, modality: str, weights_dir: Path | str | None = None) -> list[Path]:
+    """The weight files one registered annotator would load, found without loading anything (for a
+    preflight): [] for weight-free ones; FileNotFoundError naming data.annotator_weights if absent."""
+    if backend == "controlnet_aux" and modality in AUX_SPECS:
+        return resolve_aux_weights(modality, weights_dir) if AUX_SPECS[modality].files else []
+    if backend == "transformers" and modality in HF_SPECS:
+        return _weight_files(resolve_hf_folder(modality, weights_dir))
+    raise ValueError(f"no {backend!r} annotator for {modality!r}; known: controlnet_aux {sorted(AUX_SPECS)}, "
+                     f"transformers {sorted(HF_SPECS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,4 +465,4 @@ class UperNetSegAnnotator:
 ANNOTATORS["controlnet_aux"] = {
     m: functools.partial(ControlNetAuxAnnotator.from_pretrained, m) for m in AUX_SPECS
 }
-ANNOTATORS["transformers"] = {"seg": UperNetSegAnnotator.from_pretrained}
+ANNOTATORS["transformers"] = {c.modality: c.from_pretrained for c in (UperNetSegAnnotator, DPTDepthAnnotator)}

@@ -34,6 +34,7 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.delenv(ext.AUX_ENV, raising=False)
     monkeypatch.delenv(ext.SEG_ENV, raising=False)
+    monkeypatch.delenv(ext.DEPTH_ENV, raising=False)
     # huggingface_hub reads these at import time: patch the module-level values it uses per call.
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
@@ -60,6 +61,17 @@ def _check_map(out, image):
     assert out.shape == image.shape and out.dtype == np.uint8
 
 
+def _cache_snapshot(cache, repo: str, files: dict) -> None:
+    """The Hugging Face cache layout: refs/main names a snapshot holding (links to) the files."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for name, target in files.items():
+        (root / "snapshots" / commit / name).symlink_to(target)
+
+
 def test_canny_marks_the_outline_only():
     img, mask = _square(64)
     a = ANNOTATORS["controlnet_aux"]["canny"](None)
@@ -81,7 +93,7 @@ def test_registry_through_get_annotator():
     img, _ = _square(32)  # below the detectors' 64-px grid: still returned at the input's size
     _check_map(a(img, {}), img)
     assert {"canny", "hed", "scribble", "depth", "normal", "lineart", "mlsd"} <= set(ANNOTATORS["controlnet_aux"])
-    assert set(ANNOTATORS["transformers"]) == {"seg"}
+    assert set(ANNOTATORS["transformers"]) == {"seg", "depth"}
 
 
 def test_hed_and_scribble_load_saved_weights(aux_weights):
@@ -151,28 +163,43 @@ def test_missing_weights_name_the_file(modality, filename, tmp_path, monkeypatch
     factory = ANNOTATORS["controlnet_aux"][modality]
     with pytest.raises(FileNotFoundError, match=filename) as e:
         factory(empty)
-    assert str(empty) in str(e.value) and ext.AUX_ENV in str(e.value)
+    assert f"{empty} (from data.annotator_weights=" in str(e.value) and ext.AUX_ENV in str(e.value)
     # Nothing configured and nothing in the (empty, offline) Hugging Face cache.
-    with pytest.raises(FileNotFoundError, match=filename):
+    with pytest.raises(FileNotFoundError, match=f"data.annotator_weights is not set.*{filename}"):
         factory(None)
     monkeypatch.setenv(ext.AUX_ENV, str(empty))
-    with pytest.raises(FileNotFoundError, match=filename):
+    with pytest.raises(FileNotFoundError, match=f"from \\${ext.AUX_ENV}=.*{filename}.*data.annotator_weights"):
         factory(None)
+
+
+@pytest.mark.parametrize("backend, modality", [(b, m) for b in ("controlnet_aux", "transformers")
+                                               for m in sorted(ANNOTATORS[b]) if m != "canny"])
+def test_every_missing_weights_error_names_the_setting(backend, modality, tmp_path):
+    for call in (ANNOTATORS[backend][modality], lambda d: ext.resolve_weights(backend, modality, d)):
+        for weights_dir in (tmp_path, None):
+            with pytest.raises(FileNotFoundError, match="data.annotator_weights") as e:
+                call(weights_dir)
+            assert "Nothing is downloaded" in str(e.value)
+
+
+def test_resolve_weights_finds_without_loading(aux_weights):
+    assert ext.resolve_weights("controlnet_aux", "canny") == []
+    assert ext.resolve_weights("controlnet_aux", "lineart", aux_weights) == [aux_weights / "sk_model.pth",
+                                                                            aux_weights / "sk_model2.pth"]
+    with pytest.raises(ValueError, match="known"):
+        ext.resolve_weights("transformers", "hed")
 
 
 def test_weights_from_env_and_from_hf_cache(aux_weights, offline_hub, monkeypatch):
     expected = _sha256(aux_weights / "ControlNetHED.pth")
+    hed = ANNOTATORS["controlnet_aux"]["hed"]  # the factory: get_annotator would return its cached instance
     monkeypatch.setenv(ext.AUX_ENV, str(aux_weights))
-    assert get_annotator("controlnet_aux", "hed").weights_hash == expected
+    assert hed(None).weights_hash == expected
     monkeypatch.delenv(ext.AUX_ENV)
-    # The Hugging Face cache layout: refs/main names a snapshot holding the file.
-    repo = offline_hub / "models--lllyasviel--Annotators"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "ControlNetHED.pth").symlink_to(aux_weights / "ControlNetHED.pth")
-    assert get_annotator("controlnet_aux", "hed").weights_hash == expected
+    with pytest.raises(FileNotFoundError):
+        hed(None)
+    _cache_snapshot(offline_hub, ext.AUX_REPO, {"ControlNetHED.pth": aux_weights / "ControlNetHED.pth"})
+    assert hed(None).weights_hash == expected
 
 
 def test_palette_is_controlnets_ade20k():
@@ -183,44 +210,108 @@ def test_palette_is_controlnets_ade20k():
 
 
 @pytest.fixture(scope="module")
-def seg_dir(tmp_path_factory):
-    """A tiny UperNet (ConvNext backbone) with 150 labels, saved as transformers saves it."""
-    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
+def hf_weights(tmp_path_factory):
+    """A data.annotator_weights folder holding tiny random transformers annotators in their sub-folders:
+    a UperNet (ConvNext backbone, 150 labels) with its processor, and a DPT-hybrid (BiT backbone, like
+    Intel/dpt-hybrid-midas) without one, so the annotator builds MiDaS's own preprocessing."""
+    from transformers import (BitConfig, ConvNextConfig, DPTConfig, DPTForDepthEstimation, SegformerImageProcessor,
+                              UperNetConfig, UperNetForSemanticSegmentation)
 
     torch.manual_seed(0)
     backbone = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
                               out_features=["stage1", "stage2", "stage3", "stage4"])
     config = UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=150)
-    d = tmp_path_factory.mktemp("seg")
-    UperNetForSemanticSegmentation(config).save_pretrained(d)
-    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(d)
+    d = tmp_path_factory.mktemp("annotator-weights")
+    UperNetForSemanticSegmentation(config).save_pretrained(d / "upernet-convnext-small")
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(d / "upernet-convnext-small")
+    # The hybrid's BiT stem and stages reduce 64 px by 16 to a 4x4 map of 32 channels; its first two
+    # stages feed the neck directly (neck_hidden_sizes[:2] are their widths).
+    bit = BitConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1], num_groups=4,
+                    layer_type="bottleneck", global_padding="same", embedding_dynamic_padding=True,
+                    out_features=["stage1", "stage2", "stage3"])
+    dpt = DPTConfig(is_hybrid=True, backbone_config=bit, image_size=64, hidden_size=16, num_hidden_layers=4,
+                    num_attention_heads=2, intermediate_size=32, backbone_out_indices=[0, 1, 2, 3],
+                    neck_hidden_sizes=[8, 16, 16, 16], reassemble_factors=[1, 1, 1, 0.5], fusion_hidden_size=16,
+                    backbone_featmap_shape=[1, 32, 4, 4])
+    DPTForDepthEstimation(dpt).save_pretrained(d / "dpt-hybrid-midas")
     return d
 
 
-def test_seg_colours_classes_with_the_palette(seg_dir, monkeypatch):
+def test_seg_colours_classes_with_the_palette(hf_weights, monkeypatch):
     img = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
-    a = get_annotator("transformers", "seg", seg_dir)
+    a = get_annotator("transformers", "seg", hf_weights)
     out = a(img, {})
     _check_map(out, img)
     assert a.name == "transformers.UperNetForSemanticSegmentation" and a.version
-    assert a.weights_hash == _sha256(seg_dir / "model.safetensors")
+    assert a.weights_hash == _sha256(hf_weights / "upernet-convnext-small" / "model.safetensors")
+    assert a.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     palette = {tuple(c) for c in ext.ADE20K_PALETTE.tolist()}
     assert {tuple(c) for c in out.reshape(-1, 3).tolist()} <= palette
-    monkeypatch.setenv(ext.SEG_ENV, str(seg_dir))
-    assert get_annotator("transformers", "seg").weights_hash == a.weights_hash
-
-
-def test_seg_missing_weights(tmp_path, monkeypatch):
+    batch = a.batch([img, img[::-1].copy(), img[:32, :32].copy()])  # a different shape runs on its own
+    assert [m.shape for m in batch] == [img.shape, img.shape, (32, 32, 3)]
+    assert (batch[0] == out).mean() > 0.99  # its own map, up to float rounding at class ties
     factory = ANNOTATORS["transformers"]["seg"]
-    with pytest.raises(FileNotFoundError, match="config.json") as e:
+    monkeypatch.setenv(ext.SEG_ENV, str(hf_weights / "upernet-convnext-small"))  # the model folder itself
+    assert factory(None).weights_hash == a.weights_hash
+    monkeypatch.delenv(ext.SEG_ENV)
+    monkeypatch.setenv(ext.AUX_ENV, str(hf_weights))  # read as data.annotator_weights is
+    assert factory(None).weights_hash == a.weights_hash
+
+
+def test_depth_is_a_per_image_normalised_midas_map(hf_weights, offline_hub, monkeypatch):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    dark, _ = _square(48, 0.2, 0.6)
+    dark = np.ascontiguousarray(np.pad(dark // 8, ((0, 0), (16, 16), (0, 0))))  # (48, 80, 3), nearly black
+    a = get_annotator("transformers", "depth", hf_weights)
+    assert a.name == "transformers.DPTForDepthEstimation" and a.version
+    assert a.weights_hash == _sha256(hf_weights / "dpt-hybrid-midas" / "model.safetensors")
+    assert a.processor.size == {"height": 64, "width": 64}  # no processor config: the network's input size
+    out = a(img, {})
+    _check_map(out, img)
+    assert (out == out[..., :1]).all()  # one value, three channels
+    assert np.array_equal(out, a(img, {}))  # deterministic
+    # Normalised per image, never per batch: a dark image's map spans the range as a bright one's does,
+    # and each map in a batch is the map of its image alone.
+    singles = [a(x, {}) for x in (img, dark)]
+    batch = a.batch([img, dark, img[:32, :32].copy()])
+    assert [m.shape for m in batch] == [img.shape, dark.shape, (32, 32, 3)]
+    for m, single in zip(batch, singles):
+        assert np.abs(m.astype(int) - single).max() <= 1 and m.min() < 30 and m.max() > 200
+    monkeypatch.setenv(ext.DEPTH_ENV, str(hf_weights / "dpt-hybrid-midas"))
+    depth = ANNOTATORS["transformers"]["depth"]
+    assert np.array_equal(depth(None)(img, {}), out)  # a fresh load draws the same map
+    monkeypatch.delenv(ext.DEPTH_ENV)
+    folder = hf_weights / "dpt-hybrid-midas"
+    _cache_snapshot(offline_hub, ext.DEPTH_REPO, {f.name: f for f in folder.iterdir()})
+    assert depth(None).weights_hash == a.weights_hash
+
+
+@pytest.mark.parametrize("modality, folder, first", [
+    ("seg", "upernet-convnext-small", "config.json"), ("depth", "dpt-hybrid-midas", "config.json")])
+def test_transformers_missing_weights_name_setting_folder_and_files(modality, folder, first, tmp_path, monkeypatch):
+    factory, spec = ANNOTATORS["transformers"][modality], ext.HF_SPECS[modality]
+    with pytest.raises(FileNotFoundError, match=first) as e:
         factory(tmp_path)
-    assert str(tmp_path) in str(e.value) and ext.SEG_ENV in str(e.value)
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "preprocessor_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    msg = str(e.value)
+    assert f"{tmp_path / folder} (from data.annotator_weights=" in msg and f"<data.annotator_weights>/{folder}/" in msg
+    assert spec.env in msg and spec.repo in msg
+    (tmp_path / folder).mkdir()
+    for f in spec.configs:
+        (tmp_path / folder / f).write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors") as e:
         factory(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    assert "config.json" not in str(e.value).split(";")[0]  # only what is missing is listed as missing
+    with pytest.raises(FileNotFoundError, match=f"data.annotator_weights is not set.*{first}.*{folder}/"):
         factory(None)  # no env, empty offline cache
+    monkeypatch.setenv(spec.env, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=f"nowhere \\(from \\${spec.env}="):
+        factory(None)
+
+
+def test_naming_the_model_folder_itself_says_to_name_its_parent(hf_weights):
+    with pytest.raises(FileNotFoundError, match="is itself a model folder: set data.annotator_weights to the folder"):
+        get_annotator("transformers", "depth", hf_weights / "dpt-hybrid-midas")  # the model folder, not its parent
 
 
 def test_bad_input_is_a_clear_error():
