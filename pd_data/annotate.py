@@ -67,6 +67,38 @@ def get_annotator(backend: str, modality: str, weights_dir: Path | None = None) 
     return factory(weights_dir)
 
 
+BATCH = 16  # images per call of an annotator that takes batches (`batch(images)`: the networks on a GPU)
+
+
+def _checked(a: Annotator, img: np.ndarray, out: np.ndarray) -> np.ndarray:
+    if out.shape != img.shape or out.dtype != np.uint8:
+        raise ValueError(f"{a.name} returned {out.shape} {out.dtype}, expected {img.shape} uint8")
+    return out
+
+
+def _annotate_all(a: Annotator, images: list[np.ndarray], provs: list[dict]) -> list:
+    """Each image's map, or the exception it raised. An annotator with `batch(images)` gets them BATCH
+    at a time; a batch that fails is redone image by image, so only the bad image is lost."""
+    out: list = []
+    step = BATCH if hasattr(a, "batch") else 1
+    for s in range(0, len(images), step):
+        chunk = range(s, min(s + step, len(images)))
+        if step > 1:
+            try:
+                res = a.batch([images[i] for i in chunk])
+                if len(res) == len(chunk):
+                    out += [_checked(a, images[i], m) for i, m in zip(chunk, res)]
+                    continue
+            except Exception:  # noqa: BLE001 - find the image that failed, one at a time
+                pass
+        for i in chunk:
+            try:
+                out.append(_checked(a, images[i], a(images[i], provs[i])))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+    return out
+
+
 def annotate_shard(images_path: Path, out_path: Path, annotators: dict[str, str],
                    weights_dir: Path | None = None) -> dict:
     """Annotate every image of one shard with every modality; an existing output is kept (resume).
@@ -81,17 +113,16 @@ def annotate_shard(images_path: Path, out_path: Path, annotators: dict[str, str]
 
     table = pq.read_table(images_path, columns=["image_id", "image", "provenance"]).to_pylist()
     built = {m: get_annotator(b, m, weights_dir) for m, b in annotators.items()}
+    images = [decode_png(r["image"]) for r in table]
+    provs = [json.loads(r["provenance"]) for r in table]
+    maps: dict[str, list] = {m: _annotate_all(a, images, provs) for m, a in built.items()}
     rows, rejects = [], []
-    for r in table:
-        img, prov = decode_png(r["image"]), json.loads(r["provenance"])
+    for k, r in enumerate(table):
         for m, a in built.items():
-            try:
-                out = a(img, prov)
-                if out.shape != img.shape or out.dtype != np.uint8:
-                    raise ValueError(f"{a.name} returned {out.shape} {out.dtype}, expected {img.shape} uint8")
-            except Exception as e:  # noqa: BLE001 - one bad image never kills the shard
+            out = maps[m][k]
+            if isinstance(out, Exception):  # one bad image never kills the shard
                 rejects.append({"image_id": r["image_id"], "ref": images_path.name, "stage": "annotate",
-                                "reason": f"annotator-error:{m}", "detail": f"{type(e).__name__}: {e}"[:500]})
+                                "reason": f"annotator-error:{m}", "detail": f"{type(out).__name__}: {out}"[:500]})
                 continue
             rows.append({"image_id": r["image_id"], "modality": m, "map": png_bytes(out),
                          "annotator": a.name, "annotator_version": a.version, "weights_hash": a.weights_hash})
