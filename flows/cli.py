@@ -8,6 +8,7 @@
     pd results                           Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics"
     pd profile demo [-o ...]             print a profile's resolved configuration
+    pd check [--profile paper] [-o ...]  every data folder and weight file the profile lacks, and where it goes
     pd retrain [--profile demo] [--dataset default] [--from-scratch] [-o ...]   one retraining round
     pd models [--dataset D]              the model registry: candidates, decisions, the current model
     pd rollback [--dataset D] [--to MODEL_ID]   make an earlier model current again (default: the previous one)
@@ -45,7 +46,18 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
+def _checked_profile(args):
+    """The resolved profile, or `ConfigError` / `FileNotFoundError` before anything starts."""
+    from flows.preflight import require_inputs
+    from flows.profiles import load_profile
+
+    profile = load_profile(args.profile, _overrides(args.override))
+    require_inputs(profile)
+    return profile
+
+
 def cmd_run(args) -> int:
+    _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
     _prepare_env()
     from flows import full_benchmark, stages
 
@@ -194,6 +206,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Every input the profile needs that is missing, with where to put it; exit 1 if any."""
+    from flows.preflight import missing_inputs
+    from flows.profiles import load_profile
+
+    profile = load_profile(args.profile, _overrides(args.override))
+    missing = missing_inputs(profile)
+    for m in missing:
+        print(f"missing  {m}")
+    print(f"profile {profile.name!r}: " + (f"{len(missing)} input(s) missing" if missing else "every input is in place"))
+    return 1 if missing else 0
+
+
 def cmd_profile(args) -> int:
     from flows.profiles import load_profile
 
@@ -221,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("query")
     s.set_defaults(fn=cmd_sql)
     sub.add_parser("results", help="Table 1 of the latest completed run").set_defaults(fn=cmd_results)
+    ck = sub.add_parser("check", help="list every data folder and weight file a profile needs and lacks")
+    ck.add_argument("--profile", default="paper")
+    ck.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ck.set_defaults(fn=cmd_check)
     p = sub.add_parser("profile", help="print a profile's resolved configuration")
     p.add_argument("name")
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -23,7 +23,12 @@ Overrides = dict[str, Any] | None
 
 
 def make_plan(profile: str, overrides: Overrides, state_dir: str | None) -> Plan:
-    return Plan(load_profile(profile, overrides), StateDir.resolve(state_dir))
+    """The run's plan, after its whole configuration and every input it names are checked (preflight)."""
+    from flows.preflight import require_inputs
+
+    p = load_profile(profile, overrides)
+    require_inputs(p)
+    return Plan(p, StateDir.resolve(state_dir))
 
 
 def require(plan: Plan, stage: str) -> None:
@@ -81,6 +86,7 @@ def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: 
         return done
     summary = ingest_task(plan)
     mark_done(plan.dir("ingest"), summary)
+    register_views(plan)  # images and their rejects are queryable at once (`pd sql`)
     get_run_logger().info("ingest: %s", summary)
     create_table_artifact(key="ingest-summary", table=[{"rows in": summary["rows_in"], "rows out": summary["rows_out"],
                                                         "seconds": summary["seconds"], **{f"rejected: {k}": v for k, v in summary["rejects"].items()}}],
@@ -160,9 +166,10 @@ def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir
         write_lineage(plan)
         mark_done(plan.dir("annotate"), summary)
         get_run_logger().info("annotate: %s", summary)
+    register_views(plan)  # the shards are queryable even if drawing the prompts fails
     if _cached(plan, "prompts") is None:
         mark_done(plan.dir("prompts"), prompts_task(plan))
-    register_views(plan)  # after the prompts: the `prompts` view needs their Parquet file
+        register_views(plan)  # now with the `prompts` view, which needs their Parquet file
     return summary
 
 

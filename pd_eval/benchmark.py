@@ -120,7 +120,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
     With `train` (the train split), every task is also scored for the trivial baselines of
     `pd_eval.baselines` (copy-example; copy-query and mean-map for image->map), on the same prompts."""
     eff = cfg.effective()
-    extractor = load_extractor()
+    extractor = load_extractor("inception" if cfg.protocol == "paper" else "auto")  # the paper's FID is Inception's
     prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
@@ -159,7 +159,7 @@ def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: E
                   extractor: tuple[str, object] | None = None) -> list[dict]:
     """Every baseline of every task of the materialised prompts, scored as the models are (`_score`);
     their answers are saved under samples/ too."""
-    extractor = extractor or load_extractor()
+    extractor = extractor or load_extractor("inception" if cfg.protocol == "paper" else "auto")
     out = []
     for task in dict.fromkeys(r["task"] for r in prompts):
         spec = get_task(task)
