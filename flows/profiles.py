@@ -85,7 +85,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "shard_size": 256, "annotators": PAPER_ANNOTATORS, "annotator_weights": f"{PAPER_INPUTS}/annotators"},
         "prompts": {"per_task": 1000},
         "base": {"kind": "sd15", "pretrained_path": f"{PAPER_INPUTS}/stable-diffusion-v1-5", "train_steps": 0},
-        "train": {"steps": 5000, "batch_size": 32, "learning_rate": 1e-4, "baseline_steps_per_task": 5000},
+        "train": {"steps": 5000, "batch_size": 32, "learning_rate": 1e-4, "baseline_steps_per_task": 5000,
+                  "loader_workers": 4},
         "eval": {"protocol": "paper", "batch_size": 8},
     },
 }
