@@ -397,7 +397,7 @@ class StepLoader:
 
     def __init__(self, samples: PromptSamples, steps: int, slices: list[range], workers: int = 0, pin_memory: bool = False):
         self.samples, self.steps, self.slices, self.workers, self.pin = samples, steps, slices, workers, pin_memory
-        self._it, self.wait_s = None, 0.0
+        self._it, self.wait_s, self.first_wait_s = None, 0.0, None  # the first: worker start-up included
 
     def _start(self, first: int) -> None:
         batches = [[(s, i) for i in idx] for s in range(first, self.steps) for idx in self.slices]
@@ -411,7 +411,9 @@ class StepLoader:
         if self._it is None:
             self._start(step)
         b = next(self._it)
-        self.wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.first_wait_s = waited if self.wait_s == 0 and self.first_wait_s is None else self.first_wait_s
+        self.wait_s += waited
         if b["index"][0] != (step, idx.start):
             raise RuntimeError(f"data loader out of order: got sample {b['index'][0]}, expected {(step, idx.start)}")
         return b
@@ -503,7 +505,8 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
     finally:
         loader.close()
     if stats is not None:
-        stats.update(data_wait_s=loader.wait_s, wall_s=time.perf_counter() - t0, loader_workers=cfg.loader_workers)
+        stats.update(data_wait_s=loader.wait_s, first_batch_wait_s=loader.first_wait_s or 0.0,
+                     wall_s=time.perf_counter() - t0, loader_workers=cfg.loader_workers)
     return controlnet.eval(), losses
 
 

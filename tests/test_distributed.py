@@ -97,3 +97,15 @@ def test_loader_workers_change_nothing_in_the_weights_bitwise(world):
         assert stats["loader_workers"] == workers and 0 <= stats["data_wait_s"] <= stats["wall_s"]
     assert nets[0][1] == nets[2][1]
     assert all(torch.equal(nets[0][0][k], nets[2][0][k]) for k in nets[0][0])
+
+
+def test_two_processes_train_bitwise_like_one_with_the_same_micro_batches(world, tmp_path):
+    """One process with two micro-batches sums the same two gradients as two processes' all-reduce:
+    the weights are bitwise equal (both through torchrun, so both compute on one thread)."""
+    def weights(processes: int, accum: int) -> dict:
+        out = tmp_path / f"p{processes}a{accum}"
+        launch(_job(world, out, CFG.model_copy(update={"processes": processes, "grad_accum_steps": accum})))
+        return load_file(out / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+    one, two = weights(1, 2), weights(2, 1)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
