@@ -253,8 +253,15 @@ def _controlnet_aux():
     return controlnet_aux
 
 
+def default_device() -> str:
+    """Where the annotator networks run: the GPU when one is visible."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ControlNetAuxAnnotator:
-    """One controlnet-aux detector behind the project's Annotator signature, on the CPU."""
+    """One controlnet-aux detector behind the project's Annotator signature, on CUDA when present."""
 
     def __init__(self, modality: str, detector, weights_hash: str = ""):
         self.modality = modality
@@ -276,7 +283,7 @@ class ControlNetAuxAnnotator:
             return cls(modality, detector_cls())
         # from_pretrained reads <folder>/<default file name> when given a folder.
         detector = detector_cls.from_pretrained(str(paths[0].parent))
-        return cls(modality, detector.to("cpu"), hash_weights(paths))
+        return cls(modality, detector.to(default_device()), hash_weights(paths))  # its __call__ follows the weights
 
     @classmethod
     def from_model(cls, modality: str, *networks, weights_hash: str = "") -> "ControlNetAuxAnnotator":
@@ -355,7 +362,7 @@ class TransformersAnnotator:
     def __init__(self, model, processor, weights_hash: str = "", device: str | None = None):
         import torch
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         self.model = model.eval().to(self.device)
         self.processor = processor
         self.name = f"transformers.{type(model).__name__}"

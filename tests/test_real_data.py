@@ -121,3 +121,12 @@ def test_pd_check_names_every_missing_input_then_passes_once_they_are_there(tmp_
         (inputs / f).write_text("[]")
     assert main(args) == 0, capsys.readouterr().out
     assert "every input is in place" in capsys.readouterr().out
+
+
+def test_the_shards_are_queryable_as_soon_as_ingest_has_written_them(prefect_engine, state_dir):
+    from flows.stages import ingest_flow
+
+    ingest_flow("smoke", TINY)
+    db = StateDir.resolve().db
+    assert query(db, "SELECT count(*), count(DISTINCT group_id) FROM images")[1] == [(24, 6)]
+    assert query(db, "SELECT sum(images) FROM splits")[1] == [(24,)]
