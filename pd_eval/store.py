@@ -146,12 +146,22 @@ def register_data_views(db: Path, data_root: Path) -> list[str]:
     """(Re)make the data views whose shards exist yet (the ingest stage's views before the prompts are
     drawn, say), and return their names. A `data_root` inside the state directory of `db` is stored
     relative to it, so the views move with the directory; one outside it is stored absolute."""
-    made = [v for v in DATA_VIEWS if all(next(Path(data_root).glob(g), None) for g in _VIEW_NEEDS[v])]
-    statements = [st for st in data_views_sql(_view_data_root(db, data_root)).split(";") if st.strip()]
+    def found(g: str) -> bool:
+        return next(Path(data_root).glob(g), None) is not None
+
+    # `rejects` reads whichever of its stages has written rejects (ingest's alone before annotation).
+    made = [v for v in DATA_VIEWS if (any if v == "rejects" else all)(found(g) for g in _VIEW_NEEDS[v])]
+    rel = _view_data_root(db, data_root)
+    statements = [st for st in data_views_sql(rel).split(";") if st.strip()]
     with connect(db) as con:
         _ensure_schema(con)
         for st in statements:
-            if re.search(r"VIEW (\w+) AS", st).group(1) in made:
+            name = re.search(r"VIEW (\w+) AS", st).group(1)
+            if name == "rejects":
+                for g in _VIEW_NEEDS["rejects"]:
+                    if not found(g):
+                        st = st.replace(f", '{_sql_text(rel)}/{g}'", "").replace(f"'{_sql_text(rel)}/{g}', ", "")
+            if name in made:
                 con.execute(st)
     return made
 

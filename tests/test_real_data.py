@@ -130,3 +130,4 @@ def test_the_shards_are_queryable_as_soon_as_ingest_has_written_them(prefect_eng
     db = StateDir.resolve().db
     assert query(db, "SELECT count(*), count(DISTINCT group_id) FROM images")[1] == [(24, 6)]
     assert query(db, "SELECT sum(images) FROM splits")[1] == [(24,)]
+    assert query(db, "SELECT count(*) FROM rejects")[1] == [(0,)]  # ingest's rejects files, before any annotation
