@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.plan import Plan
 from flows.profiles import load_profile
-from pd_data.state import StateDir, atomic_write_json, is_done, mark_done, read_done
+from pd_data.state import StateDir, is_done, mark_done, read_done
 
 Overrides = dict[str, Any] | None
 
@@ -380,7 +380,7 @@ def report_task(plan: Plan, run_id: str) -> str:
              f"({ev.scheduler}, {ev.steps} steps, guidance {ev.guidance_scale}{pair})",
              f"trained: {trained}; CN(FT) budget: {read_done(plan.dir('train')).get('budget_rule', 'not recorded')}",
              f"pairing: {plan.profile.data.pairing} (where each training and evaluation prompt takes its example pair from)",
-             f"stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
+             "stage keys: " + ", ".join(f"{s}={plan.key(s)}" for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate"))]
     return str(build_report(plan.state.db, run_id, plan.key("evaluate"), plan.profile.name, plan.dir("evaluate"), png, out, notes))
 
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pd_data.config import Pairing
-from pd_data.shards import decode_png, read_shards, shard_files
+from pd_data.shards import decode_png, shard_files
 from pd_data.tasks import Prompt, TaskSpec, compose_prompt
 
 DEFAULT_CACHE_MB = 256.0

@@ -70,3 +70,20 @@ def train_world(tmp_path_factory) -> Path:
     data = load_split(root / "img", root / "ann", "train")
     build_tiny_base(BaseModelConfig(), sorted(set(data.captions.values())), 32).save(root / "base")
     return root
+
+
+@pytest.fixture
+def mirror_annotator(monkeypatch):
+    """A weight-free annotator, backend "test", modality "mirror": the image flipped left to right."""
+    from pd_data import annotate
+
+    class Mirror:
+        name, version, weights_hash = "test.mirror", "0", ""
+
+        def __call__(self, image, provenance):
+            return image[:, ::-1].copy()
+
+    monkeypatch.setitem(annotate.ANNOTATORS, "test", {"mirror": lambda weights_dir: Mirror()})
+    annotate.get_annotator.cache_clear()
+    yield
+    annotate.get_annotator.cache_clear()

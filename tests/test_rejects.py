@@ -172,18 +172,8 @@ def test_data_max_pixels_is_the_one_size_limit(tmp_path, side, max_pixels, reaso
     assert set(rows) == {"a.png", "b.png"} and Image.MAX_IMAGE_PIXELS == pillow  # Pillow's guard restored
 
 
-def test_live_rounds_reject_bad_lines_and_keep_the_rest(tmp_path, monkeypatch):
-    from pd_data import annotate
+def test_live_rounds_reject_bad_lines_and_keep_the_rest(tmp_path, mirror_annotator):
     from pd_data.incremental import update_live
-
-    class Mirror:
-        name, version, weights_hash = "test.mirror", "0", ""
-
-        def __call__(self, image, provenance):
-            return image[:, ::-1].copy()
-
-    monkeypatch.setitem(annotate.ANNOTATORS, "test", {"mirror": lambda weights_dir: Mirror()})
-    annotate.get_annotator.cache_clear()
     root, side, live = _photos(tmp_path), tmp_path / "caps.jsonl", tmp_path / "live"
     side.write_text("\n".join([A, "not json", '{"file": "b.png", "caption": "caf\\udcff"}']) + "\n")
     cfg = DataConfig(source="folder", source_path=str(root), captions_file=str(side), annotators={"mirror": "test"})
@@ -191,4 +181,3 @@ def test_live_rounds_reject_bad_lines_and_keep_the_rest(tmp_path, monkeypatch):
     rejects = pq.read_table(live / "ingest-rejects-r0001-00000.parquet").to_pylist()
     assert {r["image_id"]: r["reason"] for r in rejects} == {"caps.jsonl:2": "bad-caption-line", "b.png": "unencodable-text"}
     assert (summary["added"], summary["annotated"]) == (1, 1)
-    annotate.get_annotator.cache_clear()

@@ -84,17 +84,7 @@ def _png(color) -> bytes:
     return buf.getvalue()
 
 
-def test_folder_source_changed_deleted_added_and_config_guard(tmp_path, monkeypatch):
-    from pd_data import annotate
-
-    class Mirror:
-        name, version, weights_hash = "test.mirror", "0", ""
-
-        def __call__(self, image, provenance):
-            return image[:, ::-1].copy()
-
-    monkeypatch.setitem(annotate.ANNOTATORS, "test", {"mirror": lambda weights_dir: Mirror()})
-    annotate.get_annotator.cache_clear()
+def test_folder_source_changed_deleted_added_and_config_guard(tmp_path, mirror_annotator):
     root, db, live = tmp_path / "photos" / "g1", tmp_path / "db.duckdb", tmp_path / "live"
     root.mkdir(parents=True)
     for name, color in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
@@ -122,7 +112,6 @@ def test_folder_source_changed_deleted_added_and_config_guard(tmp_path, monkeypa
     assert (third["unchanged"], third["annotated"], third["round"]) == (3, 0, 3)
     with pytest.raises(ValueError, match="another data configuration"):
         update_live(cfg.model_copy(update={"resolution": 64}), live, db, "photos")
-    annotate.get_annotator.cache_clear()
 
 
 def test_promotion_rule():
