@@ -451,7 +451,7 @@ class DPTDepthAnnotator(TransformersAnnotator):
         lo, hi = depth.amin(dim=(1, 2), keepdim=True), depth.amax(dim=(1, 2), keepdim=True)
         depth = (depth - lo) / (hi - lo).clamp_min(1e-12)  # per image, as ControlNet's MiDaS annotator
         depth = F.interpolate(depth[:, None], size=size, mode="bilinear", align_corners=False)  # (B, 1, H, W)
-        maps = (depth * 255).clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        maps = (depth * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # (B, H, W, 3)
         return list(np.ascontiguousarray(maps.cpu().numpy()))
 
 

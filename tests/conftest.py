@@ -1,7 +1,9 @@
 """Shared fixtures: a real Prefect engine (test harness), a state directory per test, tiny sizes."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 # Prefect's home for the whole test session lives in a temporary folder, never in ~/.prefect.
 _HOME = Path(tempfile.mkdtemp(prefix="pd-tests-prefect-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # a session's Prefect database is not worth keeping
 os.environ["PREFECT_HOME"] = str(_HOME)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
