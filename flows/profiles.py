@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
 from pd_data.config import DataConfig, Frozen, PromptConfig
 from pd_data.tasks import FORWARD_TASKS, TASKS, TRAINING_TASKS
@@ -103,7 +103,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run: one line per problem, each naming the key, the value and a fix."""
 
 
-def _describe(err: dict, model: type[BaseModel] = None) -> str:
+def _describe(err: dict) -> str:
     """One pydantic error as `section.key=value: what is wrong; what works`."""
     loc = [str(x) for x in err["loc"]]
     key, value = ".".join(loc), err.get("input")

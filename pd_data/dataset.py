@@ -227,32 +227,36 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pai
     images."""
     img_files, ann_files = shard_files(images_dir, "images"), shard_files(annotations_dir, "annotations")
     rows: list[tuple[str, str, str, str, int, int]] = []  # (id, group, layout, caption, file, row)
+    img_starts, ann_starts = [], []  # per file, the first row of each row group (one footer read per file)
     for f, path in enumerate(img_files):
-        cols = ["image_id", "group_id", "split", "caption"]
-        names = pq.read_schema(path).names
-        t = pq.read_table(path, columns=cols + (["layout_id"] if "layout_id" in names else []))
+        pf = pq.ParquetFile(path)
+        img_starts.append(_row_group_starts(pf.metadata))
+        names = pf.schema_arrow.names
+        t = pf.read(columns=["image_id", "group_id", "split", "caption"] + (["layout_id"] if "layout_id" in names else []))
         keep = np.flatnonzero(np.asarray(pc.equal(t["split"], split).to_numpy(zero_copy_only=False), bool))
         ids, groups, caps = (t[c].to_pylist() for c in ("image_id", "group_id", "caption"))
         layouts = t["layout_id"].to_pylist() if "layout_id" in names else [None] * t.num_rows
         rows += [(ids[r], groups[r], layouts[r] or ids[r], caps[r], f, int(r)) for r in keep]
     if not rows:
         raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions or data.n_groups")
-    pos = {r[0]: k for k, r in enumerate(rows)}
+    in_split = {r[0] for r in rows}
     found: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
     modalities: set[str] = set()
     for f, path in enumerate(ann_files):
-        t = pq.read_table(path, columns=["image_id", "modality"])
+        pf = pq.ParquetFile(path)
+        ann_starts.append(_row_group_starts(pf.metadata))
+        t = pf.read(columns=["image_id", "modality"])
         modalities |= set(t["modality"].unique().to_pylist())  # over every split, as a rejected map is anywhere
         for r, (i, m) in enumerate(zip(t["image_id"].to_pylist(), t["modality"].to_pylist())):
-            if i in pos:
+            if i in in_split:
                 found[i][m] = (f, r)
     mods = tuple(sorted(modalities))
     complete = [r for r in rows if len(found.get(r[0], ())) == len(mods)]
     image_loc = np.array([(r[4], r[5]) for r in complete], np.int64).reshape(-1, 2)
     map_loc = np.array([[found[r[0]][m] for m in mods] for r in complete], np.int64).reshape(-1, len(mods), 2)
     arrays = LazyArrays([r[0] for r in complete], image_loc, map_loc, mods,
-                        ShardColumn([str(p) for p in img_files], _row_group_starts(img_files), "image"),
-                        ShardColumn([str(p) for p in ann_files], _row_group_starts(ann_files), "map") if ann_files else None,
+                        ShardColumn([str(p) for p in img_files], img_starts, "image"),
+                        ShardColumn([str(p) for p in ann_files], ann_starts, "map") if ann_files else None,
                         cache_mb)
     out = SplitData(arrays=arrays, pairing=pairing)
     groups: dict[str, list[str]] = defaultdict(list)
@@ -266,13 +270,9 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pai
     return out
 
 
-def _row_group_starts(files: list[Path]) -> list[list[int]]:
-    """Per file, the first row of each row group."""
-    out = []
-    for path in files:
-        md = pq.read_metadata(path)
-        out.append(list(np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])[:-1].tolist()))
-    return out
+def _row_group_starts(md: pq.FileMetaData) -> list[int]:
+    """The first row of each row group of one file."""
+    return np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])[:-1].tolist()
 
 
 def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = "the dataset",

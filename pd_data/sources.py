@@ -240,7 +240,7 @@ class InstructPix2PixSource:
         if not seeds.is_file():
             raise FileNotFoundError(f"{seeds} not found; data.source_path must be the InstructPix2Pix folder holding seeds.json")
         self.seeds = json.loads(seeds.read_text())
-        self._prompts: dict[str, tuple[dict, bool]] = {}
+        self._prompt: tuple[str, tuple[dict, bool]] | None = None  # the last folder's: items come folder by folder
 
     def items(self) -> list[Item]:
         return [Item(f"{d}/{s}_{k}", str(d), (str(d), int(s), k), f"{d}/{s}")
@@ -248,9 +248,9 @@ class InstructPix2PixSource:
 
     def load(self, item: Item) -> RawRecord:
         d, seed, k = item.ref
-        if d not in self._prompts:  # a reject is not kept: each image of the folder re-reads and rejects
-            self._prompts[d] = _read_prompt(self.root / d / "prompt.json")
-        prompt, repaired = self._prompts[d]
+        if self._prompt is None or self._prompt[0] != d:  # a reject is not kept: each image re-reads and rejects
+            self._prompt = (d, _read_prompt(self.root / d / "prompt.json"))
+        prompt, repaired = self._prompt[1]
         path = self.root / d / f"{seed}_{k}.jpg"
         if not path.is_file():
             raise Reject("missing-file", f"{path} (listed in {self.root / 'seeds.json'}) is not on disk")

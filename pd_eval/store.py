@@ -95,9 +95,18 @@ def _searchable(root: Path) -> bool:
     return "," not in str(root)  # file_search_path is a comma-separated list, with no quoting
 
 
-def data_views_sql(data_root: Path | str) -> str:
-    """Views over the Parquet shards and the materialised evaluation prompts. `data_root` is written
-    into the SQL as given: relative (to the state directory on `file_search_path`) or absolute.
+# The globs each data view reads, relative to the data root; a view is made once each has a file
+# (`rejects`: once either has, reading those that do).
+VIEW_GLOBS = {"images": ("ingest/*/images-*.parquet",),
+              "annotations": ("annotate/*/annotations-*.parquet", "annotate/*/lineage.parquet"),
+              "rejects": ("ingest/*/rejects-*.parquet", "annotate/*/rejects-*.parquet"),
+              "prompts": ("prompts/*/prompts.parquet",), "splits": ("ingest/*/images-*.parquet",)}
+
+
+def data_views_sql(data_root: Path | str, reject_globs: tuple[str, ...] = VIEW_GLOBS["rejects"]) -> dict[str, str]:
+    """view name -> its CREATE statement, over the Parquet shards and the materialised evaluation prompts.
+    `data_root` is written into the SQL as given: relative (to the state directory on `file_search_path`)
+    or absolute; the `rejects` view reads `reject_globs`.
 
     Every path is a glob on purpose: DuckDB looks a relative glob up in `file_search_path` only, but a
     relative plain file in the working directory first. The globs are read at query time, so new shards
@@ -105,24 +114,25 @@ def data_views_sql(data_root: Path | str) -> str:
     absolute path it matched; the keys (`dataset`, `annotation_set`, `stage_key`, `prompt_set`) are
     taken from its last folder, so the state directory's own path cannot leak into them."""
     d = _sql_text(Path(data_root).as_posix())
-    return f"""
-CREATE OR REPLACE VIEW images AS
+    rejects = ", ".join(f"'{d}/{g}'" for g in reject_globs)
+    return {
+        "images": f"""CREATE OR REPLACE VIEW images AS
 SELECT regexp_extract(filename, '/ingest/([^/]+)/[^/]+$', 1) AS dataset, * EXCLUDE (filename)
-FROM read_parquet('{d}/ingest/*/images-*.parquet', filename = true, union_by_name = true);
-CREATE OR REPLACE VIEW annotations AS
+FROM read_parquet('{d}/ingest/*/images-*.parquet', filename = true, union_by_name = true)""",
+        "annotations": f"""CREATE OR REPLACE VIEW annotations AS
 SELECT l.dataset, a.* EXCLUDE (filename) FROM
     (SELECT *, regexp_extract(filename, '/annotate/([^/]+)/[^/]+$', 1) AS annotation_set
      FROM read_parquet('{d}/annotate/*/annotations-*.parquet', filename = true)) a
-JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set);
-CREATE OR REPLACE VIEW rejects AS
+JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set)""",
+        "rejects": f"""CREATE OR REPLACE VIEW rejects AS
 SELECT regexp_extract(filename, '/(ingest|annotate)/([^/]+)/[^/]+$', 2) AS stage_key, * EXCLUDE (filename)
-FROM read_parquet(['{d}/ingest/*/rejects-*.parquet', '{d}/annotate/*/rejects-*.parquet'], filename = true, union_by_name = true);
-CREATE OR REPLACE VIEW prompts AS
+FROM read_parquet([{rejects}], filename = true, union_by_name = true)""",
+        "prompts": f"""CREATE OR REPLACE VIEW prompts AS
 SELECT regexp_extract(filename, '/prompts/([^/]+)/[^/]+$', 1) AS prompt_set, * EXCLUDE (filename)
-FROM read_parquet('{d}/prompts/*/prompts.parquet', filename = true, union_by_name = true);
-CREATE OR REPLACE VIEW splits AS
-SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL;
-"""
+FROM read_parquet('{d}/prompts/*/prompts.parquet', filename = true, union_by_name = true)""",
+        "splits": """CREATE OR REPLACE VIEW splits AS
+SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FROM images GROUP BY ALL""",
+    }
 
 
 def _view_data_root(db: Path, data_root: Path) -> str:
@@ -135,34 +145,18 @@ def _view_data_root(db: Path, data_root: Path) -> str:
     return data.as_posix()
 
 
-# Each data view needs one file matching each of its globs when it is made (relative to the data root).
-_VIEW_NEEDS = {"images": ("ingest/*/images-*.parquet",),
-               "annotations": ("annotate/*/annotations-*.parquet", "annotate/*/lineage.parquet"),
-               "rejects": ("ingest/*/rejects-*.parquet", "annotate/*/rejects-*.parquet"),
-               "prompts": ("prompts/*/prompts.parquet",), "splits": ("ingest/*/images-*.parquet",)}
-
-
 def register_data_views(db: Path, data_root: Path) -> list[str]:
     """(Re)make the data views whose shards exist yet (the ingest stage's views before the prompts are
     drawn, say), and return their names. A `data_root` inside the state directory of `db` is stored
     relative to it, so the views move with the directory; one outside it is stored absolute."""
-    def found(g: str) -> bool:
-        return next(Path(data_root).glob(g), None) is not None
-
-    # `rejects` reads whichever of its stages has written rejects (ingest's alone before annotation).
-    made = [v for v in DATA_VIEWS if (any if v == "rejects" else all)(found(g) for g in _VIEW_NEEDS[v])]
-    rel = _view_data_root(db, data_root)
-    statements = [st for st in data_views_sql(rel).split(";") if st.strip()]
+    present = {g for globs in VIEW_GLOBS.values() for g in globs if next(Path(data_root).glob(g), None) is not None}
+    reject_globs = tuple(g for g in VIEW_GLOBS["rejects"] if g in present)
+    made = [v for v in DATA_VIEWS if (reject_globs if v == "rejects" else set(VIEW_GLOBS[v]) <= present)]
+    statements = data_views_sql(_view_data_root(db, data_root), reject_globs)
     with connect(db) as con:
         _ensure_schema(con)
-        for st in statements:
-            name = re.search(r"VIEW (\w+) AS", st).group(1)
-            if name == "rejects":
-                for g in _VIEW_NEEDS["rejects"]:
-                    if not found(g):
-                        st = st.replace(f", '{_sql_text(rel)}/{g}'", "").replace(f"'{_sql_text(rel)}/{g}', ", "")
-            if name in made:
-                con.execute(st)
+        for v in made:
+            con.execute(statements[v])
     return made
 
 

@@ -66,12 +66,22 @@ class Batch:
     query: torch.Tensor | None = None  # (B, 3, H, W) in the hint range
 
 
-def prompt_batch(prompts: list[Prompt], hint_range: str) -> Batch:
-    def stack(key: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([getattr(p, key) for p in prompts])).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+PROMPT_IMAGES = ("example_source", "example_target", "query", "target")
 
-    pair = torch.cat([to_hint(stack("example_source"), hint_range), to_hint(stack("example_target"), hint_range)], 1)
-    return Batch(to_unit(stack("target")) * 2 - 1, [p.text for p in prompts], pair, to_hint(stack("query"), hint_range))
+
+def stack_images(items: list, get=getattr) -> dict[str, torch.Tensor]:
+    """The four images of prompts (or of loader items, `get=dict.get`) as (B, 3, H, W) uint8 tensors."""
+    return {k: torch.from_numpy(np.stack([get(it, k) for it in items])).permute(0, 3, 1, 2) for k in PROMPT_IMAGES}
+
+
+def to_batch(images: dict[str, torch.Tensor], texts: list[str], hint_range: str) -> Batch:
+    """A `Batch` of `stack_images` tensors: the target in [-1, 1], the pair and query in the hint range."""
+    pair = torch.cat([to_hint(images["example_source"], hint_range), to_hint(images["example_target"], hint_range)], 1)
+    return Batch(to_unit(images["target"]) * 2 - 1, texts, pair, to_hint(images["query"], hint_range))
+
+
+def prompt_batch(prompts: list[Prompt], hint_range: str) -> Batch:
+    return to_batch(stack_images(prompts), [p.text for p in prompts], hint_range)
 
 
 def sample_generators(key: tuple[int, ...], indices: range) -> list[torch.Generator]:
@@ -374,9 +384,7 @@ class PromptSamples(torch.utils.data.Dataset):
 
 def _collate(items: list[dict]) -> dict:
     """(B, 3, H, W) uint8 tensors of the four images, and the texts, dropout draws and noise seeds."""
-    out = {k: torch.from_numpy(np.stack([it[k] for it in items])).permute(0, 3, 1, 2)
-           for k in ("example_source", "example_target", "query", "target")}
-    return out | {"texts": [it["text"] for it in items], "u": np.array([it["u"] for it in items]),
+    return stack_images(items, dict.get) | {"texts": [it["text"] for it in items], "u": np.array([it["u"] for it in items]),
                   "gen_seeds": [it["gen_seed"] for it in items], "index": [it["index"] for it in items]}
 
 
@@ -412,7 +420,8 @@ class StepLoader:
             self._start(step)
         b = next(self._it)
         waited = time.perf_counter() - t0
-        self.first_wait_s = waited if self.wait_s == 0 and self.first_wait_s is None else self.first_wait_s
+        if self.first_wait_s is None:
+            self.first_wait_s = waited
         self.wait_s += waited
         if b["index"][0] != (step, idx.start):
             raise RuntimeError(f"data loader out of order: got sample {b['index'][0]}, expected {(step, idx.start)}")
@@ -467,9 +476,7 @@ def train_controlnet(base: BaseModel, data: SplitData, tasks: tuple[str, ...], c
 
     def step_loss(step: int, idx: range) -> torch.Tensor:
         b = loader.next(step, idx)
-        batch = Batch(to_unit(b["target"]) * 2 - 1, b["texts"],
-                      torch.cat([to_hint(b["example_source"], "-1,1"), to_hint(b["example_target"], "-1,1")], 1),
-                      to_hint(b["query"], "-1,1"))
+        batch = to_batch(b, b["texts"], "-1,1")
         drop_text, drop_pair = cfg_dropout(b["u"], cfg)
         emb = text_cache(batch.texts)
         emb[torch.from_numpy(drop_text)] = empty  # dropped text = embedding of ""
