@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -39,32 +40,51 @@ class ProceduralAnnotator:
         return maps[self.modality]
 
 
-# backend -> modality -> factory(weights_dir) -> Annotator. Backends register themselves here.
 AnnotatorFactory = Callable[[Path | None], Annotator]
-ANNOTATORS: dict[str, dict[str, AnnotatorFactory]] = {
-    "procedural": {m: (lambda weights_dir, m=m: ProceduralAnnotator(m)) for m in procedural.MODALITIES},
+
+# Backends with heavy imports (controlnet-aux takes ~5 s), registered when first asked for:
+# backend -> (module whose `register(registry, backend)` adds it, the pip package it needs).
+OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {
+    "controlnet_aux": ("pd_data.annotators_ext", "controlnet-aux"),
+    "transformers": ("pd_data.annotators_ext", "transformers"),
 }
 
 
-def _register_optional_backends() -> None:
-    """Backends with heavy imports register lazily (controlnet-aux takes ~5 s to import)."""
-    try:
-        from pd_data import annotators_ext  # noqa: F401  (registers "controlnet_aux", "transformers")
-    except ImportError:
-        pass
+class AnnotatorRegistry(dict):
+    """backend -> modality -> factory(weights_dir) -> Annotator. Looking up an optional backend that is
+    not registered yet registers it, so a missing package fails there, naming what to install."""
+
+    def __missing__(self, backend: str) -> dict[str, AnnotatorFactory]:
+        if backend not in OPTIONAL_BACKENDS:
+            raise KeyError(backend)
+        module, package = OPTIONAL_BACKENDS[backend]
+        try:
+            importlib.import_module(module).register(self, backend)
+        except ImportError as e:
+            raise ImportError(f"annotator backend {backend!r} needs the package {package!r}, which is not "
+                              f"installed ({e}); install it with `pip install {package}`") from e
+        return self[backend]
+
+
+ANNOTATORS = AnnotatorRegistry(
+    procedural={m: (lambda weights_dir, m=m: ProceduralAnnotator(m)) for m in procedural.MODALITIES})
+
+
+def known_backends() -> list[str]:
+    """Every backend name get_annotator accepts: registered ones and optional ones not loaded yet."""
+    return sorted({*ANNOTATORS, *OPTIONAL_BACKENDS})
 
 
 @functools.lru_cache(maxsize=16)
 def get_annotator(backend: str, modality: str, weights_dir: Path | None = None) -> Annotator:
     """One instance per (backend, modality, weights) and process: networks load once, not per shard."""
-    if backend not in ANNOTATORS:
-        _register_optional_backends()
-    try:
-        factory = ANNOTATORS[backend][modality]
-    except KeyError:
-        known = {b: sorted(ms) for b, ms in ANNOTATORS.items()}
-        raise ValueError(f"no annotator for modality {modality!r} in backend {backend!r}; known: {known}") from None
-    return factory(weights_dir)
+    if backend not in known_backends():
+        raise ValueError(f"unknown annotator backend {backend!r}; known: {', '.join(known_backends())}")
+    modalities = ANNOTATORS[backend]  # registers an optional backend; ImportError names its package
+    if modality not in modalities:
+        raise ValueError(f"no annotator for modality {modality!r} in backend {backend!r}; "
+                         f"known: {', '.join(sorted(modalities))}")
+    return modalities[modality](weights_dir)
 
 
 BATCH = 16  # images per call of an annotator that takes batches (`batch(images)`: the networks on a GPU)

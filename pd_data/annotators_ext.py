@@ -1,6 +1,6 @@
 """ControlNet annotators from controlnet-aux and transformers, read from local weights only.
 
-Importing this module registers two backends in `pd_data.annotate.ANNOTATORS`:
+Two backends, which `register` adds to `pd_data.annotate.ANNOTATORS` when one is first asked for:
 
 - ``controlnet_aux``: canny, hed, scribble, depth, normal, lineart, mlsd. The weight files are
   those of the Hugging Face repo ``lllyasviel/Annotators`` (see ``AUX_SPECS``), read from the
@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import math
 import os
 import warnings
@@ -43,8 +44,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from pd_data.annotate import ANNOTATORS
 
 SETTING = "data.annotator_weights"  # the user-facing setting every missing-weights error names
 AUX_ENV = "PD_ANNOTATOR_WEIGHTS"  # the same folder as data.annotator_weights, from the environment
@@ -467,9 +466,17 @@ def resolve_weights(backend: str, modality: str, weights_dir: Path | str | None 
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration (pd_data.annotate imports this module lazily)
+# Registration (pd_data.annotate.OPTIONAL_BACKENDS names this module)
 
-ANNOTATORS["controlnet_aux"] = {
-    m: functools.partial(ControlNetAuxAnnotator.from_pretrained, m) for m in AUX_SPECS
-}
-ANNOTATORS["transformers"] = {c.modality: c.from_pretrained for c in (UperNetSegAnnotator, DPTDepthAnnotator)}
+
+def register(registry: dict, backend: str) -> None:
+    """Add one backend's factories (modality -> factory(weights_dir)) to `registry`. Its package must be
+    installed (its module has the backend's name), else ModuleNotFoundError now rather than at first load."""
+    if importlib.util.find_spec(backend) is None:
+        raise ModuleNotFoundError(f"No module named {backend!r}", name=backend)
+    if backend == "controlnet_aux":
+        registry[backend] = {m: functools.partial(ControlNetAuxAnnotator.from_pretrained, m) for m in AUX_SPECS}
+    elif backend == "transformers":
+        registry[backend] = {c.modality: c.from_pretrained for c in (UperNetSegAnnotator, DPTDepthAnnotator)}
+    else:
+        raise ValueError(f"{__name__} has no backend {backend!r}; it has controlnet_aux and transformers")

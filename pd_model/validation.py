@@ -15,9 +15,9 @@ from diffusers import ControlNetModel
 
 from pd_data.state import atomic_write_bytes
 from pd_data.tasks import Prompt
-from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
 from pd_model.sampling import generate
+from pd_model.visuals import prompt_grid
 
 
 def grid_rows(n_tasks: int) -> int:

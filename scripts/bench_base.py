@@ -7,7 +7,7 @@
     .venv/bin/python scripts/bench_base.py --variants "long:train_steps=3600" --score-at 900,1800,2700  # one run, four scores
     .venv/bin/python scripts/bench_base.py --variants "cached:load=.pd/models/base/KEY" --from-split train  # fit, not generalisation
 
-Each variant trains the demo base (same data, seed and steps) through `pd_model.train.train_base`,
+Each variant trains the demo base (same data, seed and steps) through `pd_model.train_base.train_base`,
 samples the first N held-out captions (default 96; the demo's held-out split has 54), DDIM 20 steps,
 guidance 3 unless told, one seed per caption, and reports the FID of those samples against the
 images of the same captions with the offline `random-conv-v1` features, plus the training time.
@@ -33,10 +33,10 @@ from pd_data.annotate import annotate_shard
 from pd_data.dataset import load_split
 from pd_data.ingest import ingest
 from pd_eval.features import RandomConvFeatures
-from pd_eval.visuals import caption_grid
+from pd_model.visuals import caption_grid
 from pd_model.base import build_tiny_base, load_base
 from pd_model.pipeline import PromptDiffusionPipeline
-from pd_model.train import train_base
+from pd_model.train_base import train_base
 
 VARIANTS = {
     "plain": {"snr_gamma": 0.0, "train_text_encoder": False, "map_fraction": 0.0},

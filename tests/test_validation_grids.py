@@ -7,10 +7,10 @@ from prefect import flow
 
 from pd_data.dataset import load_split
 from pd_data.tasks import TRAINING_TASKS, get_task
-from pd_eval.visuals import prompt_grid
+from pd_model.visuals import prompt_grid
 from pd_model.base import load_base
 from pd_model.config import TrainConfig
-from pd_model.train import train_controlnet
+from pd_model.train import ModelSpec, train_controlnet
 
 CFG = TrainConfig(steps=3, batch_size=4, learning_rate=1e-3, ema_decay=0.9, device="cpu", mixed_precision="no")
 
@@ -18,8 +18,8 @@ CFG = TrainConfig(steps=3, batch_size=4, learning_rate=1e-3, ema_decay=0.9, devi
 def _train(root, validate_every, folder=None, on_grid=None):
     base = load_base(root / "base").freeze()
     data = load_split(root / "img", root / "ann", "train")
-    net, _ = train_controlnet(base, data, TRAINING_TASKS, CFG.model_copy(update={"validate_every": validate_every}),
-                              "prompt_diffusion", CFG.steps, validation_dir=folder, on_grid=on_grid)
+    net, _ = train_controlnet(base, data, CFG.model_copy(update={"validate_every": validate_every}),
+                              ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, CFG.steps), folder=None if folder is None else folder.parent, on_grid=on_grid)
     return net.state_dict()
 
 
@@ -32,7 +32,7 @@ def test_grids_are_saved_published_and_leave_the_weights_untouched(train_world, 
     torch.set_num_threads(1)
     plain = _train(train_world, 0, tmp_path / "off")
     assert not (tmp_path / "off").exists()
-    folder = tmp_path / "validation"
+    folder = tmp_path / "model" / "validation"
 
     @flow
     def train_in_a_flow():
