@@ -65,13 +65,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
         # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
         "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999,
-                 "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25, "prediction_type": "v_prediction"},
+                 "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25, "prediction_type": "v_prediction",
+                 "checkpoint_every": 150},  # a killed run resumes (checkpoints stay out of the stage keys)
         # Grids: a round costs ~3 steps (6 prompts) for Prompt Diffusion, ~1.3 for a CN(FT) (2): 3% of training.
         # Equal steps per task: Prompt Diffusion 960 over six tasks, each CN(FT) 160 on its one (480 under-trained
         # it: validation RMSE depth / hed / seg 0.153 / 0.410 / 0.279 against 0.117 / 0.307 / 0.258). min-SNR and
         # the decoder trained too (as the original's shipped command did): image->map RMSE, scripts/bench_maps.py.
         "train": {"steps": 960, "batch_size": 16, "learning_rate": 5e-4, "baseline_steps_per_task": 160,
-                  "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True},
+                  "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True, "checkpoint_every": 120},
         # Text guidance 3 for map->image, the conditional model alone (1) for image->map: on validation
         # prompts paired across layouts, guidance 3 cost image->depth 0.153 -> 0.196 and image->hed
         # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (README, 2026-12-01 runs); guidance
@@ -86,7 +87,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prompts": {"per_task": 1000},
         "base": {"kind": "sd15", "pretrained_path": f"{PAPER_INPUTS}/stable-diffusion-v1-5", "train_steps": 0},
         "train": {"steps": 5000, "batch_size": 32, "learning_rate": 1e-4, "baseline_steps_per_task": 5000,
-                  "loader_workers": 4},
+                  "loader_workers": 4, "checkpoint_every": 500},
         "eval": {"protocol": "paper", "batch_size": 8},
     },
 }
@@ -116,7 +117,7 @@ def _describe(err: dict) -> str:
         hint = f"did you mean {'.'.join(loc[:-1] + near[:1])}?" if near else f"known keys: {', '.join(sorted(fields))}"
         return f"{key}={value!r}: there is no such setting; {hint}"
     msg = err["msg"].removeprefix("Value error, ")
-    if not loc:  # a rule over several settings: its message names them
+    if not loc or (err["type"] == "value_error" and len(loc) == 1):  # a rule over settings: its message names them
         return msg
     return f"{key}={value!r}: {msg}"
 

@@ -6,6 +6,24 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Pairing = Literal["other-layout", "any", "other-group"]
+PROCEDURAL_ONLY = ("n_groups", "layouts_per_group", "images_per_layout")  # no other source reads them
+PARQUET_VIEW_KEYS = {"image": True, "caption": True, "group": False}  # key -> required
+
+
+def check_parquet_views(views: list[dict[str, str]]) -> None:
+    """A view maps these keys to columns; a key the source would not read is an error, not ignored."""
+    for v in views:
+        unknown = sorted(set(v) - set(PARQUET_VIEW_KEYS))
+        missing = [k for k, required in PARQUET_VIEW_KEYS.items() if required and k not in v]
+        if unknown or missing:
+            what = f"unknown key(s) {unknown}" if unknown else f"no {missing[0]!r} key"
+            raise ValueError(f"data.parquet_columns view {v} has {what}; the keys are 'image' and 'caption' and, "
+                             f"optionally, 'group', each naming a column, e.g. "
+                             f"{{\"image\": \"img\", \"caption\": \"text\", \"group\": \"album\"}}")
+    groups = [v.get("group") for v in views]
+    if len(set(groups)) > 1:
+        raise ValueError(f"data.parquet_columns views name the group columns {groups}; a row's images are one layout, "
+                         f"so one group: name the same group column in every view or in none")
 
 
 class Frozen(BaseModel):
@@ -14,14 +32,22 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Settings read by some sources only: set for another, they are errors.
+SOURCE_ONLY = {"source_path": ("folder", "instructpix2pix", "parquet"), "captions_file": ("folder",),
+               "parquet_preset": ("parquet",), "parquet_columns": ("parquet",)}
+
+
 class DataConfig(Frozen):
     source: Literal["procedural", "folder", "instructpix2pix", "parquet"] = "procedural"
     source_path: str | None = Field(None, description="folder / InstructPix2Pix root / Parquet file or folder")
     captions_file: str | None = Field(None, description="folder source: JSONL or CSV side file of captions")
     parquet_preset: Literal["instructpix2pix-hf"] | None = None
-    parquet_columns: list[dict[str, str]] | None = Field(None, description='e.g. [{"image": "img", "caption": "text"}]')
+    parquet_columns: list[dict[str, str]] | None = Field(
+        None, description='views of a row, e.g. [{"image": "img", "caption": "text"}]; an optional "group" column '
+                          'groups the rows sharing its value (else each row is its own group)')
     n_groups: int = Field(12, ge=2, description="procedural groups (each one theme in several layouts)")
-    layouts_per_group: int = Field(2, ge=1, le=8, description="procedural: layouts of a group's theme (an InstructPix2Pix folder's seeds)")
+    layouts_per_group: int = Field(2, ge=1, le=8, description="procedural: layouts of a group's theme (as an InstructPix2Pix "
+                                                              "folder's seeds are; that source reads its own)")
     images_per_layout: int = Field(2, ge=1, le=8, description="procedural: a layout and its edited twins")
     pairing: Pairing = Field("other-layout", description=(
         "where a prompt's example pair comes from, in training and evaluation: 'other-layout' (another layout "
@@ -46,6 +72,20 @@ class DataConfig(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        for key in PROCEDURAL_ONLY:
+            if self.source != "procedural" and key in self.model_fields_set:
+                raise ValueError(f"data.{key}={getattr(self, key)} cannot apply to data.source={self.source!r}: it sizes "
+                                 f"the procedural source only ({self.source} data bring their own groups and layouts); "
+                                 f"leave data.{key} unset")
+        for key, sources in SOURCE_ONLY.items():
+            if getattr(self, key) is not None and self.source not in sources:
+                raise ValueError(f"data.{key}={getattr(self, key)!r} cannot apply to data.source={self.source!r}: only "
+                                 f"the {' / '.join(sources)} source reads it; leave it unset or change data.source")
+        if self.parquet_columns is not None:
+            if self.parquet_preset is not None:
+                raise ValueError(f"data.parquet_columns={self.parquet_columns} cannot apply with data.parquet_preset="
+                                 f"{self.parquet_preset!r}, which maps the columns itself; set one of them")
+            check_parquet_views(self.parquet_columns)
         if self.source != "procedural" and "procedural" in self.annotators.values():
             raise ValueError(f"data.annotators={self.annotators} uses 'procedural' maps, which only the procedural "
                              f"source has; choose controlnet_aux / transformers backends for source {self.source!r}")

@@ -238,7 +238,7 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pai
         layouts = t["layout_id"].to_pylist() if "layout_id" in names else [None] * t.num_rows
         rows += [(ids[r], groups[r], layouts[r] or ids[r], caps[r], f, int(r)) for r in keep]
     if not rows:
-        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions or data.n_groups")
+        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions (or, for the procedural source, data.n_groups)")
     in_split = {r[0] for r in rows}
     found: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
     modalities: set[str] = set()
@@ -280,7 +280,7 @@ def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = 
     """One split of an images table and its annotations table (both in the shard schemas)."""
     images = images.filter(pc.equal(images["split"], split))
     if images.num_rows == 0:
-        raise ValueError(f"split {split!r} has no images in {where}; adjust data.split_fractions or data.n_groups")
+        raise ValueError(f"split {split!r} has no images in {where}; adjust data.split_fractions (or, for the procedural source, data.n_groups)")
     keep = set(images["image_id"].to_pylist())
     out = SplitData(pairing=pairing)
     groups: dict[str, list[str]] = defaultdict(list)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pd_data import procedural
-from pd_data.config import DataConfig
+from pd_data.config import DataConfig, check_parquet_views
 from pd_data.normalize import Reject, decode_utf8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -273,8 +273,10 @@ class ParquetSource:
     """Parquet files with image bytes and captions, columns mapped by name.
 
     `columns` is a list of {"image": col, "caption": col} views of a row: each view becomes one
-    image, and the images of one row form a group and a layout (a before/after pair are twins).
-    Image cells may be raw bytes or Hugging Face's {"bytes": ..., "path": ...} struct.
+    image, and the images of one row form a layout (a before/after pair are twins). Groups: with a
+    "group": col in the views, the rows sharing that column's value (across files too); else, or
+    where the value is null, each row alone. Image cells may be raw bytes or Hugging Face's
+    {"bytes": ..., "path": ...} struct.
     """
 
     name = "parquet"
@@ -287,8 +289,13 @@ class ParquetSource:
         if preset:
             if preset not in PARQUET_PRESETS:
                 raise ValueError(f"unknown parquet preset {preset!r}; known: {sorted(PARQUET_PRESETS)}")
+            if columns:
+                raise ValueError(f"data.parquet_columns={columns} cannot apply with data.parquet_preset={preset!r}, "
+                                 f"which maps the columns itself; set one of them")
             columns = PARQUET_PRESETS[preset]
         self.views = columns or [{"image": "image", "caption": "caption"}]
+        check_parquet_views(self.views)
+        self.group_column = self.views[0].get("group")
         self._cache: tuple[tuple[str, int], Any] | None = None
 
     def items(self) -> list[Item]:
@@ -299,14 +306,25 @@ class ParquetSource:
             except Exception:  # noqa: BLE001 - an unreadable file becomes one reject, not a crash
                 items.append(Item(f"{f.stem}/unreadable", f.stem, (str(f), -1, -1, -1, -1)))
                 continue
+            groups = self._groups(f)
             row = 0  # the file's row names the item; the ref also holds the row within its row group
             for rg in range(md.num_row_groups):
                 for local in range(md.row_group(rg).num_rows):
-                    for v, view in enumerate(self.views):
-                        items.append(Item(f"{f.stem}/{row}/{v}", f"{f.stem}/{row}", (str(f), rg, local, row, v),
-                                          f"{f.stem}/{row}"))
+                    group = f"{f.stem}/{row}" if groups is None or groups[row] is None else str(groups[row])
+                    for v in range(len(self.views)):
+                        items.append(Item(f"{f.stem}/{row}/{v}", group, (str(f), rg, local, row, v), f"{f.stem}/{row}"))
                     row += 1
         return items
+
+    def _groups(self, f: Path) -> list | None:
+        """The group column of file `f`, one value per row (read up front: groups are part of the listing)."""
+        if self.group_column is None:
+            return None
+        names = pq.ParquetFile(f).schema_arrow.names
+        if self.group_column not in names:
+            raise ValueError(f"group column {self.group_column!r} (data.parquet_columns) is not in {f}, whose columns are "
+                             f"{names}; map an existing column or drop the group key")
+        return pq.read_table(f, columns=[self.group_column]).column(0).to_pylist()
 
     def _row_group(self, f: str, rg: int):
         if self._cache is None or self._cache[0] != (f, rg):
@@ -319,7 +337,7 @@ class ParquetSource:
             raise ValueError(f"{f} is not a readable Parquet file")
         table = self._row_group(f, rg)
         view = self.views[v]
-        missing = [c for c in view.values() if c not in table.column_names]
+        missing = [view[k] for k in ("image", "caption") if view[k] not in table.column_names]
         if missing:
             raise ValueError(f"column(s) {missing} not in {f}; map them with data.parquet_columns")
         cell = table.column(view["image"])[local].as_py()

@@ -12,6 +12,10 @@ NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, e
                    "fewer digits, cropped, worst quality, low quality")
 
 
+# The paper's sampler (Table 1): what `protocol='paper'` holds, so what is hashed is what samples.
+PAPER_SAMPLER = {"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0, "pair_guidance_scale": None}
+
+
 class EvalConfig(Frozen):
     """`protocol='paper'`: DDIM 100 steps, guidance 9.0 over the text only, suffix and negative prompt of Table 1."""
 
@@ -33,23 +37,31 @@ class EvalConfig(Frozen):
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset, clamped to the set size")
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_sampler(cls, data):
+        """Under the paper's protocol an unset sampler setting is the paper's (checked after parsing)."""
+        if isinstance(data, dict) and data.get("protocol") == "paper":
+            return {**PAPER_SAMPLER, **data}
+        return data
+
     @model_validator(mode="after")
     def _applies(self) -> "EvalConfig":
-        if self.protocol == "paper" and self.map_guidance_scale is not None:
+        if self.protocol != "paper":
+            return self
+        if self.map_guidance_scale is not None:
             raise ValueError(f"eval.map_guidance_scale={self.map_guidance_scale} cannot apply under eval.protocol='paper', "
                              f"which samples every task at guidance 9; set protocol='fast' or leave it unset")
+        for key, paper in PAPER_SAMPLER.items():  # unset ones are the paper's already: a difference was given
+            if getattr(self, key) != paper:
+                raise ValueError(f"eval.{key}={getattr(self, key)!r} cannot apply under eval.protocol='paper', which "
+                                 f"samples with DDIM 100 steps at guidance 9 over the text only; set "
+                                 f"eval.protocol='fast' or leave eval.{key} unset")
         return self
 
     def guidance_for(self, spec) -> float:
         """Text guidance of a task (a `TaskSpec`): `map_guidance_scale` for image->map when set."""
         return self.map_guidance_scale if spec.metric == "rmse" and self.map_guidance_scale is not None else self.guidance_scale
-
-    def effective(self) -> "EvalConfig":
-        """The protocol pins its own sampler settings; `fast` keeps what was configured."""
-        if self.protocol == "paper":
-            return self.model_copy(update={"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0,
-                                           "pair_guidance_scale": None})
-        return self
 
     @property
     def positive_suffix(self) -> str:

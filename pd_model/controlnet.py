@@ -17,6 +17,10 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 
 PAIR_CHANNELS = 6
 HintRange = Literal["-1,1", "0,1"]
+Kind = Literal["prompt-diffusion", "cn-ft"]
+# Old pipeline.json files on disk spell the kinds the first way.
+_KINDS: dict[str, Kind] = {"prompt-diffusion": "prompt-diffusion", "cn-ft": "cn-ft",
+                           "prompt_diffusion": "prompt-diffusion", "cnft": "cn-ft"}
 
 
 class PairQueryConditioningEmbedding(ControlNetConditioningEmbedding):
@@ -90,3 +94,41 @@ class PromptDiffusionControlNet(ControlNetModel):
             raise ValueError("PromptDiffusionControlNet needs controlnet_query_cond (the query image, B x 3 x H x W)")
         hint = torch.cat([controlnet_cond, controlnet_query_cond], dim=1)  # (B, 6 + 3, H, W)
         return super().forward(sample, timestep, encoder_hidden_states, hint, **kwargs)
+
+
+def as_kind(kind: str) -> Kind:
+    """`kind` in this vocabulary, the legacy spellings of old model folders included."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown ControlNet kind {kind!r}; choose 'prompt-diffusion' or 'cn-ft'")
+    return _KINDS[kind]
+
+
+def controlnet_class(kind: str) -> type[ControlNetModel]:
+    return PromptDiffusionControlNet if as_kind(kind) == "prompt-diffusion" else ControlNetModel
+
+
+def kind_of(net: ControlNetModel) -> Kind:
+    """The kind of a loaded ControlNet: the one place that tells the two apart by type."""
+    if isinstance(net, PromptDiffusionControlNet):
+        return "prompt-diffusion"
+    if isinstance(net, ControlNetModel):
+        return "cn-ft"
+    raise TypeError(f"{type(net).__name__} is not a ControlNet; pass a PromptDiffusionControlNet or a ControlNetModel")
+
+
+def residuals(controlnet: ControlNetModel | None, sample: torch.Tensor, timestep, emb: torch.Tensor,
+              pair: torch.Tensor | None, query: torch.Tensor | None) -> dict:
+    """The UNet's `down_block_additional_residuals` / `mid_block_additional_residual` kwargs, one call for
+    both kinds: Prompt Diffusion reads pair (B, 6, H, W) and query (B, 3, H, W), a stock ControlNet the
+    query alone (it has no input for a pair); no ControlNet adds nothing."""
+    if controlnet is None:
+        return {}
+    if query is None:
+        raise ValueError("a ControlNet needs the query hint (B x 3 x H x W)")
+    if kind_of(controlnet) == "prompt-diffusion":
+        if pair is None:
+            raise ValueError("a Prompt Diffusion ControlNet needs the example pair hint (B x 6 x H x W)")
+        down, mid = controlnet(sample, timestep, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
+    else:
+        down, mid = controlnet(sample, timestep, emb, controlnet_cond=query, return_dict=False)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

@@ -8,7 +8,8 @@ Guidance (one batched forward pass per step):
 - with `pair_guidance_scale` as well: eps = e(neg, 0) + s_pair * (e(neg, pair) - e(neg, 0))
   + s_text * (e(text, pair) - e(neg, pair)), where 0 is the dropped (zero) pair of training.
 `guidance_scale=1` and no pair guidance runs the conditional branch alone. A stock ControlNet
-(the CN(FT) baseline) works too: it sees the query only and `image_pair` must be None.
+(the CN(FT) baseline) works too: it sees the query only, so `image_pair`, `pair_guidance_scale` and
+`empty_pair` are errors there, as they are without a ControlNet.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from diffusers import (ControlNetModel, DDIMScheduler, DiffusionPipeline, DPMSol
 from PIL import Image
 
 from pd_model.base import BaseModel
-from pd_model.controlnet import PromptDiffusionControlNet
+from pd_model.controlnet import as_kind, controlnet_class, kind_of, residuals
 from pd_model.hints import to_hint, to_uint8
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
@@ -72,55 +73,43 @@ class PromptDiffusionPipeline(DiffusionPipeline):
     def encode_prompt(self, texts: list[str]) -> torch.Tensor:
         return self.base.encode_text(texts)  # (B, T, D)
 
-    def _residuals(self, x, t, emb, pair, query):
-        if self.controlnet is None:
-            return {}
-        if isinstance(self.controlnet, PromptDiffusionControlNet):
-            down, mid = self.controlnet(x, t, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
-        else:
-            down, mid = self.controlnet(x, t, emb, controlnet_cond=query, return_dict=False)
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str], image_pair: tuple | None = None, image: ImageLike | Sequence[ImageLike] | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 9.0, pair_guidance_scale: float | None = None,
-                 negative_prompt: str | list[str] = "", generator: torch.Generator | list[torch.Generator] | None = None,
-                 output_type: str = "pil", height: int | None = None, width: int | None = None,
-                 empty_pair: bool = False):
-        """Returns a list of PIL images (`output_type='pil'`), a (B, H, W, 3) uint8 array ('np') or
-        a (B, 3, H, W) float tensor in [-1, 1] ('pt'). `empty_pair=True` feeds the pair as zeros in
-        the hint space (training's dropped pair): what the model does with no example at all."""
-        # 1. inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        b = len(prompts)
-        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
-        is_pd = isinstance(self.controlnet, PromptDiffusionControlNet)
+    def _check(self, kind: str | None, image, image_pair, pair_guidance_scale, empty_pair) -> None:
+        """Each setting that cannot apply to this pipeline's ControlNet is an error, never dropped."""
+        is_pd = kind == "prompt-diffusion"
         if self.controlnet is not None and image is None:
             raise ValueError("a ControlNet needs the query: pass image=...")
         if image_pair is not None and not is_pd:
             raise ValueError("image_pair needs a PromptDiffusionControlNet; this pipeline's controlnet sees the query only")
         if is_pd and image_pair is None:
             raise ValueError("Prompt Diffusion needs image_pair=(example source, example target)")
-        size = None
-        query = pair = None
-        if image is not None:
-            query_u8 = _uint8_batch(image)
-            size = (query_u8.shape[3], query_u8.shape[2])
-            hint_range = getattr(self.controlnet.config, "hint_range", "-1,1")
-            query = to_hint(query_u8, hint_range)
-            if is_pd:
-                src, tgt = (_uint8_batch(im, size) for im in image_pair)
-                pair = torch.cat([to_hint(src, hint_range), to_hint(tgt, hint_range)], 1)  # (B, 6, H, W)
-                if empty_pair:
-                    pair = torch.zeros_like(pair)
-            if query.shape[0] == 1 and b > 1:
-                query = query.expand(b, -1, -1, -1)
-                pair = pair.expand(b, -1, -1, -1) if pair is not None else None
-        h = size[1] if size else (height or self.unet.config.sample_size * self._scale)
-        w = size[0] if size else (width or self.unet.config.sample_size * self._scale)
-        # 2. guidance branches, batched: [neg + zero pair] [neg + pair] [text + pair]
-        use_text = guidance_scale != 1.0
-        use_pair = pair_guidance_scale is not None and is_pd
+        if not is_pd:
+            has = "a stock ControlNet (CN(FT)), which sees the query only" if kind else "no ControlNet"
+            for name, value, unset in (("pair_guidance_scale", pair_guidance_scale, None), ("empty_pair", empty_pair, False)):
+                if value != unset:
+                    raise ValueError(f"{name}={value} cannot apply: it acts on the example pair of a Prompt Diffusion "
+                                     f"ControlNet and this pipeline has {has}; leave {name}={unset}")
+
+    def _hints(self, image, image_pair, b: int, empty_pair: bool, height, width):
+        """(query, pair, (width, height)): the hints in the ControlNet's range, batch b; the query sets the size."""
+        query_u8 = _uint8_batch(image)
+        size = (query_u8.shape[3], query_u8.shape[2])
+        for name, value, own in (("height", height, size[1]), ("width", width, size[0])):
+            if value is not None and value != own:
+                raise ValueError(f"{name}={value} cannot apply: the output has the query image's size "
+                                 f"({size[0]}x{size[1]}, width x height); resize the query or leave {name}=None")
+        hint_range = getattr(self.controlnet.config, "hint_range", "-1,1")
+        query, pair = to_hint(query_u8, hint_range), None
+        if image_pair is not None:
+            src, tgt = (_uint8_batch(im, size) for im in image_pair)
+            pair = torch.cat([to_hint(src, hint_range), to_hint(tgt, hint_range)], 1)  # (B, 6, H, W)
+            pair = torch.zeros_like(pair) if empty_pair else pair
+        if query.shape[0] == 1 and b > 1:
+            query = query.expand(b, -1, -1, -1)
+            pair = pair.expand(b, -1, -1, -1) if pair is not None else None
+        return query, pair, size
+
+    def _branches(self, prompts, negatives, pair, use_text: bool, use_pair: bool):
+        """Text embeddings and pairs of the guidance branches, batched: [neg + zero pair] [neg + pair] [text + pair]."""
         cond = self.encode_prompt(prompts)
         neg = self.encode_prompt(negatives) if (use_text or use_pair) else None
         embs, pairs = [], []
@@ -132,31 +121,54 @@ class PromptDiffusionPipeline(DiffusionPipeline):
             pairs.append(pair)
         embs.append(cond)
         pairs.append(pair)
+        return embs, (torch.cat(pairs) if pair is not None else None)
+
+    @staticmethod
+    def _guided(parts, guidance_scale: float, pair_guidance_scale: float | None):
+        """The guided noise prediction from the branches' predictions (module docstring)."""
+        if pair_guidance_scale is not None:
+            e0, e_pair, e_text = parts
+            return e0 + pair_guidance_scale * (e_pair - e0) + guidance_scale * (e_text - e_pair)
+        if len(parts) == 2:
+            e_neg, e_text = parts
+            return e_neg + guidance_scale * (e_text - e_neg)
+        return parts[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], image_pair: tuple | None = None, image: ImageLike | Sequence[ImageLike] | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 9.0, pair_guidance_scale: float | None = None,
+                 negative_prompt: str | list[str] = "", generator: torch.Generator | list[torch.Generator] | None = None,
+                 output_type: str = "pil", height: int | None = None, width: int | None = None,
+                 empty_pair: bool = False):
+        """Returns a list of PIL images (`output_type='pil'`), a (B, H, W, 3) uint8 array ('np') or
+        a (B, 3, H, W) float tensor in [-1, 1] ('pt'). `empty_pair=True` feeds the pair as zeros in
+        the hint space (training's dropped pair): what the model does with no example at all. `height` /
+        `width` size an output without a query; with one, the output has the query's size."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        self._check(None if self.controlnet is None else kind_of(self.controlnet), image, image_pair, pair_guidance_scale,
+                    empty_pair)
+        query = pair = size = None
+        if image is not None:
+            query, pair, size = self._hints(image, image_pair, b, empty_pair, height, width)
+        h = size[1] if size else (height or self.unet.config.sample_size * self._scale)
+        w = size[0] if size else (width or self.unet.config.sample_size * self._scale)
+        embs, pair_all = self._branches(prompts, negatives, pair, guidance_scale != 1.0, pair_guidance_scale is not None)
         n = len(embs)
         dev = self.unet.device  # the text encoder may stay on the CPU (training keeps it there)
         emb = torch.cat(embs).to(dev)  # (n * B, T, D)
-        pair_all = torch.cat(pairs).to(dev) if is_pd else None
+        pair_all = pair_all.to(dev) if pair_all is not None else None
         query_all = torch.cat([query] * n).to(dev) if query is not None else None
-        # 3. noise: one generator per image, so an image never depends on its batch
+        # noise: one generator per image, so an image never depends on its batch
         gens = generator if isinstance(generator, list) else [generator] * b
         shape = (self.unet.config.in_channels, h // self._scale, w // self._scale)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev) * self.scheduler.init_noise_sigma
-        # 4. denoising loop
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             xin = self.scheduler.scale_model_input(torch.cat([x] * n), t)
-            eps_all = self.unet(xin, t, emb, **self._residuals(xin, t, emb, pair_all, query_all)).sample
-            parts = eps_all.chunk(n)
-            if use_pair:
-                e0, e_pair, e_text = parts
-                eps = e0 + pair_guidance_scale * (e_pair - e0) + guidance_scale * (e_text - e_pair)
-            elif use_text:
-                e_neg, e_text = parts
-                eps = e_neg + guidance_scale * (e_text - e_neg)
-            else:
-                eps = parts[0]
-            x = self.scheduler.step(eps, t, x).prev_sample
-        # 5. decode
+            eps_all = self.unet(xin, t, emb, **residuals(self.controlnet, xin, t, emb, pair_all, query_all)).sample
+            x = self.scheduler.step(self._guided(eps_all.chunk(n), guidance_scale, pair_guidance_scale), t, x).prev_sample
         images = self.base.to_image_space(x)
         if output_type == "pt":
             return images
@@ -178,9 +190,13 @@ class PromptDiffusionPipeline(DiffusionPipeline):
 
 def save_trained(out: Path, controlnet: ControlNetModel, base: BaseModel, base_ref: str, kind: str,
                  tasks: tuple[str, ...], with_unet: bool) -> None:
-    """A trained model folder: `controlnet/`, `unet/` when the decoder was trained too, `pipeline.json`."""
+    """A trained model folder: `controlnet/`, `unet/` when the decoder was trained too, `pipeline.json`
+    (its `kind` in the current vocabulary, whichever spelling `kind` uses; it must be the network's)."""
     from pd_data.state import atomic_write_json
 
+    kind = as_kind(kind)
+    if kind != kind_of(controlnet):
+        raise ValueError(f"kind={kind!r} but the ControlNet is a {kind_of(controlnet)!r} one; pass kind={kind_of(controlnet)!r}")
     controlnet.save_pretrained(out / "controlnet")
     meta = {"base": base_ref, "kind": kind, "tasks": list(tasks)}
     if with_unet:  # the decoder was trained too: the model is this UNet + the ControlNet
@@ -197,7 +213,6 @@ def load_trained(model_dir: str | Path) -> tuple[dict, ControlNetModel, UNet2DCo
         raise FileNotFoundError(f"{meta_path} not found; pass a model folder written by the train stage "
                                 f"(it holds controlnet/ and pipeline.json)")
     meta = json.loads(meta_path.read_text())
-    cls = PromptDiffusionControlNet if meta["kind"] == "prompt_diffusion" else ControlNetModel
-    controlnet = cls.from_pretrained(model_dir / "controlnet").eval()
+    controlnet = controlnet_class(meta["kind"]).from_pretrained(model_dir / "controlnet").eval()
     unet = UNet2DConditionModel.from_pretrained(model_dir / meta["unet"]).eval().requires_grad_(False) if meta.get("unet") else None
     return meta, controlnet, unet

@@ -7,7 +7,7 @@ from diffusers import ControlNetModel
 
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
-from pd_model.controlnet import PromptDiffusionControlNet
+from pd_model.controlnet import kind_of
 from pd_model.pipeline import PromptDiffusionPipeline
 
 
@@ -15,11 +15,12 @@ def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[
              scheduler: str = "ddim", steps: int = 50, guidance_scale: float = 9.0, positive_suffix: str = "",
              negative_prompt: str = "", pair_guidance_scale: float | None = None, empty_pair: bool = False) -> np.ndarray:
     """(B, H, W, 3) uint8 outputs; image i depends only on prompt i and seeds[i]. `empty_pair`: the
-    Prompt Diffusion pair is zeroed, as the training dropout does (an ablation of the example)."""
+    Prompt Diffusion pair is zeroed, as the training dropout does (an ablation of the example).
+    The pair and its settings are Prompt Diffusion's: the pipeline rejects a set one for any other model."""
     pipe = PromptDiffusionPipeline.from_parts(base, controlnet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     pair = None
-    if isinstance(controlnet, PromptDiffusionControlNet):
+    if controlnet is not None and kind_of(controlnet) == "prompt-diffusion":
         pair = ([p.example_source for p in prompts], [p.example_target for p in prompts])
     return pipe([p.text + positive_suffix for p in prompts], image_pair=pair,
                 image=[p.query for p in prompts] if controlnet is not None else None,

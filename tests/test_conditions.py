@@ -4,9 +4,9 @@ from pd_eval.benchmark import models_under_test
 
 
 def test_every_unseen_task_gets_all_four_conditions_and_trained_tasks_keep_table1_rows():
-    nets = {"prompt-diffusion": ("prompt_diffusion", TRAINING_TASKS, "pd-net")}
-    nets |= {f"cn-ft_{t}": ("cnft", (t,), f"net-{t}") for t in TRAINING_TASKS}
-    nets |= {f"cn-ft-oracle_{t}": ("cnft", (t,), f"oracle-{t}") for t in UNSEEN_TASKS}
+    nets = {"prompt-diffusion": ("prompt-diffusion", TRAINING_TASKS, "pd-net")}
+    nets |= {f"cn-ft_{t}": ("cn-ft", (t,), f"net-{t}") for t in TRAINING_TASKS}
+    nets |= {f"cn-ft-oracle_{t}": ("cn-ft", (t,), f"oracle-{t}") for t in UNSEEN_TASKS}
     models = models_under_test(nets, UNSEEN_TASKS)
     by_task: dict[str, dict[str, object]] = {}
     for m in models:
@@ -39,7 +39,7 @@ def test_an_empty_pair_changes_prompt_diffusion_outputs():
     from pd_model.train import build_controlnet
 
     base = build_tiny_base(BaseModelConfig(), ["a red ball"], 32)
-    net = build_controlnet(base, "prompt_diffusion")
+    net = build_controlnet(base, "prompt-diffusion")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # zero-initialised outputs would hide the pair: give them weight
         for p in net.parameters():

@@ -27,7 +27,7 @@ def _inputs(b=2, seed=0):
 def test_fresh_controlnet_leaves_the_base_prediction_unchanged(base):
     x, t, pair, query = _inputs()
     emb = base.encode_text(CAPTIONS)
-    net = build_controlnet(base, "prompt_diffusion")
+    net = build_controlnet(base, "prompt-diffusion")
     with torch.no_grad():
         down, mid = net(x, t, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
         plain = base.unet(x, t, emb).sample
@@ -39,7 +39,7 @@ def test_both_hint_encoders_drive_the_output(base):
     """Pair and query each reach the residuals once the zero convolutions are non-zero."""
     x, t, pair, query = _inputs()
     emb = base.encode_text(CAPTIONS)
-    net = live_controlnet(build_controlnet(base, "prompt_diffusion"))
+    net = live_controlnet(build_controlnet(base, "prompt-diffusion"))
     with torch.no_grad():
         ref = net(x, t, emb, controlnet_cond=pair, controlnet_query_cond=query).mid_block_res_sample
         no_pair = net(x, t, emb, controlnet_cond=torch.zeros_like(pair), controlnet_query_cond=query).mid_block_res_sample
@@ -48,7 +48,7 @@ def test_both_hint_encoders_drive_the_output(base):
 
 
 def test_save_load_round_trip_is_exact_and_in_safetensors(base, tmp_path):
-    net = build_controlnet(base, "prompt_diffusion")
+    net = build_controlnet(base, "prompt-diffusion")
     net.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     back = PromptDiffusionControlNet.from_pretrained(tmp_path)
@@ -76,7 +76,7 @@ def _prompts(n, seed=0):
 
 
 def test_sampling_is_deterministic_and_independent_of_the_batch(base):
-    net = build_controlnet(base, "prompt_diffusion")
+    net = build_controlnet(base, "prompt-diffusion")
     ps = _prompts(3)
     a = generate(base, net, ps, [1, 2, 3], steps=3, guidance_scale=3.0)
     b = generate(base, net, ps[1:2], [2], steps=3, guidance_scale=3.0)
@@ -102,7 +102,7 @@ def test_dropout_rates_follow_the_paper():
 def test_loads_the_research_ports_saved_layout(base, tmp_path, hint_range):
     import json
 
-    net = build_controlnet(base, "prompt_diffusion")
+    net = build_controlnet(base, "prompt-diffusion")
     net.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["_class_name"] = "PromptDiffusionControlNetModel"  # as the port writes it, without our two keys
@@ -116,7 +116,7 @@ def test_loads_the_research_ports_saved_layout(base, tmp_path, hint_range):
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_the_loss_targets_what_the_scheduler_predicts_and_survives_a_round_trip(kind, tmp_path):
-    from pd_model.train import Batch, prediction_loss
+    from pd_model.objective import Batch, prediction_loss
 
     b = build_tiny_base(BaseModelConfig(prediction_type=kind), CAPTIONS, 32).freeze()
     b.save(tmp_path / "base")

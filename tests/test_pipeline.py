@@ -20,7 +20,7 @@ CAPTIONS = ["a red ball on a plain grey background", "depth map", "a blue box on
 @pytest.fixture(scope="module")
 def parts():
     base = build_tiny_base(BaseModelConfig(), CAPTIONS, 32).freeze()
-    return base, live_controlnet(build_controlnet(base, "prompt_diffusion")), live_controlnet(build_controlnet(base, "cnft"))
+    return base, live_controlnet(build_controlnet(base, "prompt-diffusion")), live_controlnet(build_controlnet(base, "cn-ft"))
 
 
 def _img(seed):

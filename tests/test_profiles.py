@@ -51,10 +51,13 @@ def test_parse_override():
         parse_override("train.steps")
 
 
-def test_paper_protocol_pins_its_sampler():
-    e = load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}}).eval.effective()
+def test_paper_protocol_holds_its_sampler_and_rejects_another():
+    e = load_profile("paper").eval
     assert (e.scheduler, e.steps, e.guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None)
-    assert load_profile("smoke", {"eval": {"pair_guidance_scale": 3.0}}).eval.effective().pair_guidance_scale == 3.0
+    assert load_profile("paper", {"eval": {"steps": 100, "guidance_scale": 9}}).eval == e  # the paper's own values
+    with pytest.raises(ConfigError, match=r"eval.steps=7 cannot apply under eval.protocol='paper'.*leave eval.steps unset"):
+        load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}})
+    assert load_profile("smoke", {"eval": {"pair_guidance_scale": 3.0}}).eval.pair_guidance_scale == 3.0
     assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
 
 
@@ -96,7 +99,7 @@ def test_the_pairing_changes_the_prompts_and_the_models_not_the_data(tmp_path):
     from pd_data.state import StateDir
 
     def keys(over):
-        plan = Plan(load_profile("smoke", over), StateDir(tmp_path))
+        plan = Plan.build(load_profile("smoke", over), StateDir(tmp_path))
         return {s: plan.key(s) for s in ("ingest", "annotate", "prompts", "base", "train", "evaluate")}
 
     default, anyp = keys({}), keys({"data": {"pairing": "any"}})
