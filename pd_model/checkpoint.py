@@ -23,19 +23,17 @@ def _step_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, states: dict[str, dict],
-                    losses: list[float], keep_last: int, extra: dict | None = None) -> Path:
-    """Write step `step` atomically, then drop all but the newest `keep_last` checkpoints.
-
-    `extra` (validation loss, best so far) is recorded in trainer.json next to step and losses."""
+                    losses: list[float], keep_last: int) -> Path:
+    """Write step `step` atomically, then drop all but the newest `keep_last` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(root, step)
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    # Optimizer and LR-schedule states are tensors and numbers only: they reload with weights_only=True.
+    # Optimizer, LR-schedule, EMA and RNG states are tensors and numbers only: they reload with weights_only=True.
     torch.save(states, tmp / "states.pt")
-    (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, "losses": losses, **(extra or {})}))
+    (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, "losses": losses}))
     for f in tmp.iterdir():  # on disk before the rename makes the folder visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -44,31 +42,6 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, states: dict[
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def save_best(root: Path, step: int, model: torch.nn.Module, val_loss: float) -> str:
-    """Keep `model` as the best so far: a complete `best-step-N/` folder, then the `best` symlink
-    switched to it by an atomic rename, then the previous best removed. A kill at any moment leaves
-    `best` pointing at a complete folder. Returns the folder's name."""
-    name = f"best-{_step_dir(root, step).name}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(root / name, ignore_errors=True)
-    os.replace(tmp, root / name)
-    link = root / f".tmp-best-link-{os.getpid()}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(name)
-    os.replace(link, root / "best")
-    for old in root.glob("best-step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return name
 
 
 def read_trainer(path: Path) -> dict:

@@ -31,6 +31,8 @@ class BaseModelConfig(Frozen):
     map_fraction: float = Field(0.0, ge=0, le=1, description="share of base-training samples that are maps of the trained modalities")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the tiny UNet predicts (SD 1.5: epsilon); v is better conditioned at high noise")
+    checkpoint_every: int = Field(0, ge=0, description="tiny base: save a resumable checkpoint every N steps; 0 is off")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -67,9 +69,9 @@ class TrainConfig(Frozen):
     oracles: bool = Field(False, description="also train a CN(FT) on each unseen task, at the CN(FT) budget: "
                                              "the oracle of the generalisation comparison (needs baselines on)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, then constant (the paper's lr)")
-    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: at the end only)")
+    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint of everything trained every N steps "
+                                  "(ControlNet, decoder copy, optimizer, EMA); 0 is off")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
-    validation_samples: int = Field(8, ge=0, description="fixed prompts scored at each checkpoint to keep the best; 0 is off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the trained weights (diffusers EMAModel); 0 is off")
     snr_gamma: float = Field(0.0, ge=0, description="min-SNR-gamma loss weighting (5 is the usual value); 0 is the paper's plain loss")
     validate_every: int = Field(0, ge=0, description="save a grid of outputs on fixed prompts every N steps and at the "

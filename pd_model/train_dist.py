@@ -23,7 +23,8 @@ import torch.distributed as dist
 from pd_data.config import Frozen, Pairing
 from pd_data.state import atomic_write_bytes
 from pd_model.config import TrainConfig
-from pd_model.train import Mode, world
+from pd_model.loop import world
+from pd_model.train import ModelSpec
 
 
 class TrainJob(Frozen):
@@ -33,10 +34,7 @@ class TrainJob(Frozen):
     images: str  # ingest folder
     annotations: str  # annotate folder
     cfg: TrainConfig
-    mode: Mode
-    tasks: tuple[str, ...]
-    steps: int
-    seed_offset: int = 0
+    spec: ModelSpec
     out: str  # the model's folder: checkpoints/, validation/, controlnet/, pipeline.json, losses.json
     validation_guidance: float = 3.0  # of the validation grids (cfg.validate_every); the benchmark's, say
     init: str | None = None  # a saved ControlNet folder to continue from (retraining), else the base's copy
@@ -59,15 +57,14 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
         own = load_trained(init.parent)[2]
         base = base.with_unet(own) if own is not None else base
     data = load_split(Path(job.images), Path(job.annotations), "train", job.pairing)
-    try:  # validation prompts for the best checkpoint; without a val split, held-out draws of train
+    try:  # validation-grid prompts; without a val split, held-out draws of train
         val = load_split(Path(job.images), Path(job.annotations), "val", job.pairing)
     except ValueError:
         val = None
-    net, losses = train_controlnet(base, data, job.tasks, job.cfg, job.mode, job.steps, job.seed_offset,
-                                   checkpoint_dir=out / "checkpoints", val_data=val, validation_dir=out / "validation",
-                                   validation_guidance=job.validation_guidance, on_grid=on_grid, init=init)
+    net, losses = train_controlnet(base, data, job.cfg, job.spec, folder=out, val_data=val, init=init,
+                                   validation_guidance=job.validation_guidance, on_grid=on_grid)
     if world()[0] == 0:
-        save_trained(out, net, base, job.base, job.mode, job.tasks, job.cfg.train_unet_decoder)
+        save_trained(out, net, base, job.base, job.spec.kind, job.spec.tasks, job.cfg.train_unet_decoder)
         save_losses(out / "losses.json", losses)
     return losses
 

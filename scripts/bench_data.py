@@ -60,13 +60,12 @@ def _train(data, resolution: int, steps: int, workers: int, batch: int = 16) -> 
     from pd_data.tasks import TRAINING_TASKS
     from pd_model.base import build_tiny_base
     from pd_model.config import BaseModelConfig, TrainConfig
-    from pd_model.train import train_controlnet
+    from pd_model.train import ModelSpec, train_controlnet
 
     base = build_tiny_base(BaseModelConfig(block_out_channels=(32, 64, 64)), sorted(set(data.captions.values())), resolution)
-    cfg = TrainConfig(steps=steps, batch_size=batch, learning_rate=5e-4, device="cpu", loader_workers=workers,
-                      validation_samples=0)
+    cfg = TrainConfig(steps=steps, batch_size=batch, learning_rate=5e-4, device="cpu", loader_workers=workers)
     stats: dict = {}
-    train_controlnet(base, data, TRAINING_TASKS, cfg, "prompt_diffusion", steps, stats=stats)
+    train_controlnet(base, data, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, steps), stats=stats)
     return stats
 
 

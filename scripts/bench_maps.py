@@ -5,9 +5,9 @@ trains one ControlNet per variant in this process, and scores it on the profile'
 image->map evaluation prompts with the benchmark's own sampler and RMSE. Prints one table.
 
     .venv/bin/python scripts/bench_maps.py --variant pd:train.steps=480 \
-        --variant pd-snr:train.steps=480,train.snr_gamma=5 --variant cnft:mode=cnft,train.steps=80
+        --variant pd-snr:train.steps=480,train.snr_gamma=5 --variant cnft:mode=cn-ft,train.steps=80
 
-A variant is `name:key=value,...`; `mode=cnft` trains one CN(FT) per image->map task instead of
+A variant is `name:key=value,...`; `mode=cn-ft` trains one CN(FT) per image->map task instead of
 the joint model, `load=PATH` scores a trained Prompt Diffusion folder (`.pd/models/train/KEY/prompt-diffusion`)
 without training, and `eval.*` keys change only the sampler.
 """
@@ -25,12 +25,13 @@ import numpy as np
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
     from flows.profiles import _merge, parse_override, split_overrides
+    from pd_model.controlnet import as_kind
 
     name, _, rest = text.partition(":")
-    mode, over = "prompt_diffusion", {}
+    mode, over = "prompt-diffusion", {}
     for item in split_overrides(rest):
         if item.startswith("mode="):
-            mode = item.split("=", 1)[1]
+            mode = as_kind(item.split("=", 1)[1])
         elif item.startswith("load="):  # a trained model folder (train stage): score it, train nothing
             mode = item
         else:
@@ -51,17 +52,25 @@ def main() -> None:
                     "text is the same (sampler-only comparisons then skip training)")
     ap.add_argument("--out", default=None, help="append result rows (JSON lines) here")
     args = ap.parse_args()
+    variants = [parse_variant(text) for text in args.variant]
+    evals = [tuple(map(float, e.split(":"))) for e in args.evals.split(",") if e]
+    cnft = [name for name, mode, _ in variants if mode == "cn-ft"]
+    if cnft and any(len(e) > 2 for e in evals):  # checked before any training
+        raise SystemExit(f"--evals {args.evals}: pair guidance (a third number) acts on Prompt Diffusion's example pair, "
+                         f"and variant(s) {cnft} are CN(FT); score them in a run without pair guidance")
 
-    from flows.stages import load_base_for, make_plan
+    from flows.stages import base_path, make_plan
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
     from pd_data.tasks import get_task
     from pd_eval.baselines import BASELINES, baseline_outputs
     from pd_eval.benchmark import evaluation_prompts
     from pd_eval.metrics import rmse
+    from pd_model.controlnet import kind_of
     from pd_model.pipeline import load_trained, save_trained
     from pd_model.sampling import generate
-    from pd_model.train import train_controlnet
+    from pd_model.base import load_base
+    from pd_model.train import ModelSpec, train_controlnet
 
     plan0 = make_plan(args.profile, None, args.state_dir)
     for stage in ("ingest", "annotate", "prompts", "base"):
@@ -84,40 +93,38 @@ def main() -> None:
         results[name] = {t: rmse(baseline_outputs(name, get_task(t), built[t], train), targets[t], 0).value
                          for t in map_tasks}
 
-    for text in args.variant:
-        name, mode, over = parse_variant(text)
+    for text, (name, mode, over) in zip(args.variant, variants):
         plan = make_plan(args.profile, over, args.state_dir)
-        base = load_base_for(plan)
+        base = load_base(base_path(plan)).freeze()
         train.pairing = plan.profile.data.pairing  # a variant may train under another pairing (data.pairing=any)
-        cfg, ev = plan.profile.train, plan.profile.eval.effective()
+        cfg, ev = plan.profile.train, plan.profile.eval
         t0 = time.perf_counter()
         # task -> (ControlNet, its own UNet when the decoder was trained too, else None)
         nets: dict[str, tuple] = {}
         folder = Path(args.cache) / hashlib.sha1(json.dumps([mode, over], sort_keys=True).encode()).hexdigest()[:12] \
             if args.cache else None
-        groups = [(plan.tasks, "pd", 0)] if mode == "prompt_diffusion" else \
+        groups = [(plan.tasks, "pd", 0)] if mode == "prompt-diffusion" else \
             [((t,), t.replace("->", "-to-"), 1000 * (k + 1)) for k, t in enumerate(map_tasks)]
         if mode.startswith("load="):
             meta, net, unet = load_trained(mode.split("=", 1)[1])
-            if meta["kind"] != "prompt_diffusion" and len(meta["tasks"]) == 1:
+            if kind_of(net) != "prompt-diffusion" and len(meta["tasks"]) == 1:
                 raise SystemExit("load= takes a Prompt Diffusion model folder (a CN(FT) answers one task only)")
-            groups, mode = [], meta["kind"]
+            groups, mode = [], kind_of(net)
             nets = {t: (net, unet) for t in map_tasks}
         for tasks, sub, seed_offset in groups:
             if folder is not None and (folder / sub / "pipeline.json").exists():
                 _, net, unet = load_trained(folder / sub)
             else:
-                fresh = load_base_for(plan)  # a trained decoder changes the base in place: one copy per model
-                net, _ = train_controlnet(fresh, train, tasks, cfg, mode, cfg.steps, seed_offset=seed_offset)
+                fresh = load_base(base_path(plan)).freeze()  # a trained decoder changes the base in place: one copy per model
+                net, _ = train_controlnet(fresh, train, cfg, ModelSpec(sub, mode, tasks, cfg.steps, seed_offset))
                 unet = fresh.unet if cfg.train_unet_decoder else None
                 if folder is not None:
                     save_trained(folder / sub, net, fresh, "", mode, tasks, cfg.train_unet_decoder)
-            for t in map_tasks if mode == "prompt_diffusion" else tasks:
+            for t in map_tasks if mode == "prompt-diffusion" else tasks:
                 nets[t] = (net, unet)
         train_s = time.perf_counter() - t0
-        settings = [tuple(map(float, e.split(":"))) for e in args.evals.split(",") if e] or [(ev.steps, ev.guidance_scale)]
-        for steps, guidance, *pair in settings:
-            pair_g = pair[0] if pair and mode == "prompt_diffusion" else None
+        for steps, guidance, *pair in evals or [(ev.steps, ev.guidance_scale)]:
+            pair_g = pair[0] if pair else None
             res = {}
             for t in map_tasks:
                 net, unet = nets[t]

@@ -1,4 +1,5 @@
-"""Training checkpoints: a killed run resumes to bitwise the same weights; a broken save loses nothing."""
+"""Training checkpoints: a run killed at any step resumes to bitwise the same weights (the ControlNet,
+the decoder it trains, its EMA, and the tiny base alike); a broken save loses nothing."""
 import multiprocessing as mp
 import time
 
@@ -10,12 +11,16 @@ from pd_data.tasks import TRAINING_TASKS
 from pd_model import checkpoint as ckpt_mod
 from pd_model.base import load_base
 from pd_model.checkpoint import list_checkpoints
-from pd_model.config import TrainConfig
-from pd_model.train import train_controlnet
+from pd_model.config import BaseModelConfig, TrainConfig
+from pd_model.train import ModelSpec, train_controlnet
+from pd_model.train_base import train_base
 
 STEPS = 8
 CFG = TrainConfig(steps=STEPS, batch_size=4, checkpoint_every=2, keep_last=2, learning_rate=1e-3, warmup_steps=3,
                   ema_decay=0.9)  # EMA state must survive the kill too
+# The demo's shape: the UNet decoder is trained with the ControlNet, and both have an EMA.
+DEMO_SHAPED = CFG.model_copy(update={"train_unet_decoder": True})
+BASE = BaseModelConfig(train_steps=STEPS, batch_size=4, checkpoint_every=2, ema_decay=0.9, train_text_encoder=True)
 
 
 @pytest.fixture(scope="module")
@@ -24,42 +29,69 @@ def world(train_world):
     return train_world
 
 
-def _train(root, ckpt_dir, steps=STEPS):
+def _train(root, folder, steps=STEPS, cfg=CFG) -> dict[str, torch.Tensor]:
+    """Every trained weight of one ControlNet run: the ControlNet's, and the UNet's (its decoder moves
+    with train_unet_decoder), and the losses."""
     base = load_base(root / "base").freeze()
     data = load_split(root / "img", root / "ann", "train")
-    net, losses = train_controlnet(base, data, TRAINING_TASKS, CFG.model_copy(update={"steps": steps}),
-                                   "prompt_diffusion", steps, checkpoint_dir=ckpt_dir)
-    return net, losses
+    net, losses = train_controlnet(base, data, cfg.model_copy(update={"steps": steps}),
+                                   ModelSpec("pd", "prompt-diffusion", TRAINING_TASKS, steps), folder=folder)
+    return {**{f"cn.{k}": v for k, v in net.state_dict().items()},
+            **{f"unet.{k}": v for k, v in base.unet.state_dict().items()}}, losses
 
 
-def _train_in_child(root, ckpt_dir):
+def _train_base(root, folder) -> tuple[dict[str, torch.Tensor], list[float]]:
+    base = load_base(root / "base")
+    losses = train_base(base, load_split(root / "img", root / "ann", "train"), BASE, checkpoint_dir=folder)
+    return {**base.unet.state_dict(), **{f"te.{k}": v for k, v in base.text_encoder.state_dict().items()}}, losses
+
+
+def _in_child(fn, *args):
     torch.set_num_threads(1)
-    _train(root, ckpt_dir)
+    fn(*args)
 
 
-def test_killed_training_resumes_to_bitwise_identical_weights(world, tmp_path):
-    torch.set_num_threads(1)  # the child runs single-threaded too: same kernels, same sums
-    whole, whole_losses = _train(world, tmp_path / "whole")
-    proc = mp.get_context("spawn").Process(target=_train_in_child, args=(world, tmp_path / "killed"))
+def _killed_then_resumed(fn, args, folder, ckpt_dir):
+    """Run fn in a child, kill -9 it once its first checkpoint lands, then run it again here."""
+    proc = mp.get_context("spawn").Process(target=_in_child, args=(fn, *args))
     proc.start()
     deadline = time.monotonic() + 300
-    while not list_checkpoints(tmp_path / "killed") and time.monotonic() < deadline:
+    while not list_checkpoints(ckpt_dir) and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.kill()
     proc.join()
-    done = list_checkpoints(tmp_path / "killed")
+    done = list_checkpoints(ckpt_dir)
     assert done and int(done[-1].name.split("-")[1]) < STEPS, "the kill should land before the end"
-    resumed, resumed_losses = _train(world, tmp_path / "killed")
-    torch.set_num_threads(torch.get_num_threads())
-    a, b = whole.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    return fn(*args)
+
+
+@pytest.mark.parametrize("cfg", [CFG, DEMO_SHAPED], ids=["controlnet", "controlnet+decoder"])
+def test_killed_training_resumes_to_bitwise_identical_weights(world, tmp_path, cfg):
+    torch.set_num_threads(1)  # the child runs single-threaded too: same kernels, same sums
+    whole, whole_losses = _train(world, tmp_path / "whole", cfg=cfg)
+    resumed, resumed_losses = _killed_then_resumed(_train, (world, tmp_path / "killed", STEPS, cfg), tmp_path / "killed",
+                                                   tmp_path / "killed" / "checkpoints")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert resumed_losses == whole_losses
-    assert len(list_checkpoints(tmp_path / "whole")) == CFG.keep_last
+    assert len(list_checkpoints(tmp_path / "whole" / "checkpoints")) == CFG.keep_last
+    untouched = load_base(world / "base").unet.state_dict()
+    moved = [k for k in untouched if not torch.equal(untouched[k], whole[f"unet.{k}"])]
+    # The decoder trains (and so must be checkpointed) only in the demo's shape; the encoder never does.
+    assert bool(moved) == cfg.train_unet_decoder and all(k.startswith(("up_blocks", "conv_norm_out", "conv_out")) for k in moved)
+
+
+def test_killed_base_training_resumes_to_bitwise_identical_weights(world, tmp_path):
+    torch.set_num_threads(1)
+    whole, whole_losses = _train_base(world, tmp_path / "whole")
+    resumed, resumed_losses = _killed_then_resumed(_train_base, (world, tmp_path / "killed"), tmp_path / "killed",
+                                                   tmp_path / "killed")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole) and resumed_losses == whole_losses
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_usable(world, tmp_path, monkeypatch):
+    ckpts = tmp_path / "c" / "checkpoints"
     _train(world, tmp_path / "c", steps=2)
-    assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002"]
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step-0000002"]
 
     def dying_save(tensors, path):
         path.write_bytes(b"half a file")
@@ -69,13 +101,13 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_usable(world, tm
     with pytest.raises(KeyboardInterrupt):
         _train(world, tmp_path / "c", steps=4)
     monkeypatch.undo()
-    assert [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002"]
-    net, losses = _train(world, tmp_path / "c", steps=4)  # resumes from step 2 and finishes
-    assert len(losses) == 4 and [p.name for p in list_checkpoints(tmp_path / "c")] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step-0000002"]
+    _, losses = _train(world, tmp_path / "c", steps=4)  # resumes from step 2 and finishes
+    assert len(losses) == 4 and [p.name for p in list_checkpoints(ckpts)] == ["step-0000002", "step-0000004"]
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path):
-    from pd_model.train import Checkpointing, Optim, _loop
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    from pd_model.loop import Checkpointing, Optim, run
 
     w = torch.nn.Parameter(torch.ones(3))
     model = torch.nn.Module()
@@ -87,47 +119,5 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(world, tmp_path):
         return (w * (float("nan") if step == 5 else 1.0)).sum()
 
     with pytest.raises(FloatingPointError, match="step-0000004"):
-        _loop([w], Optim(10, 1, 1e-2), step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", model, every=2))
+        run([w], Optim(10, 1, 1e-2), step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", {"toy": model}, every=2))
     assert calls[-1] == 5
-
-
-def test_the_best_checkpoint_is_kept_by_validation_loss_not_recency(tmp_path):
-    from pd_model.checkpoint import read_trainer
-    from pd_model.train import Checkpointing, Optim, _loop
-
-    w = torch.nn.Parameter(torch.zeros(2))
-    model = torch.nn.Module()
-    model.w = w
-    scores = iter([3.0, 1.0, 2.0, 1.5])  # step 4 is best; 6 and 8 are later but worse
-    seen = []
-
-    def val_loss():
-        seen.append(w.detach().clone())
-        return next(scores)
-
-    ck = Checkpointing(tmp_path / "toy", model, every=2, keep_last=1, val_loss=val_loss)
-    _loop([w], Optim(8, 1, 1e-1), lambda step, idx: (w - 1).pow(2).sum(), "toy", ckpt=ck)
-    best = tmp_path / "toy" / "best"
-    assert read_trainer(best) == {"step": 4, "val_loss": 1.0}
-    assert torch.equal(ckpt_mod.load_file(best / "model.safetensors")["w"], seen[1])  # the weights scored at step 4
-    assert read_trainer(list_checkpoints(tmp_path / "toy")[-1])["best"]["step"] == 4
-    assert [p.name for p in (tmp_path / "toy").glob("best-*")] == ["best-step-0000004"]  # older bests removed
-
-
-def test_validation_loss_is_deterministic_and_recorded_with_the_best_weights(world, tmp_path):
-    from pd_model.checkpoint import read_trainer
-    from pd_model.controlnet import PromptDiffusionControlNet
-    from pd_model.train import TextCache, validation_loss, validation_prompts
-    from pd_data.tasks import get_task
-
-    _train(world, tmp_path / "v", steps=4)
-    root = tmp_path / "v"
-    best = read_trainer(root / "best")
-    assert best["step"] in (2, 4) and read_trainer(list_checkpoints(root)[-1])["best"]["step"] == best["step"]
-    base = load_base(world / "base").freeze()
-    data = load_split(world / "img", world / "ann", "train")
-    net = PromptDiffusionControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(16,))
-    net.load_state_dict(ckpt_mod.load_file(root / "best" / "model.safetensors"))
-    prompts = validation_prompts(data, [get_task(t) for t in TRAINING_TASKS], CFG.validation_samples, CFG.seed + 1)
-    # EMA is on in CFG: best/ holds the EMA weights, which are what was scored.
-    assert validation_loss(base, net, prompts, TextCache(base), CFG.seed) == pytest.approx(best["val_loss"], rel=1e-6)

@@ -8,6 +8,7 @@ from pd_eval.benchmark import models_under_test
 from pd_model.base import load_base
 from pd_model.config import TrainConfig
 from pd_model.pipeline import PromptDiffusionPipeline
+from pd_model.train import ModelSpec
 from pd_model.train_dist import TrainJob, run_job
 
 
@@ -15,7 +16,7 @@ def test_a_trained_decoder_is_saved_with_the_model_and_loaded_with_it(train_worl
     cfg = TrainConfig(steps=2, batch_size=4, learning_rate=1e-2, train_unet_decoder=True)
     out = tmp_path / "model"
     run_job(TrainJob(base=str(train_world / "base"), images=str(train_world / "img"), annotations=str(train_world / "ann"),
-                     cfg=cfg, mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=2, out=str(out)))
+                     cfg=cfg, spec=ModelSpec("pd", "prompt-diffusion", TRAINING_TASKS, 2), out=str(out)))
     assert json.loads((out / "pipeline.json").read_text())["unet"] == "unet"
 
     trained = PromptDiffusionPipeline.from_trained(out).unet.state_dict()
@@ -23,7 +24,7 @@ def test_a_trained_decoder_is_saved_with_the_model_and_loaded_with_it(train_worl
     assert any(not torch.equal(trained[k], original[k]) for k in trained if k.startswith("up_blocks"))  # decoder moved
     assert all(torch.equal(trained[k], original[k]) for k in trained if k.startswith("down_blocks"))  # encoder frozen
 
-    nets = {"prompt-diffusion": ("prompt_diffusion", TRAINING_TASKS, object())}
+    nets = {"prompt-diffusion": ("prompt-diffusion", TRAINING_TASKS, object())}
     (m,) = models_under_test(nets, (), {"prompt-diffusion": "its unet"})
     assert m.unet == "its unet"  # the benchmark samples this model with its own UNet
 

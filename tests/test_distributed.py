@@ -8,7 +8,7 @@ from pd_data.dataset import load_split
 from pd_data.tasks import TRAINING_TASKS
 from pd_model.base import load_base
 from pd_model.config import TrainConfig
-from pd_model.train import train_controlnet
+from pd_model.train import ModelSpec, train_controlnet
 from pd_model.train_dist import TrainJob, launch, run_job
 
 CFG = TrainConfig(steps=3, batch_size=4, learning_rate=1e-4, warmup_steps=2, device="cpu")
@@ -22,7 +22,7 @@ def world(train_world):
 
 def _job(world, out, cfg: TrainConfig = CFG, init: str | None = None) -> TrainJob:
     return TrainJob(base=str(world / "base"), images=str(world / "img"), annotations=str(world / "ann"), cfg=cfg,
-                    mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, out=str(out), init=init)
+                    spec=ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, cfg.steps), out=str(out), init=init)
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -35,12 +35,12 @@ def test_two_micro_batches_of_4_train_like_one_batch_of_8(world):
     nets = {}
     for accum in (1, 2):
         cfg = CFG.model_copy(update={"batch_size": 8, "grad_accum_steps": accum})
-        net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps)
+        net, losses = train_controlnet(load_base(world / "base"), data, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, cfg.steps))
         nets[accum] = (net.state_dict(), losses)
     assert max_diff(nets[1][0], nets[2][0]) < TOL
     assert nets[1][1] == pytest.approx(nets[2][1], abs=1e-6)  # the logged loss is the global-batch mean
-    first = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, CFG.model_copy(update={"steps": 1}),
-                             "prompt_diffusion", 1)[0].state_dict()
+    first = train_controlnet(load_base(world / "base"), data, CFG.model_copy(update={"steps": 1}),
+                             ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, 1))[0].state_dict()
     assert max_diff(first, nets[1][0]) > 10 * TOL  # the weights did move: the comparison above means something
 
 
@@ -91,8 +91,8 @@ def test_loader_workers_change_nothing_in_the_weights_bitwise(world):
     for workers in (0, 2):
         cfg = CFG.model_copy(update={"loader_workers": workers})
         stats: dict = {}
-        net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion",
-                                       cfg.steps, stats=stats)
+        net, losses = train_controlnet(load_base(world / "base"), data, cfg,
+                                       ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, cfg.steps), stats=stats)
         nets[workers] = (net.state_dict(), losses)
         assert stats["loader_workers"] == workers and 0 <= stats["data_wait_s"] <= stats["wall_s"]
     assert nets[0][1] == nets[2][1]

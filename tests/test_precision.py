@@ -6,14 +6,14 @@ import pytest
 from pd_data.tasks import TRAINING_TASKS
 from pd_model.base import load_base
 from pd_model.config import TrainConfig
-from pd_model.train import train_controlnet
+from pd_model.train import ModelSpec, train_controlnet
 
 CFG = TrainConfig(steps=2, batch_size=2, learning_rate=1e-4, device="cpu")
 
 
 def _train(world, data, **update):
     cfg = CFG.model_copy(update=update)
-    net, losses = train_controlnet(load_base(world / "base"), data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps)
+    net, losses = train_controlnet(load_base(world / "base"), data, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, cfg.steps))
     return net.state_dict(), losses
 
 
@@ -62,7 +62,7 @@ def test_base_training_calls_its_hook_on_schedule_with_the_weights_it_ships(worl
     import torch
 
     from pd_model.config import BaseModelConfig
-    from pd_model.train import train_base
+    from pd_model.train_base import train_base
 
     base = load_base(world / "base")
     seen: dict[int, torch.Tensor] = {}

@@ -1,0 +1,187 @@
+"""The optimisation loop every training shares: one step, its resume, its checkpoints.
+
+`run` is the driver: resume from the newest checkpoint, then `Optimiser.step` per step, a callback
+(validation grids) and a checkpoint every N steps. Every random choice of a step comes from
+generators seeded by (seed, step), so weights + optimizer + EMA + step number are a run's whole
+state, and a run killed at any step resumes to bitwise the same weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+StepLoss = Callable[[int, range], torch.Tensor]  # (step, this micro-batch's sample indices) -> mean loss
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW, warm-up, clipping, EMA, and how one step's global batch is split and computed."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.0
+    grad_accum_steps: int = 1
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype), e.g. ("cuda", torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often `run` checkpoints; the newest checkpoint there is resumed from.
+
+    `modules` are everything the run trains (the ControlNet, a decoder copy, the base's UNet and text
+    encoder), saved and restored together under their names."""
+
+    root: Path
+    modules: dict[str, torch.nn.Module]
+    every: int
+    keep_last: int = 2
+    model: torch.nn.ModuleDict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", torch.nn.ModuleDict(self.modules))
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def micro_batches(batch_size: int, accum: int) -> list[range]:
+    """This process's slices of the global batch: a contiguous 1/world share, cut into `accum` pieces."""
+    rank, n = world()
+    per = batch_size // n
+    micro = per // accum
+    return [range(rank * per + m * micro, rank * per + (m + 1) * micro) for m in range(accum)]
+
+
+def _all_reduce_sum(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Sum gradients and the loss over processes in one collective (one flat buffer)."""
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype if grads else loss.dtype)])
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat[:-1].split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+    return flat[-1]
+
+
+class Optimiser:
+    """AdamW + warm-up schedule + optional EMA over `params`, and the losses so far.
+
+    Each process backpropagates sum-over-its-samples / batch_size; summing over processes gives the
+    gradient of the global mean, whatever the number of processes and micro-batches."""
+
+    def __init__(self, params: list[torch.nn.Parameter], o: Optim):
+        self.params, self.o = params, o
+        self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        warm = o.warmup_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.ema = EMAModel(params, decay=o.ema_decay) if o.ema_decay > 0 else None
+        self.losses: list[float] = []
+
+    def step(self, step: int, step_loss: StepLoss, slices: list[range]) -> float:
+        """One optimizer step on the global batch of `step`; returns its loss (not applied if not finite)."""
+        o = self.o
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch.zeros(())
+        for idx in slices:
+            with torch.autocast(*(o.autocast or ("cpu",)), enabled=o.autocast is not None):
+                part = step_loss(step, idx) * (len(idx) / o.batch_size)
+            part.backward()
+            loss = loss + part.detach().float().cpu()
+        if world()[1] > 1:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            loss = _all_reduce_sum(grads, loss.to(grads[0].device)).cpu()
+        if not math.isfinite(loss.item()):
+            return loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.losses.append(loss.item())
+        return loss.item()
+
+    def states(self) -> dict:
+        """Optimizer, schedule, EMA and the global RNG: tensors and numbers only (weights_only loads)."""
+        s = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(), "rng": torch.get_rng_state()}
+        return s | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
+
+    def load_states(self, s: dict) -> None:
+        self.opt.load_state_dict(s["optimizer"])
+        self.sched.load_state_dict(s["lr_scheduler"])
+        torch.set_rng_state(s["rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
+
+    @contextmanager
+    def shipped_weights(self):
+        """The EMA weights in place of the trained ones for the duration (what the run will ship)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+
+def resume(state: Optimiser, ckpt: Checkpointing | None) -> int:
+    """Restore the newest checkpoint of `ckpt` into the modules and `state`; the step to start at."""
+    if ckpt is None or not (saved := list_checkpoints(ckpt.root)):
+        return 0
+    start, state.losses, states = load_checkpoint(saved[-1], ckpt.model)
+    state.load_states(states)
+    return start
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    return bool(every) and (step % every == 0 or step == last)
+
+
+def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: str, ckpt: Checkpointing | None = None,
+        every: tuple[int, Callable[[int], None]] | None = None) -> list[float]:
+    """AdamW steps on the global-batch mean of `step_loss(step, samples)`; with `o.ema_decay` > 0 the
+    parameters end as their EMA. `every=(n, f)` calls f(step) on the main process every n steps and at
+    the last, with the EMA weights in place. Returns every step's loss."""
+    rank = world()[0]
+    state = Optimiser(params, o)
+    start = resume(state, ckpt)
+    if start and rank == 0:
+        print(f"{desc}: resuming from {list_checkpoints(ckpt.root)[-1]} (step {start} of {o.steps})")
+    slices = micro_batches(o.batch_size, o.grad_accum_steps)
+    bar = tqdm(range(start, o.steps), desc=desc, unit="step", mininterval=2.0, initial=start, total=o.steps, disable=rank != 0)
+    t0 = time.perf_counter()
+    for step in bar:
+        loss = state.step(step, step_loss, slices)
+        if not math.isfinite(loss):
+            last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
+            raise FloatingPointError(f"{desc}: loss is {loss} at step {step}; training stopped. Last good checkpoint: "
+                                     f"{last or 'none'}. Lower the learning rate or check the data.")
+        done = step + 1
+        bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}",
+                        samples_s=f"{(done - start) * o.batch_size / (time.perf_counter() - t0):.1f}", refresh=False)
+        if rank == 0 and every is not None and _due(every[0], done, o.steps):
+            with state.shipped_weights():
+                every[1](done)
+        if rank == 0 and ckpt is not None and _due(ckpt.every, done, o.steps):
+            save_checkpoint(ckpt.root, done, ckpt.model, state.states(), state.losses, ckpt.keep_last)
+    if state.ema is not None:
+        state.ema.copy_to(params)
+    return state.losses
