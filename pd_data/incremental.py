@@ -23,29 +23,17 @@ from tqdm.auto import tqdm
 from pd_data.annotate import annotate_shard
 from pd_data.config import DataConfig, Pairing
 from pd_data.dataset import SplitData, split_from_tables
+from pd_data.db import connect
 from pd_data.ingest import duplicate_check, listing, prepare, record_row, reject_row
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, write_shard
 from pd_data.sources import RawRecord, make_source
+from pd_data.schema import ensure_schema
 from pd_data.state import fingerprint
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS source_items (
-    -- one row per item ever seen; status: active | deleted (gone from the source) | rejected (failed now)
-    dataset VARCHAR, image_id VARCHAR, content_hash VARCHAR, round INTEGER, status VARCHAR,
-    first_seen TIMESTAMP, updated_at TIMESTAMP, PRIMARY KEY (dataset, image_id));
-CREATE TABLE IF NOT EXISTS data_rounds (
-    dataset VARCHAR, round INTEGER, created_at TIMESTAMP, config_hash VARCHAR, listed INTEGER,
-    added INTEGER, changed INTEGER, unchanged INTEGER, deleted INTEGER, rejected INTEGER,
-    annotated INTEGER, seconds DOUBLE, PRIMARY KEY (dataset, round));
-"""
 _ROUND_FILE = re.compile(r"-r(\d{4})-\d{5}\.parquet$")
 # What may change between rounds without invalidating earlier rounds: how much data and how it is read.
 _ROUND_INVARIANT = {"n_groups", "layouts_per_group", "images_per_layout", "shard_size", "workers", "source_path",
                     "captions_file"}
-
-
-def ensure_schema(con) -> None:
-    con.execute(SCHEMA)
 
 
 def config_hash(cfg: DataConfig) -> str:
@@ -79,8 +67,6 @@ def last_round(con, dataset: str) -> tuple[int, str | None]:
 
 def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
     """One round: write and annotate the new or changed items, mark deleted ones; returns its summary."""
-    from pd_eval.store import connect
-
     t0 = time.perf_counter()
     with connect(db) as con:
         ensure_schema(con)
@@ -154,8 +140,6 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
 
 def active_tables(root: Path, db: Path, dataset: str) -> tuple[pa.Table, pa.Table]:
     """The images and annotations of the latest version of every active item."""
-    from pd_eval.store import connect
-
     with connect(db, read_only=True) as con:
         active = dict(con.execute("SELECT image_id, round FROM source_items WHERE dataset = ? AND status = 'active'",
                                   [dataset]).fetchall())

@@ -80,3 +80,14 @@ def shard_files(folder: Path, prefix: str) -> list[Path]:
 
 def read_shards(folder: Path, prefix: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in shard_files(folder, prefix)])
+
+
+LINEAGE_SCHEMA = pa.schema([("annotation_set", pa.string()), ("dataset", pa.string()), ("annotators", pa.string())])
+
+
+def write_lineage(folder: Path, annotation_set: str, dataset: str, annotators: dict[str, str]) -> None:
+    """Which dataset (ingest key) an annotation set was made from: the `annotations` view joins on it."""
+    import json
+
+    write_shard(folder / "lineage.parquet", [{"annotation_set": annotation_set, "dataset": dataset,
+                                              "annotators": json.dumps(annotators)}], LINEAGE_SCHEMA)

@@ -7,7 +7,6 @@ model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusi
 trains one)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,14 +16,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pd_data.dataset import SplitData
+from pd_data.schema import MetricRow
 from pd_data.tasks import TaskSpec, get_task
 from pd_eval.baselines import baseline_outputs, baselines_for
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
-from pd_eval.metrics import fid, kid, map_similarity, rmse
-from pd_eval.visuals import prompt_grid
+from pd_eval.metrics import MetricValue, fid, kid, map_similarity, rmse
 from pd_model.base import BaseModel
+from pd_model.controlnet import as_kind, kind_of
 from pd_model.sampling import generate
+from pd_model.visuals import prompt_grid
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,13 @@ class ModelUnderTest:
 
 def models_under_test(nets: dict[str, tuple[str, tuple[str, ...], object]], unseen: tuple[str, ...],
                       unets: dict[str, object] | None = None) -> list[ModelUnderTest]:
-    """Checkpoint name -> (mode, trained tasks, loaded ControlNet) to every (model_id, tasks) benchmarked.
+    """Checkpoint name -> (kind, trained tasks, loaded ControlNet) to every (model_id, tasks) benchmarked.
 
     A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
     answers the unseen tasks that name it as nearest. `unets`: checkpoints that trained their own decoder."""
     out = []
-    for name, (mode, tasks, net) in nets.items():
-        if mode == "prompt_diffusion":
+    for name, (kind, tasks, net) in nets.items():
+        if as_kind(kind) == "prompt-diffusion":
             out.append(ModelUnderTest("prompt-diffusion", name, net, tasks + unseen))
             if unseen:
                 out.append(ModelUnderTest("prompt-diffusion/empty-pair", name, net, unseen, empty_pair=True))
@@ -84,21 +85,21 @@ def _save_pngs(folder: Path, arrays: np.ndarray, names: list[str]) -> list[Path]
     return paths
 
 
-def _rmse_rows(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, cfg: EvalConfig) -> list[dict]:
+def _rmse_rows(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, cfg: EvalConfig) -> list[MetricRow]:
     """RMSE (Table 1), then SSIM and PSNR as extra rows."""
     value = rmse(outputs, targets, cfg.bootstrap, cfg.seed)
     extra = map_similarity(outputs, targets, cfg.bootstrap, cfg.seed)
-    return [_row(model_id, spec.name, "rmse", value, "", cfg)] + [_row(model_id, spec.name, k, v, "", cfg) for k, v in extra.items()]
+    return [metric_row(model_id, spec.name, "rmse", value, "", cfg)] + [metric_row(model_id, spec.name, k, v, "", cfg)
+                                                                      for k, v in extra.items()]
 
 
-def _row(model_id: str, task: str, metric: str, value, extractor: str, cfg: EvalConfig, seconds: float = 0.0) -> dict:
-    return {"model_id": model_id, "task": task, "metric": metric, "value": value.value, "ci_low": value.ci_low,
-            "ci_high": value.ci_high, "n": value.n, "feature_extractor": extractor,
-            "protocol": cfg.effective().protocol, "seconds": round(seconds, 2)}
+def metric_row(model_id: str, task: str, metric: str, value: MetricValue, extractor: str, cfg: EvalConfig) -> MetricRow:
+    """A metric of this evaluation; its eval_id is stamped when the evaluation is stored (`pd_eval.evaluate`)."""
+    return MetricRow("", model_id, task, metric, value.value, value.ci_low, value.ci_high, value.n, extractor, cfg.protocol)
 
 
 def _score(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarray, names: list[str], out_dir: Path,
-           extractor: tuple[str, object], cfg: EvalConfig) -> list[dict]:
+           extractor: tuple[str, object], cfg: EvalConfig) -> list[MetricRow]:
     """The task's metric rows for `outputs` (saved under samples/ first: FID reads folders): RMSE,
     SSIM, PSNR for image->map; FID and KID against the real targets for map->image."""
     _save_pngs(out_dir / "samples" / slug(model_id) / slug(spec.name), outputs, names)
@@ -110,43 +111,40 @@ def _score(model_id: str, spec: TaskSpec, outputs: np.ndarray, targets: np.ndarr
     name, net = extractor
     value = fid(out_dir / "samples" / slug(model_id) / slug(spec.name), real_dir, net, cfg.bootstrap, cfg.seed)
     k = kid(outputs, targets, net, cfg.bootstrap, cfg.seed, cfg.kid_subsets, cfg.kid_subset_size)
-    return [_row(model_id, spec.name, "fid", value, name, cfg), _row(model_id, spec.name, "kid", k, name, cfg)]
+    return [metric_row(model_id, spec.name, "fid", value, name, cfg), metric_row(model_id, spec.name, "kid", k, name, cfg)]
 
 
 def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData, prompts_path: Path,
-                  cfg: EvalConfig, out_dir: Path, train: SplitData | None = None) -> tuple[list[dict], list[dict]]:
+                  cfg: EvalConfig, out_dir: Path, train: SplitData | None = None) -> tuple[list[MetricRow], list[dict]]:
     """Generate, save PNGs and grids, compute metrics; returns (metric rows, sample rows).
 
     With `train` (the train split), every task is also scored for the trivial baselines of
     `pd_eval.baselines` (copy-example; copy-query and mean-map for image->map), on the same prompts."""
-    eff = cfg.effective()
     extractor = load_extractor("inception" if cfg.protocol == "paper" else "auto")  # the paper's FID is Inception's
     prompts = evaluation_prompts(prompts_path, cfg)
     metric_rows, sample_rows = [], []
     for m in models:
         model_base = base.with_unet(m.unet)
+        pair_guidance = cfg.pair_guidance_scale if kind_of(m.controlnet) == "prompt-diffusion" else None  # CN(FT) has no pair
         for task in m.tasks:
             spec = get_task(task)
             rows = [r for r in prompts if r["task"] == task]
             if not rows:
                 continue
-            t0 = time.perf_counter()
             built = [data.prompt(spec, r["example_id"], r["query_id"]) for r in rows]
             outs = []
-            for i in tqdm(range(0, len(rows), eff.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
-                chunk = slice(i, i + eff.batch_size)
+            for i in tqdm(range(0, len(rows), cfg.batch_size), desc=f"{m.checkpoint} {task}", unit="batch"):
+                chunk = slice(i, i + cfg.batch_size)
                 outs.append(generate(model_base, m.controlnet, built[chunk], [r["seed"] for r in rows[chunk]],
-                                     scheduler=eff.scheduler, steps=eff.steps, guidance_scale=eff.guidance_for(spec),
-                                     positive_suffix=eff.positive_suffix, negative_prompt=eff.negative_prompt,
-                                     pair_guidance_scale=eff.pair_guidance_scale, empty_pair=m.empty_pair))
+                                     scheduler=cfg.scheduler, steps=cfg.steps, guidance_scale=cfg.guidance_for(spec),
+                                     positive_suffix=cfg.positive_suffix, negative_prompt=cfg.negative_prompt,
+                                     pair_guidance_scale=pair_guidance, empty_pair=m.empty_pair))
             outputs = np.concatenate(outs)
             targets = np.stack([p.target for p in built])
             names = [r["prompt_id"].split("/")[-1] for r in rows]
             (out_dir / "grids").mkdir(parents=True, exist_ok=True)
             prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(m.model_id)}__{slug(task)}.png")
-            new = _score(m.model_id, spec, outputs, targets, names, out_dir, extractor, cfg)
-            new[0]["seconds"] = round(time.perf_counter() - t0, 2)
-            metric_rows += new
+            metric_rows += _score(m.model_id, spec, outputs, targets, names, out_dir, extractor, cfg)
             gen_dir = out_dir / "samples" / slug(m.model_id) / slug(task)
             sample_rows += [{"model_id": m.model_id, "task": task, "prompt_id": r["prompt_id"], "path": str(gen_dir / f"{n}.png")}
                             for r, n in zip(rows, names)]
@@ -156,7 +154,7 @@ def run_benchmark(base: BaseModel, models: list[ModelUnderTest], data: SplitData
 
 
 def baseline_rows(data: SplitData, train: SplitData, prompts: list[dict], cfg: EvalConfig, out_dir: Path,
-                  extractor: tuple[str, object] | None = None) -> list[dict]:
+                  extractor: tuple[str, object] | None = None) -> list[MetricRow]:
     """Every baseline of every task of the materialised prompts, scored as the models are (`_score`);
     their answers are saved under samples/ too."""
     extractor = extractor or load_extractor("inception" if cfg.protocol == "paper" else "auto")

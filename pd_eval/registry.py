@@ -12,20 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pd_eval.store import connect
+from pd_data.db import connect
+from pd_data.schema import CandidateRow, RegistryEventRow, ensure_schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS registry (
-    dataset VARCHAR, model_id VARCHAR, data_round INTEGER, created_at TIMESTAMP, parent_id VARCHAR,
-    path VARCHAR, eval_id VARCHAR, train_steps INTEGER, from_scratch BOOLEAN, final_loss DOUBLE,
-    decision VARCHAR, rule VARCHAR, reason VARCHAR, PRIMARY KEY (dataset, model_id));
-CREATE TABLE IF NOT EXISTS registry_events (
-    dataset VARCHAR, seq INTEGER, event_time TIMESTAMP, action VARCHAR, model_id VARCHAR, detail VARCHAR,
-    PRIMARY KEY (dataset, seq));
-CREATE OR REPLACE VIEW current_models AS
-SELECT dataset, arg_max(model_id, seq) AS model_id, arg_max(action, seq) AS via, max(event_time) AS since
-FROM registry_events WHERE action IN ('promote', 'rollback') GROUP BY dataset;
-"""
 RULE = ("promote when no Table-1 metric (FID, RMSE: lower is better) is worse than the current model's "
         "beyond its 95% interval, and the mean relative change over those metrics is an improvement")
 PRIMARY_METRICS = ("fid", "rmse")
@@ -39,10 +28,6 @@ class Score:
 
 
 Scores = dict[tuple[str, str], Score]  # (task, metric) -> score
-
-
-def ensure_schema(con) -> None:
-    con.execute(SCHEMA)
 
 
 def decide(candidate: Scores, current: Scores | None) -> tuple[bool, str]:
@@ -89,20 +74,18 @@ def current(db: Path, dataset: str) -> dict | None:
 
 def _event(con, dataset: str, action: str, model_id: str, detail: str) -> None:
     seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM registry_events WHERE dataset = ?", [dataset]).fetchone()[0]
-    con.execute("INSERT INTO registry_events VALUES (?, ?, ?, ?, ?, ?)",
-                [dataset, seq, datetime.now(timezone.utc), action, model_id, detail])
+    event = RegistryEventRow(dataset, seq, datetime.now(timezone.utc), action, model_id, detail)
+    con.execute(event.insert_sql(), event.values())
 
 
 def record(db: Path, row: dict, promote: bool, reason: str) -> None:
     """The candidate's row and its decision event, in one transaction."""
-    row = row | {"decision": "promoted" if promote else "rejected", "rule": RULE, "reason": reason}
-    cols = list(row)
+    cand = CandidateRow(**row, decision="promoted" if promote else "rejected", rule=RULE, reason=reason)
     with connect(db) as con:
         ensure_schema(con)
         con.execute("BEGIN")
-        con.execute(f"INSERT OR REPLACE INTO registry ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [row[c] for c in cols])
-        _event(con, row["dataset"], "promote" if promote else "reject", row["model_id"], reason)
+        con.execute(cand.insert_sql(), cand.values())
+        _event(con, cand.dataset, "promote" if promote else "reject", cand.model_id, reason)
         con.execute("COMMIT")
 
 
@@ -139,3 +122,56 @@ def listing(db: Path, dataset: str | None = None) -> tuple[list[str], list[tuple
             FROM registry r LEFT JOIN current_models c USING (dataset, model_id)
             WHERE ? IS NULL OR r.dataset = ? ORDER BY r.dataset, r.created_at DESC""", [dataset, dataset])
         return [d[0] for d in cur.description], cur.fetchall()
+
+
+def pending_round(db: Path, dataset: str) -> dict | None:
+    """The latest committed data round of `dataset` if no candidate was recorded for it (its run
+    crashed): its `data_rounds` row, else None."""
+    with connect(db) as con:
+        ensure_schema(con)
+        row = con.execute("""SELECT d.round FROM data_rounds d LEFT JOIN registry r
+                             ON r.dataset = d.dataset AND r.data_round = d.round
+                             WHERE d.dataset = ? AND r.model_id IS NULL ORDER BY d.round DESC LIMIT 1""",
+                          [dataset]).fetchone()
+        last = con.execute("SELECT max(round) FROM data_rounds WHERE dataset = ?", [dataset]).fetchone()[0]
+        if not row or row[0] != last:
+            return None
+        cur = con.execute("SELECT * EXCLUDE (created_at, config_hash) FROM data_rounds WHERE dataset = ? AND round = ?",
+                          [dataset, last])
+        return dict(zip([d[0] for d in cur.description], cur.fetchone()))
+
+
+def retrain_eval_id(dataset: str, model_id: str, cfg, prompts: Path) -> tuple[str, str]:
+    """(eval_id, settings key) of one registry model scored on a frozen benchmark's prompts."""
+    import hashlib
+
+    from pd_data.state import fingerprint
+
+    key = fingerprint("retrain-eval", cfg.model_dump(), hashlib.sha256(prompts.read_bytes()).hexdigest())
+    return f"retrain:{dataset}:{model_id}:{key}", key
+
+
+def evaluated(db: Path, eval_id: str) -> bool:
+    with connect(db, read_only=True) as con:
+        return con.execute("SELECT count(*) FROM metrics WHERE eval_id = ?", [eval_id]).fetchone()[0] > 0
+
+
+def round_report(dataset: str, model_id: str, data: dict, cand: dict, parent: str | None, current_id: str | None,
+                 cand_scores: Scores, cur_scores: Scores | None, promoted: bool, reason: str, now_current: str) -> str:
+    """The Markdown report of one retraining round: data in, candidate, metrics side by side, decision."""
+    lines = [f"# Retraining of `{dataset}`: candidate `{model_id}`", "",
+             f"**Decision: {'PROMOTED' if promoted else 'REJECTED'}.** {reason}. Current model now: `{now_current}`.", "",
+             f"Rule: {RULE}.", "", "## Data",
+             f"Round {data['round']}{' (resumed)' if data.get('resumed') else ''}: {data['listed']} items listed; "
+             f"{data['added']} added, {data['changed']} changed, {data['deleted']} deleted, {data['rejected']} rejected, "
+             f"{data['unchanged']} unchanged. Annotated this round: {data['annotated']} (only new or changed items).", "",
+             "## Candidate",
+             f"{'From scratch' if parent is None else f'Continued from `{parent}`'}; "
+             f"{cand['steps']} steps, final loss {cand['final_loss']:.4f}.", "", "## Metrics (same benchmark, same prompts and seeds)",
+             f"| task | metric | current{f' ({current_id})' if current_id else ''} | candidate | change |", "|---|---|---|---|---|"]
+    for (t, m), s in sorted(cand_scores.items()):
+        c = (cur_scores or {}).get((t, m))
+        cur_txt = f"{c.value:.4f} [{c.ci_low:.4f}, {c.ci_high:.4f}]" if c else "-"
+        change = f"{(s.value - c.value) / max(abs(c.value), 1e-12):+.1%}" if c else "-"
+        lines.append(f"| {t} | {m} | {cur_txt} | {s.value:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}] | {change} |")
+    return "\n".join(lines) + "\n"

@@ -198,3 +198,33 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
     atomic_write_bytes(md_path, _render_md(title, sections).encode())
     atomic_write_bytes(out_dir / "report.html", _render_html(title, sections).encode())
     return md_path
+
+
+def run_notes(profile, keys: dict[str, str], budget_rule: str) -> list[str]:
+    """The settings a reader needs to interpret a run's numbers, one line each."""
+    ev, tr = profile.eval, profile.train
+    pair = f", example-pair guidance {ev.pair_guidance_scale}" if ev.pair_guidance_scale else ""
+    pair += f", text guidance {ev.map_guidance_scale} for image->map" if ev.map_guidance_scale is not None else ""
+    trained = ("each ControlNet with its own copy of the UNet decoder (train_unet_decoder=True; the base's encoder "
+               "and text encoder frozen)" if tr.train_unet_decoder else "the ControlNets only (base frozen)")
+    return [f"profile: {profile.name}; evaluation protocol: {ev.protocol} ({ev.scheduler}, {ev.steps} steps, "
+            f"guidance {ev.guidance_scale}{pair})",
+            f"trained: {trained}; CN(FT) budget: {budget_rule}",
+            f"pairing: {profile.data.pairing} (where each training and evaluation prompt takes its example pair from)",
+            "stage keys: " + ", ".join(f"{s}={k}" for s, k in keys.items())]
+
+
+def build_run_report(db: Path, run_id: str, profile, keys: dict[str, str], loss_files: dict[str, Path], base_samples: Path,
+                     budget_rule: str, eval_dir: Path, out_dir: Path) -> Path:
+    """The report of one benchmark run: its notes, loss curves (name -> losses.json) and the base's
+    samples (when the base was trained) around `build_report`'s sections."""
+    import json
+
+    from pd_eval.visuals import loss_plot
+
+    curves = {name: json.loads(path.read_text())["loss"] for name, path in loss_files.items()}
+    png = loss_plot(curves, out_dir / "losses-src.png")
+    if base_samples.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base_samples, out_dir / "base-samples.png")
+    return build_report(db, run_id, keys["evaluate"], profile.name, eval_dir, png, out_dir, run_notes(profile, keys, budget_rule))

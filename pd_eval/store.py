@@ -1,6 +1,5 @@
-"""Results in DuckDB: runs, models, metrics, samples, task_inference (a confusion matrix); views
-`paper_table`, `latest_paper_table`, `generalization` (unseen tasks by condition) and, over the
-Parquet files, `images`, `annotations`, `rejects`, `splits` and `prompts`.
+"""Results in DuckDB: writing runs and evaluations (tables and views: `pd_data.schema`), querying,
+and the views over the Parquet files: `images`, `annotations`, `rejects`, `splits` and `prompts`.
 
 The data views name their shards relative to the state directory the database file sits in
 (`<root>/results/pd.duckdb`, see `pd_data.state.StateDir`), and `connect` puts that directory on
@@ -13,86 +12,16 @@ flow runs finishing together both land their rows.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import re
-import time
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
-from pd_data.tasks import UNSEEN_TASKS
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id VARCHAR PRIMARY KEY, profile VARCHAR, eval_id VARCHAR, started_at TIMESTAMP,
-    finished_at TIMESTAMP, status VARCHAR, report_path VARCHAR, config JSON);
-CREATE TABLE IF NOT EXISTS models (
-    model_id VARCHAR, eval_id VARCHAR, kind VARCHAR, tasks VARCHAR[], path VARCHAR,
-    train_steps INTEGER, final_loss DOUBLE, PRIMARY KEY (model_id, eval_id));
-CREATE TABLE IF NOT EXISTS metrics (
-    -- model_id: the Table 1 row ('prompt-diffusion', 'cn-ft': per-task checkpoints in models) or a
-    -- baseline ('baseline/copy-example' on every task; 'baseline/copy-query', 'baseline/mean-map' on image->map)
-    eval_id VARCHAR, model_id VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
-    ci_high DOUBLE, n INTEGER, feature_extractor VARCHAR, protocol VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (eval_id, model_id, task, metric));
-CREATE TABLE IF NOT EXISTS samples (
-    eval_id VARCHAR, model_id VARCHAR, task VARCHAR, prompt_id VARCHAR, path VARCHAR,
-    PRIMARY KEY (eval_id, model_id, prompt_id));
-CREATE TABLE IF NOT EXISTS task_inference (
-    -- confusion matrix of in-context task inference: text removed, the pair shows shown_task, the
-    -- output is nearest (RMSE) to the query's true map of predicted_task, or 'copied-example' when the
-    -- example pair's target is at least as near; model_id 'baseline/copy-example' answers with that target
-    eval_id VARCHAR, model_id VARCHAR, shown_task VARCHAR, predicted_task VARCHAR, count INTEGER,
-    PRIMARY KEY (eval_id, model_id, shown_task, predicted_task));
-CREATE TABLE IF NOT EXISTS paper_reference (
-    model VARCHAR, "fid_depth->image" DOUBLE, "fid_hed->image" DOUBLE, "fid_seg->image" DOUBLE,
-    "rmse_image->depth" DOUBLE, "rmse_image->hed" DOUBLE, "rmse_image->seg" DOUBLE);
-"""
-PAPER_ROWS = [("CN(FT) [paper]", 19.81, 13.07, 20.71, 0.20, 0.18, 0.36),
-              ("Prompt Diffusion [paper]", 18.60, 13.35, 19.46, 0.21, 0.14, 0.31)]
-TABLE1 = [("fid", "depth->image"), ("fid", "hed->image"), ("fid", "seg->image"),
-          ("rmse", "image->depth"), ("rmse", "image->hed"), ("rmse", "image->seg")]
-_cols = ",\n    ".join(f"max(value) FILTER (WHERE metric = '{m}' AND task = '{t}') AS \"{m}_{t}\"" for m, t in TABLE1)
-VIEWS = f"""
-CREATE OR REPLACE VIEW paper_table AS
-SELECT r.run_id, r.profile, m.model_id AS model, max(NULLIF(m.feature_extractor, '')) AS feature_extractor,
-    {_cols}
-FROM runs r JOIN metrics m USING (eval_id)
-WHERE (m.metric, m.task) IN ({", ".join(f"('{m}', '{t}')" for m, t in TABLE1)})
-GROUP BY r.run_id, r.profile, m.model_id
-UNION ALL BY NAME
-SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)
-FROM paper_reference;
-CREATE OR REPLACE VIEW generalization AS
-SELECT r.run_id, r.profile, m.task, m.model_id AS condition, m.metric, m.value, m.ci_low, m.ci_high, m.n,
-    m.feature_extractor
-FROM runs r JOIN metrics m USING (eval_id)
-WHERE m.task IN ({", ".join(f"'{t}'" for t in UNSEEN_TASKS)});
-CREATE OR REPLACE VIEW latest_paper_table AS
-SELECT * FROM paper_table
-WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'completed'
-                                  ORDER BY finished_at DESC LIMIT 1);
-"""
-
+from pd_data.db import _sql_text, _searchable, connect, state_root
+from pd_data.schema import ConfusionRow, MetricRow, ModelRow, Row, RunRow, SampleRow, ensure_schema as _ensure_schema
 
 DATA_VIEWS = ("images", "annotations", "rejects", "prompts", "splits")
-
-
-def state_root(db: Path) -> Path:
-    """The state directory of a database file: `<root>/results/pd.duckdb` (`pd_data.state.StateDir`)."""
-    return Path(os.path.abspath(db)).parent.parent
-
-
-def _sql_text(s: str) -> str:
-    """`s` for use inside a single-quoted SQL string."""
-    return s.replace("'", "''")
-
-
-def _searchable(root: Path) -> bool:
-    return "," not in str(root)  # file_search_path is a comma-separated list, with no quoting
 
 
 # The globs each data view reads, relative to the data root; a view is made once each has a file
@@ -160,58 +89,9 @@ def register_data_views(db: Path, data_root: Path) -> list[str]:
     return made
 
 
-def _is_lock_error(e: Exception) -> bool:
-    text = str(e).lower()
-    return "lock" in text or "conflicting" in text or "being used" in text
-
-
-@contextlib.contextmanager
-def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived connection; waits (with jitter) while another process holds the write lock. Its
-    `file_search_path` is the state directory of `db`, where the data views' relative globs resolve."""
-    db.parent.mkdir(parents=True, exist_ok=True)
-    deadline, delay = time.monotonic() + timeout_s, 0.05
-    while True:
-        try:
-            con = duckdb.connect(str(db), read_only=read_only)
-            break
-        except (duckdb.IOException, duckdb.Error) as e:
-            if not _is_lock_error(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay + random.random() * delay)
-            delay = min(delay * 2, 2.0)
-    try:
-        if _searchable(root := state_root(db)):
-            con.execute(f"SET file_search_path = '{_sql_text(str(root))}'")
-        yield con
-    finally:
-        con.close()
-
-
-def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(SCHEMA)
-    if con.execute("SELECT count(*) FROM paper_reference").fetchall()[0][0] == 0:
-        con.executemany("INSERT INTO paper_reference VALUES (?, ?, ?, ?, ?, ?, ?)", PAPER_ROWS)
-    con.execute(VIEWS)
-
-
 def init_db(db: Path) -> None:
     with connect(db) as con:
         _ensure_schema(con)
-
-
-def write_rows(db: Path, table: str, rows: list[dict]) -> int:
-    """Insert or replace rows (by primary key) in one transaction; returns the count."""
-    if not rows:
-        return 0
-    cols = list(rows[0])
-    sql = f"INSERT OR REPLACE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-    with connect(db) as con:  # one connection: schema (idempotent) and rows
-        _ensure_schema(con)
-        con.execute("BEGIN")
-        con.executemany(sql, [[r[c] for c in cols] for r in rows])
-        con.execute("COMMIT")
-    return len(rows)
 
 
 def query(db: Path, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
@@ -252,3 +132,33 @@ def format_table(names: list[str], rows: list[tuple], floatfmt: str = "{:.4g}") 
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_run(db: Path, row: RunRow) -> None:
+    """A run's own row of `runs`, inserted when it starts and updated as it ends."""
+    with connect(db) as con:
+        _ensure_schema(con)
+        con.execute(row.insert_sql().replace("INSERT INTO", "INSERT OR REPLACE INTO"), row.values())
+
+
+EVALUATION_TABLES = (ModelRow, MetricRow, SampleRow, ConfusionRow)
+
+
+def replace_evaluation(db: Path, eval_id: str, rows: list[Row]) -> None:
+    """Every row of one evaluation, in one transaction: rows an earlier, unfinished attempt left under
+    `eval_id` are deleted first, and a key that repeats within `rows` is an error, never a silent
+    replacement. The evaluate stage calls it once per eval_id, holding the stage's lock."""
+    if stray := [r for r in rows if type(r) not in EVALUATION_TABLES or r.eval_id != eval_id]:
+        raise ValueError(f"{len(stray)} row(s) are not evaluation rows of {eval_id}: {stray[:2]}")
+    with connect(db) as con:
+        _ensure_schema(con)
+        con.execute("BEGIN")
+        try:
+            for table in EVALUATION_TABLES:
+                con.execute(f"DELETE FROM {table.TABLE} WHERE eval_id = ?", [eval_id])
+                if batch := [r.values() for r in rows if type(r) is table]:
+                    con.executemany(table.insert_sql(), batch)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise

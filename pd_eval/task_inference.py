@@ -11,7 +11,6 @@ those of the first materialised image->depth prompts, so every model run sees th
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +18,14 @@ import numpy as np
 from pd_data.dataset import SplitData
 from pd_data.tasks import FORWARD_TASKS, Prompt, get_task
 from pd_eval.baselines import COPY_EXAMPLE
-from pd_eval.benchmark import _row, _save_pngs, evaluation_prompts, slug
+from pd_data.schema import MetricRow
+from pd_eval.benchmark import _save_pngs, evaluation_prompts, metric_row, slug
 from pd_eval.config import EvalConfig
 from pd_eval.metrics import MetricValue, bootstrap, per_image_mse
-from pd_eval.visuals import prompt_grid
 from pd_model.base import BaseModel
+from pd_model.controlnet import kind_of
 from pd_model.sampling import generate
+from pd_model.visuals import prompt_grid
 
 FORWARD: tuple[str, ...] = FORWARD_TASKS
 COPIED = "copied-example"  # the predicted "task" of an output nearest to the example pair's target
@@ -70,7 +71,7 @@ def accuracy(shown: list[str], predicted: list[str], resamples: int, seed: int) 
 
 
 def scored(model_id: str, outputs: np.ndarray, items: list[tuple[dict, str, Prompt]], data: SplitData,
-           cfg: EvalConfig, seconds: float = 0.0) -> tuple[dict, list[dict]]:
+           cfg: EvalConfig) -> tuple[MetricRow, list[dict]]:
     """(accuracy metric row, confusion cells) of `outputs`, one per item."""
     shown = [t for _, t, _ in items]
     predicted = [classify(o, {t: data.arrays[r["query_id"]][get_task(t).target] for t in FORWARD}, p.example_target)
@@ -78,25 +79,24 @@ def scored(model_id: str, outputs: np.ndarray, items: list[tuple[dict, str, Prom
     m = confusion(shown, predicted)
     cells = [{"model_id": model_id, "shown_task": s, "predicted_task": p, "count": int(m[i, j])}
              for i, s in enumerate(FORWARD) for j, p in enumerate(PREDICTED)]
-    return _row(model_id, TASK, "accuracy", accuracy(shown, predicted, cfg.bootstrap, cfg.seed), "", cfg, seconds), cells
+    return metric_row(model_id, TASK, "accuracy", accuracy(shown, predicted, cfg.bootstrap, cfg.seed), "", cfg), cells
 
 
 def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_path: Path, cfg: EvalConfig,
-                       out_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+                       out_dir: Path) -> tuple[list[MetricRow], list[dict], list[dict]]:
     """Generate, save PNGs and a grid, classify; returns (accuracy metric rows, confusion cells, sample
     rows) of the model and of the copy-example baseline."""
-    eff = cfg.effective()
     items = inference_prompts(data, evaluation_prompts(prompts_path, cfg), cfg.task_inference_queries)
     if not items:
         raise ValueError("task inference needs materialised image->depth prompts; none were found")
-    t0 = time.perf_counter()
     built, seeds = [p for _, _, p in items], [r["seed"] for r, _, _ in items]
+    pair_guidance = cfg.pair_guidance_scale if kind_of(controlnet) == "prompt-diffusion" else None  # CN(FT) has no pair
     outputs = np.concatenate([
-        generate(base, controlnet, built[i:i + eff.batch_size], seeds[i:i + eff.batch_size], scheduler=eff.scheduler,
-                 steps=eff.steps, guidance_scale=eff.guidance_for(get_task(FORWARD[0])), negative_prompt=eff.negative_prompt,
-                 pair_guidance_scale=eff.pair_guidance_scale)
-        for i in range(0, len(built), eff.batch_size)])
-    row, cells = scored(MODEL_ID, outputs, items, data, cfg, time.perf_counter() - t0)
+        generate(base, controlnet, built[i:i + cfg.batch_size], seeds[i:i + cfg.batch_size], scheduler=cfg.scheduler,
+                 steps=cfg.steps, guidance_scale=cfg.guidance_for(get_task(FORWARD[0])), negative_prompt=cfg.negative_prompt,
+                 pair_guidance_scale=pair_guidance)
+        for i in range(0, len(built), cfg.batch_size)])
+    row, cells = scored(MODEL_ID, outputs, items, data, cfg)
     copy_row, copy_cells = scored(COPY_BASELINE, np.stack([p.example_target for p in built]), items, data, cfg)
     ids = [f"{r['prompt_id']}@{t}" for r, t, _ in items]
     paths = _save_pngs(out_dir / "samples" / slug(MODEL_ID) / TASK, outputs, [slug(i).replace("@", "__") for i in ids])

@@ -47,7 +47,7 @@ def test_baseline_rows_score_every_task_with_an_interval(tmp_path):
     prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}", "prompt_id": f"{t}/{k}"}
                for t in ("image->depth", "depth->image") for k in (1, 2, 3)]
     rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50), tmp_path)
-    assert sorted((r["model_id"], r["task"], r["metric"]) for r in rows) == sorted(
+    assert sorted((r.model_id, r.task, r.metric) for r in rows) == sorted(
         [(b, "image->depth", m) for b in BASELINES for m in ("psnr", "rmse", "ssim")]
         + [("baseline/copy-example", "depth->image", m) for m in ("fid", "kid")])
     outs = {b: np.stack(o).astype(float) for b, o in {
@@ -55,11 +55,11 @@ def test_baseline_rows_score_every_task_with_an_interval(tmp_path):
         "baseline/copy-example": [test.arrays["i0"]["depth"]] * 3}.items()}
     tgts = np.stack([test.arrays[f"i{k}"]["depth"] for k in (1, 2, 3)]).astype(float)
     for b, o in outs.items():
-        r = next(r for r in rows if r["model_id"] == b and r["metric"] == "rmse")
-        assert np.isclose(r["value"], np.sqrt(np.mean(((o - tgts) / 255) ** 2)))
-        assert r["ci_low"] <= r["value"] <= r["ci_high"] and r["n"] == 3
-    fid = next(r for r in rows if r["metric"] == "fid")
-    assert fid["n"] == 3 and fid["feature_extractor"] and fid["value"] > 0
+        r = next(r for r in rows if r.model_id == b and r.metric == "rmse")
+        assert np.isclose(r.value, np.sqrt(np.mean(((o - tgts) / 255) ** 2)))
+        assert r.ci_low <= r.value <= r.ci_high and r.n == 3
+    fid = next(r for r in rows if r.metric == "fid")
+    assert fid.n == 3 and fid.feature_extractor and fid.value > 0
     # The answers are saved like a model's samples (FID reads them from there).
     assert len(list((tmp_path / "samples" / "baseline_copy-example" / "depth-to-image").glob("*.png"))) == 3
 

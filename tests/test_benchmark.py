@@ -17,7 +17,7 @@ from pd_model.train import build_controlnet
 def test_the_benchmark_samples_with_the_configured_pair_guidance(train_world, tmp_path):
     data = load_split(train_world / "img", train_world / "ann", "train")
     base = load_base(train_world / "base").freeze()
-    net = live_controlnet(build_controlnet(base, "prompt_diffusion"))  # so that the example pair changes the output
+    net = live_controlnet(build_controlnet(base, "prompt-diffusion"))  # so that the example pair changes the output
     task = "image->depth"
     prompts_path = tmp_path / "prompts.parquet"
     materialise_prompts(data, (task,), PromptConfig(per_task=2, split="train"), prompts_path)
@@ -44,7 +44,7 @@ def test_map_guidance_applies_to_image_to_map_tasks_only(train_world, tmp_path):
 
     data = load_split(train_world / "img", train_world / "ann", "train")
     base = load_base(train_world / "base").freeze()
-    net = live_controlnet(build_controlnet(base, "prompt_diffusion"))
+    net = live_controlnet(build_controlnet(base, "prompt-diffusion"))
     tasks = ("image->depth", "depth->image")
     prompts_path = tmp_path / "prompts.parquet"
     materialise_prompts(data, tasks, PromptConfig(per_task=2, split="train"), prompts_path)

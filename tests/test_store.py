@@ -9,26 +9,29 @@ import pytest
 
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, PROMPTS_SCHEMA, REJECTS_SCHEMA, write_shard
 from pd_data.state import StateDir
-from pd_eval.store import connect, format_table, init_db, query, register_data_views, write_rows
+from pd_data.schema import MetricRow, RunRow
+from pd_eval.store import connect, format_table, init_db, query, register_data_views, replace_evaluation, write_run
 
 TABLE1_COLUMNS = ["run_id", "profile", "model", "feature_extractor", "fid_depth->image", "fid_hed->image",
                   "fid_seg->image", "rmse_image->depth", "rmse_image->hed", "rmse_image->seg"]
 
 
 def _metric(eval_id, model, task, metric, value):
-    return {"eval_id": eval_id, "model_id": model, "task": task, "metric": metric, "value": value, "ci_low": value,
-            "ci_high": value, "n": 4, "feature_extractor": "random-conv-v1" if metric == "fid" else "",
-            "protocol": "fast", "created_at": datetime.now(timezone.utc)}
+    return MetricRow(eval_id, model, task, metric, value, value, value, 4, "random-conv-v1" if metric == "fid" else "",
+                     "fast", datetime.now(timezone.utc))
+
+
+def _run(run_id="r1", eval_id="e1"):
+    now = datetime.now(timezone.utc)
+    return RunRow(run_id, "smoke", eval_id, now, now, "completed", "x", "{}")
 
 
 def test_paper_table_has_the_documented_columns_and_the_paper_rows(tmp_path):
     db = tmp_path / "r.duckdb"
     init_db(db)
-    write_rows(db, "runs", [{"run_id": "r1", "profile": "smoke", "eval_id": "e1", "started_at": datetime.now(timezone.utc),
-                             "finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": "x",
-                             "config": "{}"}])
-    write_rows(db, "metrics", [_metric("e1", "prompt-diffusion", "image->depth", "rmse", 0.25),
-                               _metric("e1", "prompt-diffusion", "depth->image", "fid", 12.0)])
+    write_run(db, _run())
+    replace_evaluation(db, "e1", [_metric("e1", "prompt-diffusion", "image->depth", "rmse", 0.25),
+                                  _metric("e1", "prompt-diffusion", "depth->image", "fid", 12.0)])
     names, rows = query(db, "SELECT * FROM paper_table ORDER BY model")
     assert names == TABLE1_COLUMNS
     by_model = {r[2]: r for r in rows}
@@ -38,11 +41,16 @@ def test_paper_table_has_the_documented_columns_and_the_paper_rows(tmp_path):
     assert "prompt-diffusion" in format_table(names, rows)
 
 
-def test_rewriting_a_metric_replaces_it(tmp_path):
+def test_a_metric_is_written_once_per_key_and_an_unfinished_attempt_is_replaced_whole(tmp_path):
     db = tmp_path / "r.duckdb"
-    write_rows(db, "metrics", [_metric("e1", "m", "image->hed", "rmse", 0.5)])
-    write_rows(db, "metrics", [_metric("e1", "m", "image->hed", "rmse", 0.4)])
-    assert query(db, "SELECT value FROM metrics")[1] == [(0.4,)]
+    replace_evaluation(db, "e1", [_metric("e1", "m", "image->hed", "rmse", 0.5), _metric("e1", "m", "image->seg", "rmse", 0.5)])
+    with pytest.raises(duckdb.ConstraintException):  # one key twice in one evaluation: an error, not a replacement
+        replace_evaluation(db, "e1", [_metric("e1", "m", "image->hed", "rmse", 0.4), _metric("e1", "m", "image->hed", "rmse", 0.3)])
+    assert query(db, "SELECT task, value FROM metrics ORDER BY task")[1] == [("image->hed", 0.5), ("image->seg", 0.5)]
+    replace_evaluation(db, "e1", [_metric("e1", "m", "image->hed", "rmse", 0.4)])  # a rerun of the evaluation
+    assert query(db, "SELECT task, value FROM metrics")[1] == [("image->hed", 0.4)]
+    with pytest.raises(ValueError, match="not evaluation rows of e1"):
+        replace_evaluation(db, "e1", [_metric("e2", "m", "image->hed", "rmse", 0.4)])
 
 
 def test_read_only_query_on_missing_db_says_what_to_do(tmp_path):
@@ -52,7 +60,7 @@ def test_read_only_query_on_missing_db_says_what_to_do(tmp_path):
 
 def _writer(db, who, n):
     for i in range(n):
-        write_rows(db, "metrics", [_metric(f"e-{who}", "m", f"task-{i}", "rmse", float(i))])
+        replace_evaluation(db, f"e-{who}-{i}", [_metric(f"e-{who}-{i}", "m", "image->hed", "rmse", float(i))])
 
 
 def test_two_writer_processes_both_land_every_row(tmp_path):
@@ -65,17 +73,15 @@ def test_two_writer_processes_both_land_every_row(tmp_path):
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert query(db, "SELECT eval_id, count(*) FROM metrics GROUP BY ALL ORDER BY 1")[1] == [("e-a", 40), ("e-b", 40)]
+    assert query(db, "SELECT eval_id[:3], count(*) FROM metrics GROUP BY ALL ORDER BY 1")[1] == [("e-a", 40), ("e-b", 40)]
 
 
 def test_generalization_view_has_one_row_per_run_unseen_task_condition_and_metric(tmp_path):
     db = tmp_path / "r.duckdb"
-    write_rows(db, "runs", [{"run_id": "r1", "profile": "smoke", "eval_id": "e1", "started_at": datetime.now(timezone.utc),
-                             "finished_at": datetime.now(timezone.utc), "status": "completed", "report_path": "x",
-                             "config": "{}"}])
-    write_rows(db, "metrics", [_metric("e1", "prompt-diffusion", "canny->image", "fid", 9.0),
-                               _metric("e1", "cn-ft/nearest", "canny->image", "fid", 11.0),
-                               _metric("e1", "prompt-diffusion", "hed->image", "fid", 5.0)])  # trained: not in the view
+    write_run(db, _run())
+    replace_evaluation(db, "e1", [_metric("e1", "prompt-diffusion", "canny->image", "fid", 9.0),
+                                  _metric("e1", "cn-ft/nearest", "canny->image", "fid", 11.0),
+                                  _metric("e1", "prompt-diffusion", "hed->image", "fid", 5.0)])  # trained: not in the view
     names, rows = query(db, "SELECT * FROM generalization ORDER BY condition")
     assert names == ["run_id", "profile", "task", "condition", "metric", "value", "ci_low", "ci_high", "n",
                      "feature_extractor"]

@@ -43,12 +43,12 @@ def test_copying_the_example_gets_no_credit():
     items = inference_prompts(data, rows, 3)
     copies = np.stack([p.example_target for _, _, p in items])
     row, cells = scored("baseline/copy-example", copies, items, data, EvalConfig(bootstrap=20))
-    assert row["value"] == 0.0 and row["n"] == 9
+    assert row.value == 0.0 and row.n == 9
     assert {(c["shown_task"], c["predicted_task"]): c["count"] for c in cells if c["count"]} == {
         (t, COPIED): 3 for t in FORWARD}
     # The true maps of the query, the task done on the query, are credited.
     answers = np.stack([data.arrays[r["query_id"]][t.split("->")[1]] for r, t, _ in items])
-    assert scored("m", answers, items, data, EvalConfig(bootstrap=20))[0]["value"] == 1.0
+    assert scored("m", answers, items, data, EvalConfig(bootstrap=20))[0].value == 1.0
 
 
 def test_confusion_matrix_and_accuracy_count_what_was_shown_against_what_was_followed():
