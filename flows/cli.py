@@ -29,6 +29,7 @@ def _prepare_env() -> "StateDir":  # noqa: F821
     from pd_data.state import StateDir
 
     state = StateDir.resolve()
+    state.require_writable()  # one line, not Prefect's tracebacks, when it cannot be written
     os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,7 +133,7 @@ def _pipeline(args):
     model = args.model
     if model is None:
         _, rows = query(StateDir.resolve().db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE "
-                        "m.kind = 'prompt_diffusion' AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
+                        "m.kind IN ('prompt-diffusion', 'prompt_diffusion') AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
         if not rows:
             raise FileNotFoundError("no trained Prompt Diffusion model in the results; run a benchmark or pass --model DIR")
         model = rows[0][0]
@@ -234,7 +235,7 @@ def cmd_stack(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a flow in this process (against $PREFECT_API_URL if set)")
@@ -289,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     rb.set_defaults(fn=cmd_rollback)
     sub.add_parser("up", help="start the local Prefect server, pool, deployments and worker").set_defaults(fn=cmd_stack)
     sub.add_parser("down", help="stop the local Prefect server and worker").set_defaults(fn=cmd_stack)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - a CLI prints the reason, not a traceback

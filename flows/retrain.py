@@ -15,8 +15,6 @@ training checkpoints reused) before any new data is taken in.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import re
 import shutil
@@ -27,8 +25,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import Overrides, make_plan
-from pd_data.state import atomic_write_bytes, atomic_write_json, fingerprint, is_done, mark_done, read_done
+from flows.stages import Overrides, make_plan, publish_grid, train_job
+from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done
 from pd_data.tasks import TRAINING_TASKS
 
 
@@ -38,36 +36,15 @@ def live_dir(plan, dataset: str) -> Path:
     return plan.state.data / "live" / dataset
 
 
-def _pending_round(db: Path, dataset: str) -> int | None:
-    """The latest committed data round if no candidate was recorded for it (its run crashed)."""
-    from pd_data.incremental import ensure_schema as data_schema
-    from pd_eval.registry import ensure_schema as reg_schema
-    from pd_eval.store import connect
-
-    with connect(db) as con:
-        data_schema(con)
-        reg_schema(con)
-        row = con.execute("""SELECT d.round FROM data_rounds d LEFT JOIN registry r
-                             ON r.dataset = d.dataset AND r.data_round = d.round
-                             WHERE d.dataset = ? AND r.model_id IS NULL ORDER BY d.round DESC LIMIT 1""",
-                          [dataset]).fetchone()
-        last = con.execute("SELECT max(round) FROM data_rounds WHERE dataset = ?", [dataset]).fetchone()[0]
-    return row[0] if row and row[0] == last else None
-
-
 @task(cache_policy=NO_CACHE, name="incremental-ingest")
 def ingest_round(plan, dataset: str) -> dict:
     from pd_data.incremental import update_live
-    from pd_eval.store import connect
+    from pd_eval.registry import pending_round
 
-    db = plan.state.db
-    if (rnd := _pending_round(db, dataset)) is not None:
-        get_run_logger().info("round %d of %s committed its data but recorded no candidate: resuming it", rnd, dataset)
-        with connect(db, read_only=True) as con:
-            cur = con.execute("SELECT * FROM data_rounds WHERE dataset = ? AND round = ?", [dataset, rnd])
-            row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
-        return {k: v for k, v in row.items() if k not in ("created_at", "config_hash")} | {"resumed": True}
-    return update_live(plan.profile.data, live_dir(plan, dataset), db, dataset) | {"resumed": False}
+    if (row := pending_round(plan.state.db, dataset)) is not None:
+        get_run_logger().info("round %d of %s committed its data but recorded no candidate: resuming it", row["round"], dataset)
+        return row | {"resumed": True}
+    return update_live(plan.profile.data, live_dir(plan, dataset), plan.state.db, dataset) | {"resumed": False}
 
 
 def frozen_benchmark(plan, dataset: str) -> Path:
@@ -88,105 +65,60 @@ def frozen_benchmark(plan, dataset: str) -> Path:
 
 
 @task(cache_policy=NO_CACHE, name="retrain-base")
-def base_for(plan, dataset: str):
-    """The tiny base, trained once per live dataset on its first round's train split; SD 1.5 is loaded."""
+def base_for(plan, dataset: str) -> str:
+    """The base's folder: the tiny base, trained once per live dataset on its first round's train
+    split (resumable, as the benchmark's); SD 1.5 is loaded from its own."""
     from pd_data.incremental import load_live_split
-    from pd_model.base import build_tiny_base, load_base
-    from pd_model.train import save_losses, train_base
+    from pd_model.train_base import train_base_folder
 
     cfg = plan.profile.base
     if cfg.kind != "tiny":
-        return load_base(cfg.pretrained_path).freeze(), cfg.pretrained_path
+        return cfg.pretrained_path
     out = live_dir(plan, dataset) / "base"
     if not is_done(out):
         data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
-        base = build_tiny_base(cfg, sorted(set(data.captions.values())), plan.profile.data.resolution)
-        losses = train_base(base, data, cfg)
-        base.save(out)
-        save_losses(out / "losses.json", losses)
-        mark_done(out, {"steps": cfg.train_steps, "final_loss": losses[-1] if losses else None})
-    return load_base(out).freeze(), str(out)
+        mark_done(out, train_base_folder(cfg, data, plan.profile.data.resolution, out))
+    return str(out)
 
 
 @task(cache_policy=NO_CACHE, name="train-candidate")
-def train_candidate(plan, dataset: str, base, base_path: str, model_id: str, rnd: int, init: Path | None) -> dict:
-    from pd_data.incremental import load_live_split
-    from pd_model.pipeline import load_trained, save_trained
-    from pd_model.train import save_losses, train_controlnet
+def train_candidate(plan, dataset: str, base_path: str, model_id: str, rnd: int, init: Path | None) -> dict:
+    """The candidate through the train stage's own entry point (`train_job`), on a Parquet snapshot of
+    the live train split: the same files, grids and checkpoints whatever train.processes is."""
+    from pd_data.incremental import snapshot_split
+    from pd_model.train import ModelSpec
+    from pd_model.train_dist import TrainJob
 
     out = live_dir(plan, dataset) / "candidates" / model_id
     cfg = plan.profile.train
-    if (out / "losses.json").exists():  # finished in an earlier, interrupted run
-        pass
-    elif cfg.processes > 1:
-        # torchrun workers (see pd_model.train_dist) read a Parquet snapshot of the live train split,
-        # never the database; the main worker writes the candidate folder, losses.json last.
-        from pd_data.incremental import snapshot_split
-        from pd_model.train_dist import TrainJob, launch
-
+    if not (out / "losses.json").exists():  # else finished in an earlier, interrupted run
         snapshot = out / "train-split"
         snapshot_split(live_dir(plan, dataset), plan.state.db, dataset, "train", snapshot)
-        launch(TrainJob(base=str(base_path), images=str(snapshot), annotations=str(snapshot), cfg=cfg,
-                        mode="prompt_diffusion", tasks=TRAINING_TASKS, steps=cfg.steps, seed_offset=rnd, out=str(out),
-                        init=None if init is None else str(init), pairing=plan.profile.data.pairing))
+        job = TrainJob(base=base_path, images=str(snapshot), annotations=str(snapshot), cfg=cfg,
+                       spec=ModelSpec(model_id, "prompt-diffusion", TRAINING_TASKS, cfg.steps, rnd), out=str(out),
+                       init=None if init is None else str(init), pairing=plan.profile.data.pairing,
+                       validation_guidance=plan.profile.eval.guidance_scale)
+        train_job(job, lambda path, step: publish_grid(path, step, f"{dataset}-{model_id}"))
         shutil.rmtree(snapshot)  # a copy of the whole train split: the live tables keep the data
-    else:
-        data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train", plan.profile.data.pairing)
-        if cfg.train_unet_decoder:  # trained in place: on a copy (the current model's own UNet when it has one),
-            own = load_trained(init.parent)[2] if init is not None else None  # never on the shared base
-            base = base.with_unet(own if own is not None else copy.deepcopy(base.unet))
-        net, losses = train_controlnet(base, data, TRAINING_TASKS, cfg, "prompt_diffusion", cfg.steps, seed_offset=rnd,
-                                       checkpoint_dir=out / "checkpoints", init=init)
-        save_trained(out, net, base, base_path, "prompt_diffusion", TRAINING_TASKS, cfg.train_unet_decoder)
-        save_losses(out / "losses.json", losses)  # last: marks the candidate complete
     losses = json.loads((out / "losses.json").read_text())["loss"]
     return {"path": str(out), "steps": len(losses), "final_loss": losses[-1]}
 
 
 @task(cache_policy=NO_CACHE, name="benchmark-model")
-def evaluate_model(plan, dataset: str, base, model_dir: Path, model_id: str, bench: Path) -> str:
-    """Scores of one registry model on the frozen benchmark under the profile's evaluation settings."""
-    from pd_data.dataset import load_split
-    from pd_eval.benchmark import ModelUnderTest, run_benchmark
-    from pd_eval.store import query, write_rows
-    from pd_model.pipeline import load_trained
+def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id: str, bench: Path) -> str:
+    """Scores of one registry model on the frozen benchmark under the profile's evaluation settings,
+    computed once per (model, settings, prompts)."""
+    from pd_eval.evaluate import Split, evaluate_folders, store
+    from pd_eval.registry import evaluated, retrain_eval_id
 
-    prompts_hash = hashlib.sha256((bench / "prompts.parquet").read_bytes()).hexdigest()
-    eval_key = fingerprint("retrain-eval", plan.profile.eval.model_dump(), prompts_hash)
-    eval_id = f"retrain:{dataset}:{model_id}:{eval_key}"
-    _, done = query(plan.state.db, "SELECT count(*) FROM metrics WHERE eval_id = ?", [eval_id])
-    if done[0][0]:
-        return eval_id
-    _, net, unet = load_trained(model_dir)
-    data = load_split(bench, bench, read_done(bench)["split"], plan.profile.data.pairing)
-    metrics, _ = run_benchmark(base, [ModelUnderTest("prompt-diffusion", model_id, net, TRAINING_TASKS, unet=unet)], data,
-                               bench / "prompts.parquet", plan.profile.eval, live_dir(plan, dataset) / "eval" / model_id / eval_key)
-    now = datetime.now(timezone.utc)
-    write_rows(plan.state.db, "metrics", [{"eval_id": eval_id, "created_at": now, **{k: v for k, v in r.items() if k != "seconds"}}
-                                          for r in metrics])
+    eval_id, key = retrain_eval_id(dataset, model_id, plan.profile.eval, bench / "prompts.parquet")
+    if not evaluated(plan.state.db, eval_id):
+        where = Split(bench, bench, read_done(bench)["split"], bench / "prompts.parquet", plan.profile.data.pairing,
+                      baselines=False)
+        result = evaluate_folders(base_path, {model_id: model_dir}, (), where, plan.profile.eval,
+                                  live_dir(plan, dataset) / "eval" / model_id / key, task_inference=False)
+        store(plan.state.db, eval_id, [], result)
     return eval_id
-
-
-def _report(dataset: str, model_id: str, data: dict, cand: dict, parent: str | None, current_id: str | None,
-            cand_scores, cur_scores, promoted: bool, reason: str, now_current: str) -> str:
-    from pd_eval.registry import RULE
-
-    lines = [f"# Retraining of `{dataset}`: candidate `{model_id}`", "",
-             f"**Decision: {'PROMOTED' if promoted else 'REJECTED'}.** {reason}. Current model now: `{now_current}`.", "",
-             f"Rule: {RULE}.", "", "## Data",
-             f"Round {data['round']}{' (resumed)' if data.get('resumed') else ''}: {data['listed']} items listed; "
-             f"{data['added']} added, {data['changed']} changed, {data['deleted']} deleted, {data['rejected']} rejected, "
-             f"{data['unchanged']} unchanged. Annotated this round: {data['annotated']} (only new or changed items).", "",
-             "## Candidate",
-             f"{'From scratch' if parent is None else f'Continued from `{parent}`'}; "
-             f"{cand['steps']} steps, final loss {cand['final_loss']:.4f}.", "", "## Metrics (same benchmark, same prompts and seeds)",
-             f"| task | metric | current{f' ({current_id})' if current_id else ''} | candidate | change |", "|---|---|---|---|---|"]
-    for (t, m), s in sorted(cand_scores.items()):
-        c = (cur_scores or {}).get((t, m))
-        cur_txt = f"{c.value:.4f} [{c.ci_low:.4f}, {c.ci_high:.4f}]" if c else "-"
-        change = f"{(s.value - c.value) / max(abs(c.value), 1e-12):+.1%}" if c else "-"
-        lines.append(f"| {t} | {m} | {cur_txt} | {s.value:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}] | {change} |")
-    return "\n".join(lines) + "\n"
 
 
 @flow(name="retrain", log_prints=True)
@@ -195,42 +127,40 @@ def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir:
     """One retraining round of `dataset` on the profile's source (see the module docstring)."""
     from pd_eval import registry
     from pd_eval.store import init_db
-    from pd_model.train_dist import check_devices
 
     plan = make_plan(profile, overrides, state_dir)
-    check_devices(plan.profile.train)  # before any ingest or training, as the train stage does
     log, db = get_run_logger(), plan.state.db
     init_db(db)
     live = live_dir(plan, dataset)
     data = ingest_round(plan, dataset)
     log.info("data round %d: %s", data["round"], data)
     bench = frozen_benchmark(plan, dataset)
-    base, base_path = base_for(plan, dataset)
+    base_path = base_for(plan, dataset)
     cur = registry.current(db, dataset)
     model_id = f"r{data['round']:04d}"
     init = None if from_scratch or cur is None else Path(cur["path"]) / "controlnet"
-    cand = train_candidate(plan, dataset, base, base_path, model_id, data["round"], init)
-    cand_eval = evaluate_model(plan, dataset, base, Path(cand["path"]), model_id, bench)
-    cand_scores = registry.scores(db, cand_eval)
+    cand = train_candidate(plan, dataset, base_path, model_id, data["round"], init)
+    cand_scores = registry.scores(db, evaluate_model(plan, dataset, base_path, Path(cand["path"]), model_id, bench))
     cur_scores = None
     if cur is not None:
-        cur_eval = evaluate_model(plan, dataset, base, Path(cur["path"]), cur["model_id"], bench)
-        cur_scores = registry.scores(db, cur_eval)
+        cur_scores = registry.scores(db, evaluate_model(plan, dataset, base_path, Path(cur["path"]), cur["model_id"], bench))
     promote, reason = registry.decide(cand_scores, cur_scores)
+    parent = None if init is None else cur["model_id"]
     registry.record(db, {"dataset": dataset, "model_id": model_id, "data_round": data["round"],
-                         "created_at": datetime.now(timezone.utc), "parent_id": None if init is None else cur["model_id"],
-                         "path": cand["path"], "eval_id": cand_eval, "train_steps": cand["steps"],
-                         "from_scratch": init is None, "final_loss": cand["final_loss"]}, promote, reason)
+                         "created_at": datetime.now(timezone.utc), "parent_id": parent, "path": cand["path"],
+                         "eval_id": registry.retrain_eval_id(dataset, model_id, plan.profile.eval, bench / "prompts.parquet")[0],
+                         "train_steps": cand["steps"], "from_scratch": init is None, "final_loss": cand["final_loss"]},
+                    promote, reason)
     now_current = registry.current(db, dataset)["model_id"]
-    md = _report(dataset, model_id, data, cand, None if init is None else cur["model_id"], cur and cur["model_id"],
-                 cand_scores, cur_scores, promote, reason, now_current)
+    md = registry.round_report(dataset, model_id, data, cand, parent, cur and cur["model_id"], cand_scores, cur_scores,
+                               promote, reason, now_current)
     path = plan.state.reports / "retrain" / dataset / f"{model_id}.md"
     atomic_write_bytes(path, md.encode())
     key = re.sub(r"[^a-z0-9-]", "-", f"retrain-{dataset}".lower())
     create_markdown_artifact(key=key, markdown=md, description=f"Retraining round {data['round']} of {dataset}")
     create_table_artifact(key=f"{key}-metrics", description=f"Candidate {model_id} vs the current model",
                           table=[{"task": t, "metric": m, "candidate": s.value,
-                                  "current": (cur_scores or {}).get((t, m)).value if cur_scores and (t, m) in cur_scores else None}
+                                  "current": cur_scores[(t, m)].value if cur_scores and (t, m) in cur_scores else None}
                                  for (t, m), s in sorted(cand_scores.items())])
     log.info("%s: %s (%s); current model: %s; report %s", model_id, "promoted" if promote else "rejected", reason,
              now_current, path)
@@ -251,11 +181,9 @@ def watch_source_flow(profile: str = "demo", overrides: Overrides = None, state_
     """
     from prefect.events import emit_event
 
-    from pd_data.sources import make_source
-
     plan = make_plan(profile, overrides, state_dir)
     marker = live_dir(plan, dataset) / "watch.json"
-    now = make_source(plan.profile.data).fingerprint()
+    now = plan.source_fingerprint  # taken once, when the plan was built
     last = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None
     changed = now != last
     if changed:

@@ -1,15 +1,22 @@
 """The one state directory: data, models, results, reports and Prefect's home live under it."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 STATE_ENV = "PD_STATE_DIR"
+
+
+class StateDirError(RuntimeError):
+    """The state directory cannot be used (not writable)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,16 @@ class StateDir:
     @property
     def prefect_home(self) -> Path:
         return self.root / "prefect"
+
+    def require_writable(self) -> None:
+        """One clear line, before any work, when the state directory cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as e:
+            raise StateDirError(f"the state directory {self.root} is not writable ({e.strerror}); set "
+                                f"{STATE_ENV} (or --state-dir) to a folder you can write") from None
 
     def stage_dir(self, stage: str, key: str) -> Path:
         """Where a stage's output for one fingerprint lives (`data/ingest/<key>`, ...)."""
@@ -93,3 +110,38 @@ def mark_done(stage_dir: Path, summary: dict[str, Any]) -> None:
 
 def read_done(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / DONE_MARKER).read_text())
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock of one stage output (an advisory `flock` on a file beside it): a second run of the
+    same stage waits here (after `on_wait()`), then finds the output done instead of computing it
+    again. The lock is released when its holder exits, however it exits (a kill -9 included)."""
+    lock = stage_dir.parent / f".{stage_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_temporary(path: Path) -> bool:
+    """A file or folder an atomic write leaves behind when it is killed (see `atomic_write_bytes`)."""
+    return (path.name.startswith(".") and path.name.endswith(".tmp")) or path.name.startswith(".tmp-")
+
+
+def remove_stale_temporaries(stage_dir: Path) -> int:
+    """Delete what killed writes left in a stage's folder; call it holding the stage's lock. Returns the count."""
+    if not stage_dir.is_dir():
+        return 0
+    stale = [p for p in stage_dir.rglob(".*") if is_temporary(p)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return len(stale)

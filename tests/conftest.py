@@ -90,3 +90,40 @@ def mirror_annotator(monkeypatch):
     annotate.get_annotator.cache_clear()
     yield
     annotate.get_annotator.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """20 JPEG photos directly in one folder, captions in a CSV without a group column; HED weights."""
+    import torch
+    from PIL import Image
+
+    from pd_data import procedural
+
+    root = tmp_path_factory.mktemp("photos")
+    rows = ["file,caption"]
+    for g in range(20):
+        scene, text = procedural.make_group(g, 1, 1)[0][0]
+        Image.fromarray(procedural.render(scene, 48, texture_seed=g)["image"]).save(root / f"IMG_{g:04d}.jpg", quality=90)
+        rows.append(f'IMG_{g:04d}.jpg,"{text}"')
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    rows.append('broken.jpg,"a broken file"')
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    weights = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(ControlNetHED_Apache2().state_dict(), weights / "ControlNetHED.pth")
+    return root, weights
+
+
+def folder_overrides(root, weights) -> dict:
+    """The smoke profile on a folder of photos (the `photos` fixture), HED and Canny from controlnet-aux."""
+    procedural_only = {"n_groups"}  # the folder source has its own groups
+    from flows.profiles import _merge
+
+    return _merge({**TINY, "data": {k: v for k, v in TINY["data"].items() if k not in procedural_only}}, {
+        "data": {"source": "folder", "source_path": str(root), "captions_file": str(root / "captions.csv"),
+                 "annotators": {"hed": "controlnet_aux", "canny": "controlnet_aux"}, "annotator_weights": str(weights),
+                 "split_fractions": [0.5, 0.0, 0.5]},
+        "eval": {"task_inference_queries": 0}})

@@ -18,7 +18,7 @@ def _mtimes(folder):
 
 def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
     report = full_benchmark("smoke", TINY)
-    plan = Plan(load_profile("smoke", TINY), StateDir.resolve())
+    plan = Plan.build(load_profile("smoke", TINY), StateDir.resolve())
 
     # 1. Parquet: every image of 6 groups x 2 layouts x 2 twins, six maps each, 3 prompts x (6 trained + 4 unseen tasks).
     n_images = sum(pq.read_metadata(p).num_rows for p in plan.dir("ingest").glob("images-*.parquet"))

@@ -24,5 +24,5 @@ def test_dask_workers_write_the_same_rows(prefect_engine, tmp_path):
         state = tmp_path / f"w{workers}"
         summary = annotate_flow("smoke", over, str(state))
         assert summary["rows"] == 32 * 6 and summary["shards"] == 4
-        digests.append(_digest(Plan(load_profile("smoke", over), StateDir.resolve(state))))
+        digests.append(_digest(Plan.build(load_profile("smoke", over), StateDir.resolve(state))))
     assert digests[0] == digests[1]

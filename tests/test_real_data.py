@@ -6,43 +6,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, folder_overrides
 from flows.plan import Plan
-from flows.profiles import _merge, load_profile
-from pd_data import procedural
+from flows.profiles import load_profile
 from pd_data.state import StateDir
 from pd_eval.store import query
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """20 JPEG photos directly in one folder, captions in a CSV without a group column; HED weights."""
-    root = tmp_path_factory.mktemp("photos")
-    rows = ["file,caption"]
-    for g in range(20):
-        scene, text = procedural.make_group(g, 1, 1)[0][0]
-        Image.fromarray(procedural.render(scene, 48, texture_seed=g)["image"]).save(root / f"IMG_{g:04d}.jpg", quality=90)
-        rows.append(f'IMG_{g:04d}.jpg,"{text}"')
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    rows.append('broken.jpg,"a broken file"')
-    (root / "captions.csv").write_text("\n".join(rows) + "\n")
-    from controlnet_aux.hed import ControlNetHED_Apache2
-
-    weights = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save(ControlNetHED_Apache2().state_dict(), weights / "ControlNetHED.pth")
-    return root, weights
-
-
-def folder_overrides(root, weights) -> dict:
-    return _merge(TINY, {
-        "data": {"source": "folder", "source_path": str(root), "captions_file": str(root / "captions.csv"),
-                 "annotators": {"hed": "controlnet_aux", "canny": "controlnet_aux"}, "annotator_weights": str(weights),
-                 "split_fractions": [0.5, 0.0, 0.5]},
-        "eval": {"task_inference_queries": 0}})
 
 
 def test_a_flat_folder_of_photos_runs_end_to_end(prefect_engine, state_dir, photos):
@@ -50,7 +19,7 @@ def test_a_flat_folder_of_photos_runs_end_to_end(prefect_engine, state_dir, phot
 
     over = folder_overrides(*photos)
     report = full_benchmark("smoke", over)
-    plan = Plan(load_profile("smoke", over), StateDir.resolve())
+    plan = Plan.build(load_profile("smoke", over), StateDir.resolve())
     # Only the tasks whose maps were annotated: hed trained, canny unseen; the broken file is a reject.
     assert plan.tasks == ("image->hed", "hed->image")
     prompts = pq.read_table(plan.dir("prompts") / "prompts.parquet").to_pylist()
@@ -69,7 +38,7 @@ def test_a_flat_folder_of_photos_runs_end_to_end(prefect_engine, state_dir, phot
 
 def test_prompts_and_models_follow_the_annotated_modalities():
     over = {"data": {"annotators": {"depth": "procedural", "canny": "procedural"}}, "eval": {"task_inference_queries": 0}}
-    plan = Plan(load_profile("smoke", over), StateDir.resolve("/nonexistent"))
+    plan = Plan.build(load_profile("smoke", over), StateDir.resolve("/nonexistent"))
     assert plan.tasks == ("image->depth", "depth->image")
     assert plan.eval_tasks == ("image->depth", "depth->image", "canny->image", "image->canny")
     with pytest.raises(ValueError, match=r"lacks \['hed', 'seg'\].*eval.task_inference_queries=0"):

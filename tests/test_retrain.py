@@ -74,7 +74,7 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     # snapshot of the live train split that is removed once the candidate is complete.
     cand = live / "candidates" / "r0004"
     job = json.loads((cand / "job.json").read_text())
-    assert job["init"] == str(live / "candidates" / "r0001" / "controlnet") and job["seed_offset"] == 4  # r0001: rolled back to
+    assert job["init"] == str(live / "candidates" / "r0001" / "controlnet") and job["spec"]["seed_offset"] == 4  # r0001: rolled back to
     assert job["images"] == job["annotations"] == str(cand / "train-split") and not (cand / "train-split").exists()
 
 
