@@ -1,8 +1,9 @@
 """The stage DAG as data, frozen once per run: every stage's key, computed in dependency order.
 
 A stage's key hashes the configuration it reads (the effective one: `EvalConfig` already holds the
-protocol's values), the keys of its upstream stages, and the code of the modules it runs (their
-syntax trees, docstrings dropped: editing a comment or a docstring reruns nothing). The source is
+protocol's values), the keys of its upstream stages, and the code of the modules it runs: its entry
+module and every project module that one imports, found by walking the imports (their syntax trees,
+docstrings dropped: editing a comment or a docstring reruns nothing). The source is
 fingerprinted once, when the plan is built: a file touched while the run goes on cannot move a
 key under it, so nothing it writes is orphaned. A finished stage is a folder with a `_DONE.json`
 marker under its key.
@@ -10,6 +11,7 @@ marker under its key.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -26,17 +28,12 @@ from pd_model.train import ModelSpec
 
 STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
 
-# The modules whose code decides what each stage writes.
-STAGE_CODE = {
-    "ingest": ("pd_data.ingest", "pd_data.sources", "pd_data.normalize", "pd_data.shards", "pd_data.procedural"),
-    "annotate": ("pd_data.annotate", "pd_data.annotators_ext", "pd_data.shards"),
-    "prompts": ("pd_data.prompts", "pd_data.dataset", "pd_data.tasks"),
-    "base": ("pd_model.base", "pd_model.train_base", "pd_model.loop", "pd_model.objective", "pd_model.checkpoint"),
-    "train": ("pd_model.train", "pd_model.train_dist", "pd_model.loop", "pd_model.objective", "pd_model.checkpoint",
-              "pd_model.controlnet", "pd_model.hints", "pd_model.validation", "pd_data.dataset"),
-    "evaluate": ("pd_eval.benchmark", "pd_eval.metrics", "pd_eval.features", "pd_eval.baselines", "pd_eval.task_inference",
-                 "pd_model.pipeline", "pd_model.sampling", "pd_model.controlnet"),
-}
+# The module each stage calls; the code it runs is that module and every project module it imports,
+# directly or not (imports inside functions included). annotators_ext is imported by name at run time.
+STAGE_ENTRY = {"ingest": ("pd_data.ingest",), "annotate": ("pd_data.annotate", "pd_data.annotators_ext"),
+               "prompts": ("pd_data.prompts", "pd_data.dataset"), "base": ("pd_model.train_base",),
+               "train": ("pd_model.train_dist",), "evaluate": ("pd_eval.evaluate",)}
+PROJECT = ("pd_data", "pd_model", "pd_eval")
 
 
 def _source(module: str) -> str:
@@ -46,7 +43,39 @@ def _source(module: str) -> str:
     return Path(spec.origin).read_text()
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=512)
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@lru_cache(maxsize=256)
+def _project_imports(text: str) -> frozenset[str]:
+    """The project modules a module's source imports (`from pd_data import tasks` counts as pd_data.tasks)."""
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] in PROJECT:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}")}
+    return frozenset(m for m in found if m.split(".")[0] in PROJECT and "." in m)
+
+
+def stage_modules(stage: str) -> tuple[str, ...]:
+    """Every project module the stage runs: the closure of its entry modules' imports."""
+    seen, todo = set(), list(STAGE_ENTRY[stage])
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += _project_imports(_source(m)) - seen
+    return tuple(sorted(seen))
+
+
+@lru_cache(maxsize=256)
 def _tree_hash(text: str) -> str:
     """A hash of the module's syntax tree without docstrings: code changes count, prose does not."""
     tree = ast.parse(text)
@@ -60,7 +89,7 @@ def _tree_hash(text: str) -> str:
 
 def code_version(stage: str) -> dict[str, str]:
     """module -> hash of its code, for every module the stage runs."""
-    return {m: _tree_hash(_source(m)) for m in STAGE_CODE[stage]}
+    return {m: _tree_hash(_source(m)) for m in stage_modules(stage)}
 
 
 def annotated_tasks(tasks: tuple[str, ...], modalities: tuple[str, ...]) -> tuple[str, ...]:
@@ -81,6 +110,18 @@ def _config_parts(p: Profile, stage: str) -> object:
     }[stage]()
 
 
+def model_specs(cfg, tasks: tuple[str, ...], unseen: tuple[str, ...]) -> tuple[ModelSpec, ...]:
+    """The models the train stage trains (`train` config `cfg`): the joint model, one CN(FT) per task and,
+    with train.oracles, one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle)."""
+    specs = [("prompt-diffusion", "prompt-diffusion", tasks, cfg.steps)]
+    if cfg.baseline_steps_per_task > 0:
+        each = cfg.baseline_steps(len(tasks))
+        specs += [(f"cn-ft_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in tasks]
+        if cfg.oracles:
+            specs += [(f"cn-ft-oracle_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in unseen]
+    return tuple(ModelSpec(name, kind, ts, steps, i) for i, (name, kind, ts, steps) in enumerate(specs))
+
+
 @dataclass(frozen=True)
 class Plan:
     """One run's profile, state directory, source fingerprint and stage keys. Build it with `Plan.build`."""
@@ -95,11 +136,12 @@ class Plan:
         tasks = annotated_tasks(TRAINING_TASKS, profile.data.modalities)
         unseen = annotated_tasks(UNSEEN_TASKS, profile.data.modalities)
         source = make_source(profile.data).fingerprint()
-        upstream = {"ingest": (), "annotate": ("ingest",), "prompts": ("annotate",),
-                    # A base that learns maps (base.map_fraction) reads the annotations too.
-                    "base": ("annotate",) if profile.base.map_fraction else ("ingest",),
+        # The base reads the annotated split (an image without its maps is left out; with base.map_fraction
+        # it learns the maps too), so it follows the annotations.
+        upstream = {"ingest": (), "annotate": ("ingest",), "prompts": ("annotate",), "base": ("annotate",),
                     "train": ("annotate", "base"), "evaluate": ("train", "prompts")}
-        extra = {"ingest": source, "prompts": tasks + unseen, "train": tasks}
+        models = [dataclasses.asdict(m) for m in model_specs(profile.train, tasks, unseen)]
+        extra = {"ingest": source, "prompts": tasks + unseen, "train": models}
         keys: dict[str, str] = {}
         for stage in STAGES:  # dependency order: each upstream key exists when it is needed
             keys[stage] = fingerprint(stage, code_version(stage), _config_parts(profile, stage),
@@ -123,16 +165,7 @@ class Plan:
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:
-        """The models the train stage trains: the joint model, one CN(FT) per task and, with train.oracles,
-        one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle)."""
-        cfg = self.profile.train
-        specs = [("prompt-diffusion", "prompt-diffusion", self.tasks, cfg.steps)]
-        if cfg.baseline_steps_per_task > 0:
-            each = cfg.baseline_steps(len(self.tasks))
-            specs += [(f"cn-ft_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in self.tasks]
-            if cfg.oracles:
-                specs += [(f"cn-ft-oracle_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in self.unseen_tasks]
-        return tuple(ModelSpec(name, kind, tasks, steps, i) for i, (name, kind, tasks, steps) in enumerate(specs))
+        return model_specs(self.profile.train, self.tasks, self.unseen_tasks)
 
     def key(self, stage: str) -> str:
         return self.keys[stage]

@@ -122,13 +122,28 @@ def _describe(err: dict) -> str:
     return f"{key}={value!r}: {msg}"
 
 
+def _for_source(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The profile without the source settings it sets for its own source, when the overrides choose
+    another (the demo's data.n_groups under -o data.source=folder): a setting the overrides give that
+    cannot apply to their source stays an error."""
+    from pd_data.config import PROCEDURAL_ONLY, SOURCE_ONLY
+
+    data = profile.get("data", {})
+    source = overrides.get("data", {}).get("source", data.get("source", "procedural"))
+    if source == data.get("source", "procedural"):
+        return profile
+    drop = {k for k in PROCEDURAL_ONLY if source != "procedural"} | {k for k, ok in SOURCE_ONLY.items() if source not in ok}
+    drop |= {"annotators"} if "procedural" in data.get("annotators", {}).values() and source != "procedural" else set()
+    return profile | {"data": {k: v for k, v in data.items() if k not in drop}}
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     """`load_profile("demo", {"train": {"steps": 10}})`; an unknown profile, key or bad value raises
     `ConfigError` listing every problem."""
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     try:
-        return Profile.model_validate(_merge({"name": name, **PROFILES[name]}, overrides or {}))
+        return Profile.model_validate(_merge(_for_source(PROFILES[name], overrides or {}) | {"name": name}, overrides or {}))
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err) for err in e.errors(include_url=False))) from None
 

@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.stages import Overrides, make_plan, publish_grid, train_job
-from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done
+from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
 from pd_data.tasks import TRAINING_TASKS
 
 
@@ -125,10 +125,17 @@ def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id
 def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                  dataset: str = "default", from_scratch: bool = False) -> dict:
     """One retraining round of `dataset` on the profile's source (see the module docstring)."""
+    plan = make_plan(profile, overrides, state_dir)
+    log = get_run_logger()
+    # One round of a dataset at a time: a scheduled and a triggered round wait for each other.
+    with stage_lock(live_dir(plan, dataset), on_wait=lambda: log.info("another round of %s is running; waiting", dataset)):
+        return _round(plan, dataset, from_scratch)
+
+
+def _round(plan, dataset: str, from_scratch: bool) -> dict:
     from pd_eval import registry
     from pd_eval.store import init_db
 
-    plan = make_plan(profile, overrides, state_dir)
     log, db = get_run_logger(), plan.state.db
     init_db(db)
     live = live_dir(plan, dataset)
@@ -181,7 +188,7 @@ def watch_source_flow(profile: str = "demo", overrides: Overrides = None, state_
     """
     from prefect.events import emit_event
 
-    plan = make_plan(profile, overrides, state_dir)
+    plan = make_plan(profile, overrides, state_dir, trains=False)
     marker = live_dir(plan, dataset) / "watch.json"
     now = plan.source_fingerprint  # taken once, when the plan was built
     last = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None

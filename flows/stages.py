@@ -25,16 +25,17 @@ from pd_data.state import StateDir, is_done, mark_done, read_done, remove_stale_
 Overrides = dict[str, Any] | None
 
 
-def make_plan(profile: str, overrides: Overrides, state_dir: str | None) -> Plan:
-    """The run's frozen plan, after its whole configuration, every input it names and the state
-    directory are checked (preflight)."""
+def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True) -> Plan:
+    """The run's frozen plan, after its whole configuration, every input it names, the state directory
+    and (for a flow that `trains`) the training devices are checked (preflight)."""
     from flows.preflight import require_inputs
-
-    from pd_model.train_dist import check_devices
 
     p = load_profile(profile, overrides)
     require_inputs(p)
-    check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
+    if trains:
+        from pd_model.train_dist import check_devices
+
+        check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
     state = StateDir.resolve(state_dir)
     state.require_writable()
     return Plan.build(p, state)
@@ -254,7 +255,7 @@ def evaluate_task(plan: Plan) -> dict:
     rows = [ModelRow(model_id=m["name"], eval_id="", kind=m["kind"], tasks=m["tasks"], path=m["path"], train_steps=m["steps"],
                      final_loss=m["final_loss"]) for m in models]
     n = store(plan.state.db, plan.key("evaluate"), rows, result)
-    table = [asdict(r) | {"created_at": None} for r in result.metrics]
+    table = [asdict(r) | {"eval_id": plan.key("evaluate"), "created_at": None} for r in result.metrics]
     create_table_artifact(key="benchmark-metrics", table=table, description="Every metric of this evaluation")
     return {"eval_id": plan.key("evaluate"), "metrics": table, "rows_stored": n}
 
@@ -332,13 +333,13 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None) -> dict:
-    return ingest(make_plan(profile, overrides, state_dir))
+    return ingest(make_plan(profile, overrides, state_dir, trains=False))
 
 
 @flow(name="annotate", log_prints=True)
 def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True) -> dict:
-    return through(make_plan(profile, overrides, state_dir), "annotate", upstream)
+    return through(make_plan(profile, overrides, state_dir, trains=False), "annotate", upstream)
 
 
 @flow(name="train", log_prints=True)

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder `step-NNNNNNN/` written under a temporary name and renamed into place,
 so a kill during a save leaves the previous checkpoints untouched. Every random choice of a step
-is drawn from generators seeded by (seed, step) (see `pd_model.train`), so the step number is the
-whole data position and RNG state: weights + optimizer + step resume a run exactly.
+is drawn from generators seeded by (seed, step) (see `pd_model.loop`), so the step number is the
+whole data position: weights + optimizer, schedule, EMA and RNG states + step resume a run exactly.
 """
 from __future__ import annotations
 
@@ -61,3 +61,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[int, list[float
     states = torch.load(path / "states.pt", map_location="cpu", weights_only=True)
     state = json.loads((path / TRAINER_FILE).read_text())
     return state["step"], state["losses"], states
+
+
+def save_losses(path: Path, losses: list[float]) -> None:
+    """A finished model's losses; written last, it marks the model folder complete."""
+    from pd_data.state import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps({"loss": losses}).encode())

@@ -3,7 +3,7 @@
 `run` is the driver: resume from the newest checkpoint, then `Optimiser.step` per step, a callback
 (validation grids) and a checkpoint every N steps. Every random choice of a step comes from
 generators seeded by (seed, step), so weights + optimizer + EMA + step number are a run's whole
-state, and a run killed at any step resumes to bitwise the same weights.
+state (with the global RNG's, saved too), and a run killed at any step resumes to bitwise the same weights.
 """
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ class Optimiser:
         torch.set_rng_state(s["rng"])
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
+            self.ema.to(device=self.params[0].device)  # loaded on the CPU; the shadow weights live beside the weights
 
     @contextmanager
     def shipped_weights(self):

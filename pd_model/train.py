@@ -6,7 +6,6 @@ many processes, micro-batches and loader workers share it. The loop itself is `p
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -219,9 +218,3 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
         stats.update(data_wait_s=loader.wait_s, first_batch_wait_s=loader.first_wait_s or 0.0,
                      wall_s=time.perf_counter() - t0, loader_workers=cfg.loader_workers)
     return controlnet.eval(), losses
-
-
-def save_losses(path: Path, losses: list[float]) -> None:
-    from pd_data.state import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps({"loss": losses}).encode())

@@ -81,7 +81,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
 def train_base_folder(cfg: BaseModelConfig, data: SplitData, resolution: int, out: Path) -> dict:
     """Build the tiny base on `data`'s captions, train it (checkpoints under `out/checkpoints`), and
     save it and its losses in `out`; returns the stage summary."""
-    from pd_model.train import save_losses
+    from pd_model.checkpoint import save_losses
 
     base = build_tiny_base(cfg, sorted(set(data.captions.values())), resolution)
     losses = train_base(base, data, cfg, checkpoint_dir=out / "checkpoints")

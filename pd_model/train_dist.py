@@ -48,7 +48,8 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
     from pd_data.dataset import load_split
     from pd_model.base import load_base
     from pd_model.pipeline import load_trained, save_trained
-    from pd_model.train import save_losses, train_controlnet
+    from pd_model.checkpoint import save_losses
+    from pd_model.train import train_controlnet
 
     out = Path(job.out)
     base = load_base(job.base).freeze()  # this process's own copy: a decoder trained in place changes only it
@@ -79,6 +80,16 @@ def check_devices(cfg: TrainConfig) -> None:
                          f"set train.processes<={gpus}, or train.device=cpu")
 
 
+def _die_with_parent() -> None:
+    """torchrun gets SIGTERM (and stops its workers) when the launching process dies, kill -9 included:
+    no orphaned workers keep writing a model folder whose stage lock is gone (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def launch(job: TrainJob) -> None:
     """Run `job` on `job.cfg.processes` local processes through torchrun; raise if any fails."""
     out = Path(job.out)
@@ -87,7 +98,8 @@ def launch(job: TrainJob) -> None:
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.cfg.processes}",
            "-m", "pd_model.train_dist", str(path)]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                         preexec_fn=_die_with_parent)
     if res.returncode != 0:
         raise RuntimeError(f"distributed training of {out.name} failed (exit {res.returncode}); its workers' output is "
                            f"above. Rerun by hand with: {' '.join(cmd)}")

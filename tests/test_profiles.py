@@ -106,3 +106,13 @@ def test_the_pairing_changes_the_prompts_and_the_models_not_the_data(tmp_path):
     assert {s for s in default if default[s] != anyp[s]} == {"prompts", "train", "evaluate"}
     with pytest.raises(ValueError, match="pairing"):
         load_profile("smoke", {"data": {"pairing": "twins"}})
+
+
+def test_a_profile_for_one_source_takes_another_from_the_overrides():
+    """The demo sizes its procedural source (data.n_groups=80); -o data.source=folder drops that, while
+    the same setting given with the override is an error naming it."""
+    folder = {"source": "folder", "source_path": "/photos",
+              "annotators": {"depth": "transformers", "hed": "controlnet_aux", "seg": "transformers"}}
+    assert load_profile("demo", {"data": folder}).data.source == "folder"
+    with pytest.raises(ConfigError, match=r"data.n_groups=3 cannot apply to data.source='folder'"):
+        load_profile("demo", {"data": folder | {"n_groups": 3}})
