@@ -2,12 +2,26 @@
 caption grids are in `pd_model.visuals` (training draws them too)."""
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import numpy as np
 
+_PYPLOT = threading.Lock()
 
 
+def _one_figure_at_a_time(fn):
+    """pyplot keeps global state and is not thread-safe: two flow runs in one process (threads) draw in turn."""
+    @functools.wraps(fn)
+    def drawn(*args, **kwargs):
+        with _PYPLOT:
+            return fn(*args, **kwargs)
+    return drawn
+
+
+
+@_one_figure_at_a_time
 def loss_plot(curves: dict[str, list[float]], path: Path, smooth: int = 20) -> Path:
     """Smoothed training-loss curves, one line per model, saved as PNG."""
     import matplotlib
@@ -38,6 +52,7 @@ def _err(r: dict, bound: str) -> float:
     return 0.0 if b is None or not np.isfinite(b) else abs(r["value"] - b)
 
 
+@_one_figure_at_a_time
 def metric_bars(panels: dict[str, list[dict]], path: Path, title: str) -> Path:
     """One panel per metric: grouped bars, one group per task and one bar per model, 95% intervals as
     error bars. `panels`: panel title -> dicts with task, model, value, ci_low, ci_high."""
@@ -71,6 +86,7 @@ def metric_bars(panels: dict[str, list[dict]], path: Path, title: str) -> Path:
     return path
 
 
+@_one_figure_at_a_time
 def confusion_plot(matrix: np.ndarray, labels: list[str], path: Path, title: str,
                    columns: list[str] | None = None) -> Path:
     """A confusion matrix as a heat map with its counts: rows shown (`labels`), columns predicted
