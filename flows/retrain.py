@@ -147,7 +147,8 @@ def _round(plan, dataset: str, from_scratch: bool) -> dict:
     model_id = f"r{data['round']:04d}"
     init = None if from_scratch or cur is None else Path(cur["path"]) / "controlnet"
     cand = train_candidate(plan, dataset, base_path, model_id, data["round"], init)
-    cand_scores = registry.scores(db, evaluate_model(plan, dataset, base_path, Path(cand["path"]), model_id, bench))
+    cand_eval = evaluate_model(plan, dataset, base_path, Path(cand["path"]), model_id, bench)
+    cand_scores = registry.scores(db, cand_eval)
     cur_scores = None
     if cur is not None:
         cur_scores = registry.scores(db, evaluate_model(plan, dataset, base_path, Path(cur["path"]), cur["model_id"], bench))
@@ -155,7 +156,7 @@ def _round(plan, dataset: str, from_scratch: bool) -> dict:
     parent = None if init is None else cur["model_id"]
     registry.record(db, {"dataset": dataset, "model_id": model_id, "data_round": data["round"],
                          "created_at": datetime.now(timezone.utc), "parent_id": parent, "path": cand["path"],
-                         "eval_id": registry.retrain_eval_id(dataset, model_id, plan.profile.eval, bench / "prompts.parquet")[0],
+                         "eval_id": cand_eval,
                          "train_steps": cand["steps"], "from_scratch": init is None, "final_loss": cand["final_loss"]},
                     promote, reason)
     now_current = registry.current(db, dataset)["model_id"]

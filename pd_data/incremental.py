@@ -27,7 +27,7 @@ from pd_data.db import connect
 from pd_data.ingest import duplicate_check, listing, prepare, record_row, reject_row
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, write_shard
 from pd_data.sources import RawRecord, make_source
-from pd_data.schema import ensure_schema
+from pd_data.schema import DataRoundRow, ensure_schema
 from pd_data.state import fingerprint
 
 _ROUND_FILE = re.compile(r"-r(\d{4})-\d{5}\.parquet$")
@@ -131,9 +131,9 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
                                ON CONFLICT (dataset, image_id) DO UPDATE SET content_hash = excluded.content_hash,
                                round = excluded.round, status = excluded.status, updated_at = excluded.updated_at""",
                             item_rows)
-        con.execute("INSERT INTO data_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [dataset, rnd, now, chash, len(items), kinds["added"], kinds["changed"], kinds["unchanged"],
-                     len(deleted), summary["rejected"], len(rows), summary["seconds"]])
+        round_row = DataRoundRow(dataset, rnd, now, chash, len(items), kinds["added"], kinds["changed"], kinds["unchanged"],
+                                 len(deleted), summary["rejected"], len(rows), summary["seconds"])
+        con.execute(round_row.insert_sql(), round_row.values())
         con.execute("COMMIT")
     return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,14 +37,15 @@ class Row:
         cols = []
         for f in dataclasses.fields(cls):
             t = hints[f.name]
-            base = next(a for a in typing.get_args(t) if a is not type(None)) if typing.get_origin(t) is typing.Union \
-                or type(t).__name__ == "UnionType" else t
-            cols.append(f'"{f.name}" {_SQL[base]}')
+            optional = isinstance(t, types.UnionType)  # `float | None`: the column's type is float's
+            cols.append(f'"{f.name}" {_SQL[next(a for a in typing.get_args(t) if a is not type(None)) if optional else t]}')
         return f"CREATE TABLE IF NOT EXISTS {cls.TABLE} ({', '.join(cols)}, PRIMARY KEY ({', '.join(cls.KEY)}))"
 
     @classmethod
-    def insert_sql(cls) -> str:
-        return f"INSERT INTO {cls.TABLE} ({', '.join(cls.columns())}) VALUES ({', '.join('?' * len(cls.columns()))})"
+    def insert_sql(cls, replace: bool = False) -> str:
+        """The INSERT of one row; `replace` for a row that is its own to update (a run's)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        return f"{verb} INTO {cls.TABLE} ({', '.join(cls.columns())}) VALUES ({', '.join('?' * len(cls.columns()))})"
 
     def values(self) -> list[Any]:
         return [getattr(self, c) for c in self.columns()]

@@ -138,7 +138,7 @@ def write_run(db: Path, row: RunRow) -> None:
     """A run's own row of `runs`, inserted when it starts and updated as it ends."""
     with connect(db) as con:
         _ensure_schema(con)
-        con.execute(row.insert_sql().replace("INSERT INTO", "INSERT OR REPLACE INTO"), row.values())
+        con.execute(row.insert_sql(replace=True), row.values())
 
 
 EVALUATION_TABLES = (ModelRow, MetricRow, SampleRow, ConfusionRow)
