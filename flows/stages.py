@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from flows.plan import Plan
 from flows.profiles import load_profile
+from pd_data.progress import Progress, Report, set_sink
 from pd_data.state import StateDir, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
 Overrides = dict[str, Any] | None
@@ -38,7 +39,29 @@ def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains:
         check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
     state = StateDir.resolve(state_dir)
     state.require_writable()
+    set_sink(to_run_log)
     return Plan.build(p, state)
+
+
+_PROGRESS_ARTIFACTS: dict[tuple[str, str], Any] = {}
+
+
+def to_run_log(report: Report) -> None:
+    """A progress report as a line of the run's log and the run's progress artifact `report.key`
+    (outside a run: printed)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    ctx = TaskRunContext.get() or FlowRunContext.get()
+    if ctx is None:
+        print(report.line, flush=True)
+        return
+    get_run_logger().info(report.line)
+    run = str(ctx.task_run.id if isinstance(ctx, TaskRunContext) else ctx.flow_run.id)
+    key = (run, report.key)
+    if key not in _PROGRESS_ARTIFACTS:
+        _PROGRESS_ARTIFACTS[key] = create_progress_artifact(100 * report.fraction, key=report.key, description=report.line)
+    else:
+        update_progress_artifact(_PROGRESS_ARTIFACTS[key], 100 * report.fraction, description=report.line)
 
 
 def run_stage(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
@@ -66,11 +89,11 @@ def run_mapped(task_fn, workers: int, name: str, *args) -> list:
     """`task_fn.map(*args)`: threads in this process, or a local Dask cluster of `workers` processes."""
     def fan_out() -> list:
         from prefect.futures import as_completed
-        from tqdm.auto import tqdm
 
         futures = task_fn.map(*args)
-        for _ in tqdm(as_completed(futures), total=len(futures), desc=name, unit="shard"):
-            pass
+        bar = Progress(name, name, len(futures), "shard")
+        for _ in as_completed(futures):
+            bar.advance()
         return [f.result() for f in futures]
 
     if workers == 1:

@@ -8,6 +8,7 @@ state (with the global RNG's, saved too), and a run killed at any step resumes t
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
+from pd_data.progress import Progress
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 StepLoss = Callable[[int, range], torch.Tensor]  # (step, this micro-batch's sample indices) -> mean loss
@@ -167,17 +168,19 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
     if start and rank == 0:
         print(f"{desc}: resuming from {list_checkpoints(ckpt.root)[-1]} (step {start} of {o.steps})")
     slices = micro_batches(o.batch_size, o.grad_accum_steps)
-    bar = tqdm(range(start, o.steps), desc=desc, unit="step", mininterval=2.0, initial=start, total=o.steps, disable=rank != 0)
+    key = "train-" + re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
+    bar = Progress(key, f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
     t0 = time.perf_counter()
-    for step in bar:
+    for step in range(start, o.steps):
         loss = state.step(step, step_loss, slices)
         if not math.isfinite(loss):
             last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
             raise FloatingPointError(f"{desc}: loss is {loss} at step {step}; training stopped. Last good checkpoint: "
                                      f"{last or 'none'}. Lower the learning rate or check the data.")
         done = step + 1
-        bar.set_postfix(loss=f"{np.mean(state.losses[-20:]):.4f}",
-                        samples_s=f"{(done - start) * o.batch_size / (time.perf_counter() - t0):.1f}", refresh=False)
+        if bar is not None:
+            bar.advance(1, lambda: f"loss {np.mean(state.losses[-20:]):.4f} (mean of the last 20), "
+                                   f"{(done - start) * o.batch_size / (time.perf_counter() - t0):.1f} samples/s")
         if rank == 0 and every is not None and _due(every[0], done, o.steps):
             with state.shipped_weights():
                 every[1](done)
