@@ -106,7 +106,7 @@ def _config_parts(p: Profile, stage: str) -> object:
         "base": lambda: p.base.model_dump(exclude={"checkpoint_every", "keep_last"}),
         "train": lambda: (p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validate_every",
                                                       "gradient_checkpointing", "loader_workers"}), p.data.pairing),
-        "evaluate": lambda: p.eval.model_dump(),
+        "evaluate": lambda: p.eval.identity(),
     }[stage]()
 
 

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import Overrides, make_plan, publish_grid, train_job
+from flows.stages import Overrides, features_cache, make_plan, publish_grid, train_job
 from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
 from pd_data.tasks import TRAINING_TASKS
 
@@ -116,7 +116,8 @@ def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id
         where = Split(bench, bench, read_done(bench)["split"], bench / "prompts.parquet", plan.profile.data.pairing,
                       baselines=False)
         result = evaluate_folders(base_path, {model_id: model_dir}, (), where, plan.profile.eval,
-                                  live_dir(plan, dataset) / "eval" / model_id / key, task_inference=False)
+                                  live_dir(plan, dataset) / "eval" / model_id / key, task_inference=False,
+                                  cache=features_cache(plan))
         store(plan.state.db, eval_id, [], result)
     return eval_id
 

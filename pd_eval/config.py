@@ -29,7 +29,13 @@ class EvalConfig(Frozen):
     pair_guidance_scale: float | None = Field(
         None, ge=1.0, description="Prompt Diffusion only: separate guidance over the example pair (pipeline docstring); "
                                   "None is the paper's text-only rule")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="samples per generation batch; part of the key (a batch's "
+                                                  "composition can move a pixel by one level)")
+    processes: int = Field(1, ge=1, description="generation processes (torchrun; one GPU each on CUDA); the PNGs do "
+                                                "not depend on it")
+    threads: int = Field(1, ge=1, description="CPU threads of each generation process; part of the key: on a CPU the "
+                                              "float sums, and so a pixel, depend on it (use eval.processes to use more cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible")
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
     unseen_per_task: int = Field(8, ge=2, description="prompts per unseen task (the first materialised ones)")
     task_inference_queries: int = Field(8, ge=0, description="queries x 3 forward tasks for in-context task inference; 0 is off")
@@ -58,6 +64,10 @@ class EvalConfig(Frozen):
                                  f"samples with DDIM 100 steps at guidance 9 over the text only; set "
                                  f"eval.protocol='fast' or leave eval.{key} unset")
         return self
+
+    def identity(self) -> dict:
+        """The settings an evaluation's outputs depend on (its key): all but how many processes share it."""
+        return self.model_dump(exclude={"processes"})
 
     def guidance_for(self, spec) -> float:
         """Text guidance of a task (a `TaskSpec`): `map_guidance_scale` for image->map when set."""

@@ -14,7 +14,6 @@ from cleanfid.resize import build_resizer
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
-from torchmetrics.utilities.data import dim_zero_cat
 
 from pd_eval.features import FeatureExtractor
 
@@ -54,7 +53,11 @@ def bootstrap(stat, n: int, resamples: int, seed: int) -> tuple[float, float]:
 
 
 def rmse(outputs: np.ndarray, targets: np.ndarray, resamples: int = 200, seed: int = 0) -> MetricValue:
-    mse = per_image_mse(outputs, targets)
+    return rmse_of(per_image_mse(outputs, targets), resamples, seed)
+
+
+def rmse_of(mse: np.ndarray, resamples: int = 200, seed: int = 0) -> MetricValue:
+    """RMSE from per-image mean squared errors, with its interval."""
     lo, hi = bootstrap(lambda idx: rmse_from_mse(mse[idx]), len(mse), resamples, seed)
     return MetricValue(rmse_from_mse(mse), lo, hi, len(mse))
 
@@ -65,9 +68,15 @@ def folder_features(folder: Path, extractor: FeatureExtractor) -> np.ndarray:
                                         device=torch.device("cpu"), mode="clean", verbose=False)
 
 
-def fid(generated: Path, real: Path, extractor: FeatureExtractor, resamples: int = 200, seed: int = 0) -> MetricValue:
-    """FID between two folders of images; the interval resamples both sets' features."""
-    f1, f2 = folder_features(generated, extractor), folder_features(real, extractor)
+def image_features(images: np.ndarray, extractor: FeatureExtractor, batch: int = 64) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, D) float64 features, as clean-fid computes them for a folder."""
+    net = CleanFeatures(extractor)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    return np.concatenate([net(x[i:i + batch]).numpy() for i in range(0, len(x), batch)])
+
+
+def frechet(f1: np.ndarray, f2: np.ndarray, resamples: int = 200, seed: int = 0) -> MetricValue:
+    """FID between two feature sets (N, D); the interval resamples both sets."""
     with warnings.catch_warnings():
         # Fewer images than feature dimensions make singular covariances: expected on small sets,
         # where sqrtm warns but clean-fid's offset keeps the value finite. KID suits small sets better.
@@ -78,18 +87,27 @@ def fid(generated: Path, real: Path, extractor: FeatureExtractor, resamples: int
     return MetricValue(value, lo, hi, len(f1))
 
 
-def _mean_with_ci(per_image: np.ndarray, resamples: int, seed: int) -> MetricValue:
+def fid(generated: Path, real: Path, extractor: FeatureExtractor, resamples: int = 200, seed: int = 0) -> MetricValue:
+    """FID between two folders of images."""
+    return frechet(folder_features(generated, extractor), folder_features(real, extractor), resamples, seed)
+
+
+def mean_of(per_image: np.ndarray, resamples: int = 200, seed: int = 0) -> MetricValue:
     lo, hi = bootstrap(lambda idx: float(per_image[idx].mean()), len(per_image), resamples, seed)
     return MetricValue(float(per_image.mean()), lo, hi, len(per_image))
 
 
-def map_similarity(outputs: np.ndarray, targets: np.ndarray, resamples: int = 200, seed: int = 0) -> dict[str, MetricValue]:
-    """Mean per-image SSIM and PSNR (dB) on a 0..1 scale (torchmetrics), higher is better, with intervals."""
+def per_image_similarity(outputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image SSIM and PSNR (dB) on a 0..1 scale (torchmetrics): two (N,) arrays."""
     o, t = _unit(outputs, torch.float32), _unit(targets, torch.float32)
     ssim = structural_similarity_index_measure(o, t, data_range=1.0, reduction="none").numpy()  # (N,)
     psnr = peak_signal_noise_ratio(o, t, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()  # (N,)
-    return {"ssim": _mean_with_ci(ssim.astype(np.float64), resamples, seed),
-            "psnr": _mean_with_ci(psnr.astype(np.float64), resamples, seed)}
+    return {"ssim": ssim.astype(np.float64), "psnr": psnr.astype(np.float64)}
+
+
+def map_similarity(outputs: np.ndarray, targets: np.ndarray, resamples: int = 200, seed: int = 0) -> dict[str, MetricValue]:
+    """Mean per-image SSIM and PSNR, higher is better, with intervals."""
+    return {k: mean_of(v, resamples, seed) for k, v in per_image_similarity(outputs, targets).items()}
 
 
 class CleanFeatures(torch.nn.Module):
@@ -108,20 +126,33 @@ class CleanFeatures(torch.nn.Module):
 
 def kid(generated: np.ndarray, real: np.ndarray, extractor: FeatureExtractor, resamples: int = 200, seed: int = 0,
         subsets: int = 100, subset_size: int = 1000) -> MetricValue:
-    """KID (torchmetrics, polynomial kernel) between (N, H, W, 3) uint8 sets. `subset_size` is clamped
-    to the smaller set, so small evaluation sets work; the interval resamples both sets' features,
-    as for FID."""
-    n = min(len(generated), len(real))
+    """KID between (N, H, W, 3) uint8 sets (`kernel_distance` of their features)."""
+    return kernel_distance(image_features(generated, extractor), image_features(real, extractor), resamples, seed,
+                           subsets, subset_size)
+
+
+class _Given(torch.nn.Module):
+    """torchmetrics' feature module for features computed already."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def kernel_distance(f_gen: np.ndarray, f_real: np.ndarray, resamples: int = 200, seed: int = 0, subsets: int = 100,
+                    subset_size: int = 1000) -> MetricValue:
+    """KID (torchmetrics, polynomial kernel) between two feature sets (N, D). `subset_size` is clamped
+    to the smaller set, so small evaluation sets work; the interval resamples both sets, as for FID."""
+    n = min(len(f_gen), len(f_real))
     if n < 2:
-        raise ValueError(f"KID needs at least 2 images per set, got {len(generated)} generated and {len(real)} real")
-    with warnings.catch_warnings():  # "will save all extracted features": intended, the sets are small
+        raise ValueError(f"KID needs at least 2 images per set, got {len(f_gen)} generated and {len(f_real)} real")
+    with warnings.catch_warnings():  # "will save all extracted features": intended
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=CleanFeatures(extractor), subsets=subsets, subset_size=min(subset_size, n))
-    metric.update(torch.from_numpy(np.ascontiguousarray(real)).permute(0, 3, 1, 2), real=True)
-    metric.update(torch.from_numpy(np.ascontiguousarray(generated)).permute(0, 3, 1, 2), real=False)
+        metric = KernelInceptionDistance(feature=_Given(), subsets=subsets, subset_size=min(subset_size, n))
+    fr, fg = torch.from_numpy(np.asarray(f_real, np.float64)), torch.from_numpy(np.asarray(f_gen, np.float64))
+    metric.update(fr, real=True)
+    metric.update(fg, real=False)
     with torch.random.fork_rng():  # torchmetrics draws its subsets from the global generator
         torch.manual_seed(seed)
         value = float(metric.compute()[0])
-    fr, fg = dim_zero_cat(metric.real_features), dim_zero_cat(metric.fake_features)  # (N, D)
     lo, hi = bootstrap(lambda idx: float(poly_mmd(fr[idx % len(fr)], fg[idx % len(fg)])), n, resamples, seed)
-    return MetricValue(value, lo, hi, len(generated))
+    return MetricValue(value, lo, hi, len(f_gen))

@@ -147,7 +147,7 @@ def retrain_eval_id(dataset: str, model_id: str, cfg, prompts: Path) -> tuple[st
 
     from pd_data.state import fingerprint
 
-    key = fingerprint("retrain-eval", cfg.model_dump(), hashlib.sha256(prompts.read_bytes()).hexdigest())
+    key = fingerprint("retrain-eval", cfg.identity(), hashlib.sha256(prompts.read_bytes()).hexdigest())
     return f"retrain:{dataset}:{model_id}:{key}", key
 
 

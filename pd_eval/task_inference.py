@@ -13,19 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 import numpy as np
 
 from pd_data.dataset import SplitData
-from pd_data.tasks import FORWARD_TASKS, Prompt, get_task
-from pd_eval.baselines import COPY_EXAMPLE
 from pd_data.schema import MetricRow
-from pd_eval.benchmark import _save_pngs, evaluation_prompts, metric_row, slug
+from pd_data.tasks import FORWARD_TASKS, get_task
+from pd_eval.baselines import COPY_EXAMPLE
+from pd_eval.benchmark import metric_row, save_grid, slug
 from pd_eval.config import EvalConfig
+from pd_eval.generation import Item, Request, paths, read_pngs
 from pd_eval.metrics import MetricValue, bootstrap, per_image_mse
-from pd_model.base import BaseModel
-from pd_model.controlnet import kind_of
-from pd_model.sampling import generate
-from pd_model.visuals import prompt_grid
 
 FORWARD: tuple[str, ...] = FORWARD_TASKS
 COPIED = "copied-example"  # the predicted "task" of an output nearest to the example pair's target
@@ -35,15 +33,16 @@ COPY_BASELINE = COPY_EXAMPLE  # scored here as well: copying must earn no credit
 TASK = "task-inference"  # the metrics row's task; its metric is "accuracy"
 
 
-def inference_prompts(data: SplitData, prompts: list[dict], n: int) -> list[tuple[dict, str, Prompt]]:
-    """(materialised row, shown task, prompt with empty text) for the first `n` image->depth rows x FORWARD."""
+def inference_request(prompts: list[dict], n: int, checkpoint: str, cfg: EvalConfig) -> Request:
+    """The first `n` image->depth prompts x FORWARD: each query with the example pair of every forward
+    task, the text removed, at the guidance of image->depth."""
     rows = [r for r in prompts if r["task"] == FORWARD[0]][:n]
-    out = []
-    for r in rows:
-        for task in FORWARD:
-            p = data.prompt(get_task(task), r["example_id"], r["query_id"])
-            out.append((r, task, Prompt(p.task, p.example_source, p.example_target, p.query, p.target, "")))
-    return out
+    if not rows:
+        raise ValueError("task inference needs materialised image->depth prompts; none were found")
+    its = tuple(Item(name=slug(f"{r['prompt_id']}@{t}").replace("@", "__"), prompt_id=f"{r['prompt_id']}@{t}", task=t,
+                     example_id=r["example_id"], query_id=r["query_id"], seed=int(r["seed"])) for r in rows for t in FORWARD)
+    return Request(model_id=MODEL_ID, checkpoint=checkpoint, task=TASK, guidance=cfg.guidance_for(get_task(FORWARD[0])),
+                   folder=f"samples/{slug(MODEL_ID)}/{TASK}", items=its, no_text=True)
 
 
 def classify(output: np.ndarray, truths: dict[str, np.ndarray], example_target: np.ndarray | None = None) -> str:
@@ -70,37 +69,23 @@ def accuracy(shown: list[str], predicted: list[str], resamples: int, seed: int) 
     return MetricValue(float(hit.mean()), lo, hi, len(hit))
 
 
-def scored(model_id: str, outputs: np.ndarray, items: list[tuple[dict, str, Prompt]], data: SplitData,
-           cfg: EvalConfig) -> tuple[MetricRow, list[dict]]:
-    """(accuracy metric row, confusion cells) of `outputs`, one per item."""
-    shown = [t for _, t, _ in items]
-    predicted = [classify(o, {t: data.arrays[r["query_id"]][get_task(t).target] for t in FORWARD}, p.example_target)
-                 for o, (r, _, p) in zip(outputs, items)]
+def scored(model_id: str, outputs: np.ndarray, r: Request, data: SplitData, cfg: EvalConfig) -> tuple[MetricRow, list[dict]]:
+    """(accuracy metric row, confusion cells) of `outputs`, one per item of `r`."""
+    shown = [it.task for it in r.items]
+    predicted = [classify(o, {t: data.arrays[it.query_id][get_task(t).target] for t in FORWARD},
+                          data.prompt(get_task(it.task), it.example_id, it.query_id).example_target)
+                 for o, it in zip(outputs, r.items)]
     m = confusion(shown, predicted)
     cells = [{"model_id": model_id, "shown_task": s, "predicted_task": p, "count": int(m[i, j])}
              for i, s in enumerate(FORWARD) for j, p in enumerate(PREDICTED)]
     return metric_row(model_id, TASK, "accuracy", accuracy(shown, predicted, cfg.bootstrap, cfg.seed), "", cfg), cells
 
 
-def run_task_inference(base: BaseModel, controlnet, data: SplitData, prompts_path: Path, cfg: EvalConfig,
-                       out_dir: Path) -> tuple[list[MetricRow], list[dict], list[dict]]:
-    """Generate, save PNGs and a grid, classify; returns (accuracy metric rows, confusion cells, sample
-    rows) of the model and of the copy-example baseline."""
-    items = inference_prompts(data, evaluation_prompts(prompts_path, cfg), cfg.task_inference_queries)
-    if not items:
-        raise ValueError("task inference needs materialised image->depth prompts; none were found")
-    built, seeds = [p for _, _, p in items], [r["seed"] for r, _, _ in items]
-    pair_guidance = cfg.pair_guidance_scale if kind_of(controlnet) == "prompt-diffusion" else None  # CN(FT) has no pair
-    outputs = np.concatenate([
-        generate(base, controlnet, built[i:i + cfg.batch_size], seeds[i:i + cfg.batch_size], scheduler=cfg.scheduler,
-                 steps=cfg.steps, guidance_scale=cfg.guidance_for(get_task(FORWARD[0])), negative_prompt=cfg.negative_prompt,
-                 pair_guidance_scale=pair_guidance)
-        for i in range(0, len(built), cfg.batch_size)])
-    row, cells = scored(MODEL_ID, outputs, items, data, cfg)
-    copy_row, copy_cells = scored(COPY_BASELINE, np.stack([p.example_target for p in built]), items, data, cfg)
-    ids = [f"{r['prompt_id']}@{t}" for r, t, _ in items]
-    paths = _save_pngs(out_dir / "samples" / slug(MODEL_ID) / TASK, outputs, [slug(i).replace("@", "__") for i in ids])
-    (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-    prompt_grid(built[:6], outputs[:6]).save(out_dir / "grids" / f"{slug(MODEL_ID)}__{TASK}.png")
-    samples = [{"model_id": MODEL_ID, "task": TASK, "prompt_id": i, "path": str(p)} for i, p in zip(ids, paths)]
-    return [row, copy_row], cells + copy_cells, samples
+def score_task_inference(out: Path, r: Request, data: SplitData, cfg: EvalConfig) -> tuple[list[MetricRow], list[dict]]:
+    """(accuracy rows, confusion cells) of the model, from its PNGs, and of the copy-example baseline;
+    writes the grid."""
+    row, cells = scored(MODEL_ID, read_pngs(paths(out, r)), r, data, cfg)
+    copies = np.stack([data.prompt(get_task(it.task), it.example_id, it.query_id).example_target for it in r.items])
+    copy_row, copy_cells = scored(COPY_BASELINE, copies, r, data, cfg)
+    save_grid(out, r, data, f"{slug(MODEL_ID)}__{TASK}")
+    return [row, copy_row], cells + copy_cells

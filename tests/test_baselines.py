@@ -44,7 +44,7 @@ def test_mean_map_is_the_per_pixel_train_mean_and_copy_query_is_the_query():
 
 def test_baseline_rows_score_every_task_with_an_interval(tmp_path):
     train, test = _split(6, 0), _split(4, 1)
-    prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}", "prompt_id": f"{t}/{k}"}
+    prompts = [{"task": t, "example_id": "i0", "query_id": f"i{k}", "prompt_id": f"{t}/{k}", "seed": k}
                for t in ("image->depth", "depth->image") for k in (1, 2, 3)]
     rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50), tmp_path)
     assert sorted((r.model_id, r.task, r.metric) for r in rows) == sorted(

@@ -4,9 +4,9 @@ from pd_eval.benchmark import models_under_test
 
 
 def test_every_unseen_task_gets_all_four_conditions_and_trained_tasks_keep_table1_rows():
-    nets = {"prompt-diffusion": ("prompt-diffusion", TRAINING_TASKS, "pd-net")}
-    nets |= {f"cn-ft_{t}": ("cn-ft", (t,), f"net-{t}") for t in TRAINING_TASKS}
-    nets |= {f"cn-ft-oracle_{t}": ("cn-ft", (t,), f"oracle-{t}") for t in UNSEEN_TASKS}
+    nets = {"prompt-diffusion": ("prompt-diffusion", TRAINING_TASKS)}
+    nets |= {f"net-{t}": ("cn-ft", (t,)) for t in TRAINING_TASKS}
+    nets |= {f"oracle-{t}": ("cn-ft", (t,)) for t in UNSEEN_TASKS}
     models = models_under_test(nets, UNSEEN_TASKS)
     by_task: dict[str, dict[str, object]] = {}
     for m in models:
@@ -19,8 +19,8 @@ def test_every_unseen_task_gets_all_four_conditions_and_trained_tasks_keep_table
         c = by_task[t]
         assert set(c) == {"prompt-diffusion", "prompt-diffusion/empty-pair", "cn-ft/nearest", "cn-ft/oracle"}
         assert c["prompt-diffusion/empty-pair"].empty_pair and not c["prompt-diffusion"].empty_pair
-        assert c["cn-ft/nearest"].controlnet == f"net-{TASKS[t].nearest}" and TASKS[t].nearest in TRAINING_TASKS
-        assert c["cn-ft/oracle"].controlnet == f"oracle-{t}"
+        assert c["cn-ft/nearest"].checkpoint == f"net-{TASKS[t].nearest}" and TASKS[t].nearest in TRAINING_TASKS
+        assert c["cn-ft/oracle"].checkpoint == f"oracle-{t}"
     # Without oracles, or without unseen tasks, the other conditions are simply absent.
     assert {m.model_id for m in models_under_test({k: v for k, v in nets.items() if "oracle" not in k}, UNSEEN_TASKS)} == {
         "prompt-diffusion", "prompt-diffusion/empty-pair", "cn-ft", "cn-ft/nearest"}

@@ -4,7 +4,8 @@ import json
 import torch
 
 from pd_data.tasks import TRAINING_TASKS
-from pd_eval.benchmark import models_under_test
+from pd_eval.config import EvalConfig
+from pd_eval.generation import GenerationJob, Models
 from pd_model.base import load_base
 from pd_model.config import TrainConfig
 from pd_model.pipeline import PromptDiffusionPipeline
@@ -24,9 +25,10 @@ def test_a_trained_decoder_is_saved_with_the_model_and_loaded_with_it(train_worl
     assert any(not torch.equal(trained[k], original[k]) for k in trained if k.startswith("up_blocks"))  # decoder moved
     assert all(torch.equal(trained[k], original[k]) for k in trained if k.startswith("down_blocks"))  # encoder frozen
 
-    nets = {"prompt-diffusion": ("prompt-diffusion", TRAINING_TASKS, object())}
-    (m,) = models_under_test(nets, (), {"prompt-diffusion": "its unet"})
-    assert m.unet == "its unet"  # the benchmark samples this model with its own UNet
+    job = GenerationJob(base=str(train_world / "base"), models={"pd": str(out)}, images="", annotations="", split="test",
+                        cfg=EvalConfig(), out=str(tmp_path / "eval"))
+    sampled = Models(job, torch.device("cpu")).get("pd")[0].unet.state_dict()
+    assert all(torch.equal(sampled[k], trained[k]) for k in trained)  # the benchmark samples this model with its own UNet
 
 
 def test_retraining_with_the_decoder_keeps_each_candidates_own_unet(prefect_engine, state_dir):

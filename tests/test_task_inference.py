@@ -2,8 +2,9 @@
 import numpy as np
 
 from pd_data.dataset import SplitData
+from pd_data.tasks import get_task
 from pd_eval.config import EvalConfig
-from pd_eval.task_inference import COPIED, FORWARD, PREDICTED, accuracy, classify, confusion, inference_prompts, scored
+from pd_eval.task_inference import COPIED, FORWARD, PREDICTED, accuracy, classify, confusion, inference_request, scored
 
 
 def _split() -> SplitData:
@@ -20,11 +21,13 @@ def test_each_query_gets_the_three_forward_pairs_with_no_text():
     data = _split()
     rows = [{"prompt_id": f"{t}/{k}", "task": t, "example_id": "i0", "query_id": f"i{k + 1}", "seed": k}
             for t in ("image->depth", "depth->image") for k in range(3)]
-    items = inference_prompts(data, rows, 2)
-    assert [(r["prompt_id"], t) for r, t, _ in items] == [(f"image->depth/{k}", t) for k in range(2) for t in FORWARD]
-    for r, t, p in items:
-        assert p.text == "" and np.array_equal(p.query, data.arrays[r["query_id"]]["image"])
-        assert np.array_equal(p.example_target, data.arrays["i0"][t.split("->")[1]])
+    req = inference_request(rows, 2, "pd", EvalConfig())
+    assert [it.prompt_id for it in req.items] == [f"image->depth/{k}@{t}" for k in range(2) for t in FORWARD]
+    assert req.no_text and req.checkpoint == "pd" and req.guidance == EvalConfig().guidance_scale
+    for it in req.items:
+        p = data.prompt(get_task(it.task), it.example_id, it.query_id)  # what generation composes (then drops the text)
+        assert np.array_equal(p.query, data.arrays[it.query_id]["image"])
+        assert np.array_equal(p.example_target, data.arrays["i0"][it.task.split("->")[1]])
 
 
 def test_an_output_is_classified_as_the_task_whose_true_map_it_is_nearest():
@@ -40,15 +43,15 @@ def test_copying_the_example_gets_no_credit():
     data = _split()
     rows = [{"prompt_id": f"image->depth/{k}", "task": "image->depth", "example_id": "i0", "query_id": f"i{k + 1}",
              "seed": k} for k in range(3)]
-    items = inference_prompts(data, rows, 3)
-    copies = np.stack([p.example_target for _, _, p in items])
-    row, cells = scored("baseline/copy-example", copies, items, data, EvalConfig(bootstrap=20))
+    req = inference_request(rows, 3, "pd", EvalConfig())
+    copies = np.stack([data.arrays[it.example_id][it.task.split("->")[1]] for it in req.items])
+    row, cells = scored("baseline/copy-example", copies, req, data, EvalConfig(bootstrap=20))
     assert row.value == 0.0 and row.n == 9
     assert {(c["shown_task"], c["predicted_task"]): c["count"] for c in cells if c["count"]} == {
         (t, COPIED): 3 for t in FORWARD}
     # The true maps of the query, the task done on the query, are credited.
-    answers = np.stack([data.arrays[r["query_id"]][t.split("->")[1]] for r, t, _ in items])
-    assert scored("m", answers, items, data, EvalConfig(bootstrap=20))[0].value == 1.0
+    answers = np.stack([data.arrays[it.query_id][it.task.split("->")[1]] for it in req.items])
+    assert scored("m", answers, req, data, EvalConfig(bootstrap=20))[0].value == 1.0
 
 
 def test_confusion_matrix_and_accuracy_count_what_was_shown_against_what_was_followed():

@@ -1,0 +1,256 @@
+"""Benchmark generation as files: every sample one PNG, written atomically, sharded over processes,
+resumable per sample.
+
+    torchrun --nproc_per_node=N -m pd_eval.generation JOB.json
+
+A `Request` is one model's samples of one task. Its items are cut into batches of `eval.batch_size`
+in a fixed order, and batch j of the whole evaluation goes to process j mod N: a sample's batch, and so
+its PNG, is the same whatever the number of processes (a batch's composition matters: batched
+convolutions sum in another order, which can move a pixel by one level; `eval.batch_size` is part of
+the evaluation's key). A batch whose PNGs all exist is skipped, so a killed evaluation resumes where it
+stopped; each PNG appears whole or not at all (`pd_data.state.atomic_write_bytes`), so a kill at any
+moment leaves nothing that blocks a rerun. The evaluate stage runs this in process when
+`eval.processes` is 1, else through torchrun, one GPU per process on CUDA.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from pd_data.config import Frozen, Pairing
+from pd_data.state import atomic_write_bytes
+from pd_data.tasks import Prompt, get_task
+from pd_eval.config import EvalConfig
+
+
+class Item(Frozen):
+    """One sample: the prompt (example pair, query) and its seed."""
+
+    name: str        # the PNG's stem
+    prompt_id: str   # of the materialised prompt (task inference: "<prompt_id>@<shown task>")
+    task: str        # the task whose example pair and query are composed (task inference shows other tasks')
+    example_id: str
+    query_id: str
+    seed: int
+
+
+class Request(Frozen):
+    """One model's samples of one benchmarked task."""
+
+    model_id: str              # the Table 1 row or condition ("prompt-diffusion/empty-pair", ...)
+    checkpoint: str            # the trained network (a key of `GenerationJob.models`)
+    task: str                  # the benchmarked task ("task-inference" for that study)
+    guidance: float            # text guidance (`EvalConfig.guidance_for` of the task)
+    folder: str                # of the PNGs, relative to the evaluation folder
+    items: tuple[Item, ...]
+    empty_pair: bool = False   # Prompt Diffusion with its pair zeroed
+    no_text: bool = False      # the text removed (in-context task inference)
+
+
+class GenerationJob(Frozen):
+    """Everything a generation process needs, as paths and config (JSON for torchrun)."""
+
+    base: str                  # the frozen base's folder
+    models: dict[str, str]     # checkpoint -> model folder (`pd_model.pipeline.save_trained`)
+    images: str
+    annotations: str
+    split: str
+    pairing: Pairing = "other-layout"
+    cfg: EvalConfig
+    out: str                   # the evaluation folder; request folders are relative to it
+    requests: list[Request] = Field(default_factory=list)
+
+
+def png_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a if a.dtype == np.uint8 else np.asarray(a).round().clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(path: Path, a: np.ndarray) -> Path:
+    atomic_write_bytes(path, png_bytes(a))
+    return path
+
+
+def complete(path: Path) -> bool:
+    """A sample on disk. Writes are atomic, so a file that exists is whole; an empty one (written by an
+    older version, in place) counts as missing."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def read_pngs(paths: list[Path]) -> np.ndarray:
+    """(N, H, W, 3) uint8."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def batches(job: GenerationJob) -> list[tuple[Request, tuple[Item, ...]]]:
+    """Every batch of the evaluation, in its fixed order."""
+    size = job.cfg.batch_size
+    return [(r, r.items[i:i + size]) for r in job.requests for i in range(0, len(r.items), size)]
+
+
+def paths(out: str | Path, request: Request, items: tuple[Item, ...] | None = None) -> list[Path]:
+    """The PNGs of the request's items (all, or `items`) under the evaluation folder `out`."""
+    return [Path(out) / request.folder / f"{it.name}.png" for it in (request.items if items is None else items)]
+
+
+def missing(job: GenerationJob) -> int:
+    """Samples of the job not on disk yet."""
+    return sum(not complete(p) for r in job.requests for p in paths(job.out, r))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`eval.device`, with one GPU per process (LOCAL_RANK) on CUDA."""
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise ValueError("eval.device='cuda' but no CUDA device is visible; set eval.device=cpu (or auto)")
+    if name == "cpu" or not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class Models:
+    """The base and one trained model at a time (a job's requests come model by model), on `device`."""
+
+    def __init__(self, job: GenerationJob, device: torch.device):
+        from pd_model.base import load_base
+
+        self.job, self.device, self.name, self.loaded = job, device, None, None
+        self.base = load_base(job.base).freeze()
+        for m in (self.base.unet, self.base.vae):  # the text encoder stays where the pipeline expects it (CPU)
+            if m is not None:
+                m.to(device)
+
+    def get(self, checkpoint: str):
+        from pd_model.pipeline import load_trained
+
+        if checkpoint != self.name:
+            self.loaded = None  # free the previous model first: at SD-1.5 size two do not fit beside the base
+            _, net, unet = load_trained(self.job.models[checkpoint])
+            self.name = checkpoint
+            self.loaded = (self.base.with_unet(unet.to(self.device) if unet is not None else None), net.to(self.device))
+        return self.loaded
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op threads set to `n` for the block (process-wide), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def generate_shard(job: GenerationJob, rank: int = 0, world: int = 1,
+                   on_batch: Callable[[int], None] | None = None) -> int:
+    """Generate this process's batches (every `world`-th from `rank`) whose PNGs are not all on disk,
+    at `eval.threads` CPU threads; returns the samples computed. `on_batch(n)` after each batch (n
+    samples done, computed or found)."""
+    from pd_data.dataset import load_split
+    from pd_model.controlnet import kind_of
+    from pd_model.sampling import generate
+
+    cfg, models, data, computed = job.cfg, None, None, 0
+    with cpu_threads(cfg.threads):
+        for r, b in batches(job)[rank::world]:
+            files = paths(job.out, r, b)
+            if not all(complete(p) for p in files):
+                if models is None:  # loaded only when there is something to compute (a finished job loads nothing)
+                    models = Models(job, resolve_device(cfg.device))
+                    data = load_split(Path(job.images), Path(job.annotations), job.split, job.pairing)
+                base, net = models.get(r.checkpoint)
+                built = [_prompt(data, it, r.no_text) for it in b]  # the whole batch: its composition fixes the PNGs
+                pair_guidance = cfg.pair_guidance_scale if kind_of(net) == "prompt-diffusion" else None  # CN(FT): no pair
+                outputs = generate(base, net, built, [it.seed for it in b], scheduler=cfg.scheduler, steps=cfg.steps,
+                                   guidance_scale=r.guidance, positive_suffix="" if r.no_text else cfg.positive_suffix,
+                                   negative_prompt=cfg.negative_prompt, pair_guidance_scale=pair_guidance,
+                                   empty_pair=r.empty_pair)
+                for p, a in zip(files, outputs):
+                    if not complete(p):  # one written before a kill is identical: kept
+                        save_png(p, a)
+                computed += len(b)
+            if on_batch is not None:
+                on_batch(len(b))
+    return computed
+
+
+def _prompt(data, it: Item, no_text: bool) -> Prompt:
+    p = data.prompt(get_task(it.task), it.example_id, it.query_id)
+    return Prompt(p.task, p.example_source, p.example_target, p.query, p.target, "") if no_text else p
+
+
+def run_generation(job: GenerationJob, processes: int, on_done: Callable[[int], None] | None = None) -> int:
+    """Every missing sample of `job`, in this process or on `processes` local ones (torchrun); returns
+    the samples computed. `on_done(n)` as samples are done (with torchrun: counted on disk)."""
+    if processes == 1:
+        return generate_shard(job, on_batch=on_done)
+    out = Path(job.out)
+    path = out / "generation-job.json"
+    atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
+    before = missing(job)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(job, stop, on_done), daemon=True) if on_done else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        _torchrun(processes, path, job.cfg.threads)
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+    return before - missing(job)
+
+
+def _watch(job: GenerationJob, stop: threading.Event, on_done: Callable[[int], None], every: float = 5.0) -> None:
+    """Report the samples that appear on disk while torchrun's processes write them."""
+    total = sum(len(r.items) for r in job.requests)
+    seen = total - missing(job)
+    on_done(seen)
+    while not stop.wait(every):
+        now = total - missing(job)
+        on_done(now - seen)
+        seen = now
+    on_done(total - missing(job) - seen)
+
+
+def _torchrun(processes: int, job_path: Path, threads: int) -> None:
+    from pd_model.train_dist import _die_with_parent
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "pd_eval.generation", str(job_path)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                         preexec_fn=_die_with_parent)
+    if res.returncode != 0:
+        raise RuntimeError(f"generation on {processes} processes failed (exit {res.returncode}); the workers' output is "
+                           f"above. The PNGs written are kept: rerun the stage, or by hand: {' '.join(cmd)}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    job = GenerationJob.model_validate_json(Path(argv[0]).read_text())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    n = generate_shard(job, rank, world)
+    print(f"generation process {rank} of {world}: {n} samples computed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
