@@ -34,9 +34,11 @@ def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains:
     p = load_profile(profile, overrides)
     require_inputs(p)
     if trains:
+        from pd_eval.generation import check_devices as check_eval_devices
         from pd_model.train_dist import check_devices
 
         check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
+        check_eval_devices(p.eval)
     state = StateDir.resolve(state_dir)
     state.require_writable()
     set_sink(to_run_log)

@@ -14,6 +14,7 @@ moment leaves nothing that blocks a rerun. The evaluate stage runs this in proce
 """
 from __future__ import annotations
 
+import contextvars
 import io
 import os
 import subprocess
@@ -113,6 +114,16 @@ def missing(job: GenerationJob) -> int:
     return sum(not complete(p) for r in job.requests for p in paths(job.out, r))
 
 
+def check_devices(cfg: EvalConfig) -> None:
+    """Reject a process count this machine cannot place (one GPU each on CUDA) before any work."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("eval.device='cuda' but no CUDA device is visible; set eval.device=cpu (or auto)")
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and cfg.processes > gpus:
+        raise ValueError(f"eval.processes={cfg.processes} but this machine has {gpus} GPU(s), one per process; "
+                         f"set eval.processes<={gpus}, or eval.device=cpu")
+
+
 def resolve_device(name: str) -> torch.device:
     """`eval.device`, with one GPU per process (LOCAL_RANK) on CUDA."""
     cuda = torch.cuda.is_available()
@@ -205,7 +216,8 @@ def run_generation(job: GenerationJob, processes: int, on_done: Callable[[int], 
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
     before = missing(job)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(job, stop, on_done), daemon=True) if on_done else None
+    ctx = contextvars.copy_context()  # the caller's run context: its log and artifacts receive the reports
+    watcher = threading.Thread(target=ctx.run, args=(_watch, job, stop, on_done), daemon=True) if on_done else None
     if watcher is not None:
         watcher.start()
     try:

@@ -125,3 +125,17 @@ def test_a_broken_real_image_of_an_older_run_is_rewritten_and_reference_features
                          task_inference=False, cache=cache)
     assert next(cache.glob("*.npy")).stat().st_mtime_ns == stamp  # read, not recomputed
     assert [(r.metric, r.value) for r in a.metrics] == [(r.metric, r.value) for r in b.metrics]
+
+
+def test_the_process_count_is_not_part_of_the_evaluation_key_but_threads_and_batch_are(tmp_path):
+    from flows.plan import Plan
+    from flows.profiles import load_profile
+    from pd_data.state import StateDir
+    from pd_eval.generation import check_devices
+
+    state = StateDir.resolve(tmp_path)
+    key = lambda **ev: Plan.build(load_profile("smoke", {"eval": ev}), state).key("evaluate")  # noqa: E731
+    assert key(processes=4) == key() != key(threads=2) != key(batch_size=3)
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match="eval.device='cuda' but no CUDA device is visible"):
+            check_devices(EvalConfig(device="cuda"))

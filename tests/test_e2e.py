@@ -17,6 +17,7 @@ def _mtimes(folder):
 
 
 def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
+    caplog.set_level(logging.INFO)
     report = full_benchmark("smoke", TINY)
     plan = Plan.build(load_profile("smoke", TINY), StateDir.resolve())
 
@@ -89,12 +90,21 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
+        artifacts = client.read_artifacts()
+    keys = {a.key for a in artifacts}
     assert {"report-paper-table", "report-generalization", "report-task-inference", "benchmark-report"} <= keys
+
+    # 4a. Progress of every long stage, in the run's log and as progress artifacts.
+    lines = [r.getMessage() for r in caplog.records]
+    for done in ("annotate-shards: 1/1 shards (100%)", "train base: 8/8 steps (100%)",
+                 "train prompt-diffusion: 4/4 steps (100%)", "evaluate: generated samples: 94/94 samples (100%)"):
+        assert any(m.startswith(done) for m in lines), done
+    assert any(m.startswith("evaluate: generated samples: 0/94 samples (0%)") and "ETA" in m for m in lines)
+    assert {"annotate-shards", "train-base", "train-prompt-diffusion", "evaluate-samples",
+            "evaluate-metrics"} <= {a.key for a in artifacts if a.type == "progress"}
 
     # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
     before = _mtimes(plan.state.root / "models")
-    caplog.set_level(logging.INFO)
     full_benchmark("smoke", TINY)
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert {m.split(":")[0] for m in skipped} >= {"ingest", "annotate", "prompts", "base", "train", "evaluate"}
