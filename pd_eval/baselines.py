@@ -4,7 +4,7 @@
 were copying; for map->image, a real image of the query's group, so FID/KID see real pictures);
 for image->map tasks also `baseline/copy-query` (the query image itself) and `baseline/mean-map`
 (the per-pixel mean of the task's target maps over the train split: the best constant answer in
-mean squared error). A trained model that does not beat every baseline of its task has not shown
+mean squared error, rounded to 8 bits like every answer scored from its PNG). A trained model that does not beat every baseline of its task has not shown
 that it learnt the task.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, TaskSpec
 
-COPY_EXAMPLE = "baseline/copy-example"
-BASELINES: tuple[str, ...] = ("baseline/copy-query", "baseline/mean-map", COPY_EXAMPLE)
+COPY_EXAMPLE, MEAN_MAP = "baseline/copy-example", "baseline/mean-map"
+BASELINES: tuple[str, ...] = ("baseline/copy-query", MEAN_MAP, COPY_EXAMPLE)
 
 
 def baselines_for(spec: TaskSpec) -> tuple[str, ...]:

@@ -26,10 +26,10 @@ from pd_data.dataset import SplitData
 from pd_data.schema import MetricRow
 from pd_data.state import atomic_write_bytes
 from pd_data.tasks import TaskSpec, get_task
-from pd_eval.baselines import baseline_outputs, baselines_for
+from pd_eval.baselines import MEAN_MAP, baseline_outputs, baselines_for, mean_map
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
-from pd_eval.generation import Item, Request, complete, paths, read_pngs, save_png
+from pd_eval.generation import Item, Request, complete, paths, png_bytes, read_pngs, save_png
 from pd_eval.metrics import (MetricValue, frechet, image_features, kernel_distance, mean_of, per_image_mse,
                              per_image_similarity, rmse_of)
 from pd_model.controlnet import as_kind
@@ -138,10 +138,15 @@ def baseline_requests(prompts: list[dict]) -> list[Request]:
 
 
 def write_baselines(data: SplitData, train: SplitData, out: Path, reqs: list[Request]) -> None:
-    """The baselines' answers as PNGs (no generation: copies and a mean map)."""
+    """The baselines' answers as PNGs (no generation: copies, and the mean map computed once per task)."""
     for r in reqs:
         spec = get_task(r.task)
         todo = [(p, it) for p, it in zip(paths(out, r), r.items) if not complete(p)]
+        if todo and r.model_id == MEAN_MAP:  # one answer for every prompt: one pass over the train split
+            png = png_bytes(mean_map(train, spec.target))
+            for p, _ in todo:
+                atomic_write_bytes(p, png)
+            continue
         for chunk in _chunked(todo):
             built = [data.prompt(spec, it.example_id, it.query_id) for _, it in chunk]
             for (p, _), a in zip(chunk, baseline_outputs(r.model_id, spec, built, train)):

@@ -66,8 +66,14 @@ class EvalConfig(Frozen):
         return self
 
     def identity(self) -> dict:
-        """The settings an evaluation's outputs depend on (its key): all but how many processes share it."""
-        return self.model_dump(exclude={"processes"})
+        """The settings an evaluation's outputs depend on (its key): all but how many processes share it,
+        with `device='auto'` resolved (a GPU's PNGs are not a CPU's)."""
+        import torch
+
+        out = self.model_dump(exclude={"processes"})
+        if out["device"] == "auto":
+            out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        return out
 
     def guidance_for(self, spec) -> float:
         """Text guidance of a task (a `TaskSpec`): `map_guidance_scale` for image->map when set."""

@@ -77,7 +77,7 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     # 3. generation
     total = sum(len(r.items) for r in job.requests)
     bar = Progress("evaluate-samples", "evaluate: generated samples", total, "sample", done=total - missing(job))
-    computed = run_generation(job, cfg.processes, bar.advance)
+    computed = run_generation(job, cfg.processes, bar.advance)  # the PNGs on disk already are counted done
     # 4. metrics, 5. grids
     extractor = load_extractor("inception" if cfg.protocol == "paper" else "auto")  # the paper's FID is Inception's
     bar = Progress("evaluate-metrics", "evaluate: metrics", len(reqs) + len(base_reqs), "set")

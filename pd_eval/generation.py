@@ -169,36 +169,40 @@ def cpu_threads(n: int):
 
 
 def generate_shard(job: GenerationJob, rank: int = 0, world: int = 1,
-                   on_batch: Callable[[int], None] | None = None) -> int:
+                   on_written: Callable[[int], None] | None = None) -> int:
     """Generate this process's batches (every `world`-th from `rank`) whose PNGs are not all on disk,
-    at `eval.threads` CPU threads; returns the samples computed. `on_batch(n)` after each batch (n
-    samples done, computed or found)."""
+    at `eval.threads` CPU threads; returns the samples written. `on_written(n)` after each batch that
+    wrote n PNGs."""
     from pd_data.dataset import load_split
     from pd_model.controlnet import kind_of
     from pd_model.sampling import generate
 
-    cfg, models, data, computed = job.cfg, None, None, 0
+    cfg, models, data, written = job.cfg, None, None, 0
+    base = net = None
     with cpu_threads(cfg.threads):
         for r, b in batches(job)[rank::world]:
             files = paths(job.out, r, b)
-            if not all(complete(p) for p in files):
-                if models is None:  # loaded only when there is something to compute (a finished job loads nothing)
-                    models = Models(job, resolve_device(cfg.device))
-                    data = load_split(Path(job.images), Path(job.annotations), job.split, job.pairing)
-                base, net = models.get(r.checkpoint)
-                built = [_prompt(data, it, r.no_text) for it in b]  # the whole batch: its composition fixes the PNGs
-                pair_guidance = cfg.pair_guidance_scale if kind_of(net) == "prompt-diffusion" else None  # CN(FT): no pair
-                outputs = generate(base, net, built, [it.seed for it in b], scheduler=cfg.scheduler, steps=cfg.steps,
-                                   guidance_scale=r.guidance, positive_suffix="" if r.no_text else cfg.positive_suffix,
-                                   negative_prompt=cfg.negative_prompt, pair_guidance_scale=pair_guidance,
-                                   empty_pair=r.empty_pair)
-                for p, a in zip(files, outputs):
-                    if not complete(p):  # one written before a kill is identical: kept
-                        save_png(p, a)
-                computed += len(b)
-            if on_batch is not None:
-                on_batch(len(b))
-    return computed
+            todo = [not complete(p) for p in files]
+            if not any(todo):
+                continue
+            if models is None:  # loaded only when there is something to compute (a finished job loads nothing)
+                models = Models(job, resolve_device(cfg.device))
+                data = load_split(Path(job.images), Path(job.annotations), job.split, job.pairing)
+            base = net = None  # drop this loop's hold on the previous model before the next one loads
+            base, net = models.get(r.checkpoint)
+            built = [_prompt(data, it, r.no_text) for it in b]  # the whole batch: its composition fixes the PNGs
+            pair_guidance = cfg.pair_guidance_scale if kind_of(net) == "prompt-diffusion" else None  # CN(FT): no pair
+            outputs = generate(base, net, built, [it.seed for it in b], scheduler=cfg.scheduler, steps=cfg.steps,
+                               guidance_scale=r.guidance, positive_suffix="" if r.no_text else cfg.positive_suffix,
+                               negative_prompt=cfg.negative_prompt, pair_guidance_scale=pair_guidance,
+                               empty_pair=r.empty_pair)
+            for p, a, new in zip(files, outputs, todo):
+                if new:  # one written before a kill is identical: kept
+                    save_png(p, a)
+            written += sum(todo)
+            if on_written is not None:
+                on_written(sum(todo))
+    return written
 
 
 def _prompt(data, it: Item, no_text: bool) -> Prompt:
@@ -206,51 +210,50 @@ def _prompt(data, it: Item, no_text: bool) -> Prompt:
     return Prompt(p.task, p.example_source, p.example_target, p.query, p.target, "") if no_text else p
 
 
-def run_generation(job: GenerationJob, processes: int, on_done: Callable[[int], None] | None = None) -> int:
+def run_generation(job: GenerationJob, processes: int, on_written: Callable[[int], None] | None = None) -> int:
     """Every missing sample of `job`, in this process or on `processes` local ones (torchrun); returns
-    the samples computed. `on_done(n)` as samples are done (with torchrun: counted on disk)."""
+    the samples written. `on_written(n)` as PNGs appear (with torchrun: counted on disk every 5 s)."""
+    check_devices(job.cfg.model_copy(update={"processes": processes}))
     if processes == 1:
-        return generate_shard(job, on_batch=on_done)
-    out = Path(job.out)
-    path = out / "generation-job.json"
+        return generate_shard(job, on_written=on_written)
+    path = Path(job.out) / "generation-job.json"
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
     before = missing(job)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "pd_eval.generation", str(path)]
+    from pd_model.train_dist import _die_with_parent
+
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(job.cfg.threads)}, preexec_fn=_die_with_parent)
     stop = threading.Event()
     ctx = contextvars.copy_context()  # the caller's run context: its log and artifacts receive the reports
-    watcher = threading.Thread(target=ctx.run, args=(_watch, job, stop, on_done), daemon=True) if on_done else None
+    watcher = threading.Thread(target=ctx.run, args=(_watch, job, before, stop, on_written), daemon=True) \
+        if on_written else None
     if watcher is not None:
         watcher.start()
     try:
-        _torchrun(processes, path, job.cfg.threads)
+        code = proc.wait()
     finally:
+        if proc.poll() is None:  # interrupted here: the workers go too
+            proc.kill()
+            proc.wait()
         stop.set()
         if watcher is not None:
             watcher.join()
+    if code != 0:
+        raise RuntimeError(f"generation on {processes} processes failed (exit {code}); the workers' output is above. "
+                           f"The PNGs written are kept: rerun the stage, or by hand: {' '.join(cmd)}")
     return before - missing(job)
 
 
-def _watch(job: GenerationJob, stop: threading.Event, on_done: Callable[[int], None], every: float = 5.0) -> None:
-    """Report the samples that appear on disk while torchrun's processes write them."""
-    total = sum(len(r.items) for r in job.requests)
-    seen = total - missing(job)
-    on_done(seen)
+def _watch(job: GenerationJob, missing_before: int, stop: threading.Event, on_written: Callable[[int], None],
+           every: float = 5.0) -> None:
+    """Report the PNGs that appear on disk while torchrun's processes write them."""
+    left = missing_before
     while not stop.wait(every):
-        now = total - missing(job)
-        on_done(now - seen)
-        seen = now
-    on_done(total - missing(job) - seen)
-
-
-def _torchrun(processes: int, job_path: Path, threads: int) -> None:
-    from pd_model.train_dist import _die_with_parent
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "pd_eval.generation", str(job_path)]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                         preexec_fn=_die_with_parent)
-    if res.returncode != 0:
-        raise RuntimeError(f"generation on {processes} processes failed (exit {res.returncode}); the workers' output is "
-                           f"above. The PNGs written are kept: rerun the stage, or by hand: {' '.join(cmd)}")
+        now = missing(job)
+        on_written(left - now)
+        left = now
+    on_written(left - missing(job))
 
 
 def main(argv: list[str]) -> int:
