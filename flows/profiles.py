@@ -55,7 +55,7 @@ PAPER_ANNOTATORS = {"depth": "transformers", "hed": "controlnet_aux", "seg": "tr
 
 # Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50},
+    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50, "steps": 10},
               "base": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25}},
     "demo": {
         # 480 images, as before layouts: 80 themes x 3 layouts x (a picture and its edited twin).
@@ -77,7 +77,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # prompts paired across layouts, guidance 3 cost image->depth 0.153 -> 0.196 and image->hed
         # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (README, 2026-12-01 runs); guidance
         # over the example pair changed nothing (scripts/bench_maps.py --split val).
-        "eval": {"steps": 20, "guidance_scale": 3.0, "map_guidance_scale": 1.0},
+        # One process at two threads generated 1.41 samples/s here, two processes at one thread 1.21
+        # (scripts/bench_eval.py throughput).
+        "eval": {"guidance_scale": 3.0, "map_guidance_scale": 1.0, "threads": 2},
     },
     # The paper's run: InstructPix2Pix, the ControlNet annotators, Stable Diffusion 1.5, Inception FID.
     # Every input is read from PAPER_INPUTS (`pd check --profile paper` lists what is missing there).

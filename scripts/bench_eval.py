@@ -6,8 +6,9 @@
 
 `throughput`: generation through the evaluate stage's own path (`pd_eval.generation.run_generation`)
 on a demo-shaped Prompt Diffusion model at random initialisation (a tiny world is built in a temporary
-folder), at DDIM 20 with text guidance 3 on every task, on the CPU, one thread per process; each process count
-is timed --repeats times, alternating, and the median is printed. With --paper-size it times one
+folder), at DDIM 20 with text guidance 3 on every task, on the CPU, for each of --configs (processes x
+threads each: 1x1, 2x1 and 1x2 by default); each is timed --repeats times, alternating, and the median
+is printed. With --paper-size it times one
 denoising step of an SD-1.5-sized UNet + Prompt Diffusion ControlNet at random initialisation (as
 `scripts/bench_train.py --paper-size` builds them; 256 px, bf16 autocast) with the two guidance
 branches of the paper's protocol, and projects the wall time of the paper profile's whole evaluation
@@ -81,34 +82,37 @@ def throughput_cpu(args) -> dict:
     from pd_eval.config import EvalConfig
     from pd_eval.generation import run_generation
 
+    if args.device != "cpu":
+        raise SystemExit("throughput without --paper-size times the CPU; pass --paper-size for a GPU")
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]  # (processes, threads)
     with tempfile.TemporaryDirectory() as tmp:
         w = tiny_world(Path(tmp) / "world")
-        if args.device != "cpu":
-            raise SystemExit("throughput without --paper-size times the CPU; pass --paper-size for a GPU")
-        cfg = EvalConfig(steps=20, guidance_scale=3.0, batch_size=args.batch, threads=1, device="cpu")
-        times: dict[int, list[float]] = {p: [] for p in args.processes}
+        times: dict[str, list[float]] = {f"{p}x{t}": [] for p, t in configs}
         n = 0
         for rep in range(args.repeats):
-            for p in args.processes:
-                job = job_for(w, cfg, Path(tmp) / f"out-{p}-{rep}")
+            for p, t in configs:
+                cfg = EvalConfig(steps=20, guidance_scale=3.0, batch_size=args.batch, threads=t, device="cpu")
+                job = job_for(w, cfg, Path(tmp) / f"out-{p}x{t}-{rep}")
                 t0 = time.perf_counter()
                 n = run_generation(job, p)
-                times[p].append(time.perf_counter() - t0)
-        rates = {p: n / statistics.median(t) for p, t in times.items()}
+                times[f"{p}x{t}"].append(time.perf_counter() - t0)
+        rates = {c: n / statistics.median(t) for c, t in times.items()}
+        first = next(iter(rates))
         return {"device": "cpu", "samples": n, "sampler": "ddim 20 steps, guidance 3", "batch": args.batch,
-                "seconds": {p: [round(x, 2) for x in t] for p, t in times.items()},
-                "samples_per_s_median": {p: round(r, 2) for p, r in rates.items()},
-                "speedup_vs_1": {p: round(r / rates[args.processes[0]], 2) for p, r in rates.items()},
+                "configs": "processes x threads each", "seconds": {c: [round(x, 2) for x in t] for c, t in times.items()},
+                "samples_per_s_median": {c: round(r, 2) for c, r in rates.items()},
+                f"speedup_vs_{first}": {c: round(r / rates[first], 2) for c, r in rates.items()},
                 "note": "wall time includes each run's start: torchrun and model loading for more than one process"}
 
 
-def paper_samples() -> dict:
-    """The paper profile's evaluation work list: samples per kind of request."""
+def paper_samples(per_task: int | None = None) -> dict:
+    """The paper profile's evaluation work list (at `per_task` prompts per task if given): samples per
+    kind of request."""
     from flows.profiles import load_profile
     from pd_data.tasks import TRAINING_TASKS, UNSEEN_TASKS
 
     p = load_profile("paper")
-    n, trained, unseen = p.prompts.per_task, len(TRAINING_TASKS), len(UNSEEN_TASKS)
+    n, trained, unseen = per_task or p.prompts.per_task, len(TRAINING_TASKS), len(UNSEEN_TASKS)
     u = min(p.eval.unseen_per_task, n)
     counts = {"prompt-diffusion, trained tasks": n * trained, "cn-ft, trained tasks": n * trained,
               "unseen tasks, 4 conditions": 4 * u * unseen, "task inference": 3 * min(p.eval.task_inference_queries, n)}
@@ -146,12 +150,13 @@ def throughput_paper(args) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    work = paper_samples()
+    work, full = paper_samples(), paper_samples(10_000)  # the profile's 1,000 prompts per task; the paper's up to 10,000
     per_device = b / (step_s * work["steps"])  # samples/s: `steps` guided steps per sample
-    hours = {k: round(work["total"] / (per_device * k) / 3600, 2) for k in (1, 8)}
+    hours = {f"{w['per_task']} prompts per task": {k: round(w["total"] / (per_device * k) / 3600, 2) for k in (1, 8)}
+             for w in (work, full)}
     return {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
             "batch": b, "dtype": "fp32" if args.fp32 else "bf16 autocast", "guided_step_s_median": round(step_s, 4),
-            "samples_per_s_per_device": round(per_device, 3), "paper_work_list": work,
+            "samples_per_s_per_device": round(per_device, 3), "paper_work_list": [work, full],
             "projected_hours_on_1_and_8_devices": hours}
 
 
@@ -183,7 +188,7 @@ def study(args) -> dict:
     for sched, steps in SAMPLERS:
         name = f"{sched}-{steps}"
         cfg = EvalConfig(scheduler=sched, steps=steps, guidance_scale=args.guidance, map_guidance_scale=args.map_guidance,
-                         batch_size=16, threads=1, device="cpu", bootstrap=args.bootstrap)
+                         batch_size=16, threads=args.threads, device=args.device, bootstrap=args.bootstrap)
         out = work / name
         job = job_for(w, cfg, out)
         t0 = time.perf_counter()
@@ -198,6 +203,7 @@ def study(args) -> dict:
     holds = {name: all(ref[k][1] <= v[0] <= ref[k][2] for k, v in r.items() if k[1] != "kid") for name, r in rows.items()}
     fastest = min((n for n, ok in holds.items() if ok and n != "ddim-100"), key=lambda n: int(n.split("-")[1]), default=None)
     return {"state": str(args.state), "guidance": args.guidance, "map_guidance": args.map_guidance, "per_task": args.per_task, "processes": args.processes,
+            "threads": args.threads,
             "samples_per_s": {k: round(v, 2) if v else None for k, v in rates.items()},
             "metrics": {name: {f"{m} {t}": [round(x, 4) for x in v] for (t, m), v in r.items()} for name, r in rows.items()},
             "within_ddim100_interval_on_every_task": holds, "fastest_that_holds": fastest, "work": str(work)}
@@ -207,7 +213,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("throughput", help="samples/s on this machine; with --paper-size, the paper protocol's cost")
-    t.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    t.add_argument("--configs", default="1x1,2x1,1x2", help="processes x CPU threads each, comma-separated")
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--paper-size", action="store_true")
@@ -219,10 +225,15 @@ def main() -> int:
     s.add_argument("--per-task", type=int, default=32)
     s.add_argument("--guidance", type=float, default=9.0, help="text guidance of every task (the paper's 9)")
     s.add_argument("--map-guidance", type=float, default=None, help="text guidance of image->map (default: --guidance)")
-    s.add_argument("--processes", type=int, default=2)
+    s.add_argument("--processes", type=int, default=1)
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    s.add_argument("--threads", type=int, default=2, help="CPU threads per process (1x2 was the fastest here)")
     s.add_argument("--bootstrap", type=int, default=200)
     s.add_argument("--out", default=None, help="keep the samples here (default: a temporary folder)")
     args = ap.parse_args()
+    from pd_data.progress import set_sink
+
+    set_sink(lambda r: print(r.line, file=sys.stderr, flush=True))  # stdout holds the JSON only
     if args.mode == "throughput":
         result = throughput_paper(args) if args.paper_size else throughput_cpu(args)
     else:
