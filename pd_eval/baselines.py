@@ -4,8 +4,8 @@
 were copying; for map->image, a real image of the query's group, so FID/KID see real pictures);
 for image->map tasks also `baseline/copy-query` (the query image itself) and `baseline/mean-map`
 (the per-pixel mean of the task's target maps over the train split: the best constant answer in
-mean squared error, rounded to 8 bits like every answer scored from its PNG). A trained model that does not beat every baseline of its task has not shown
-that it learnt the task.
+mean squared error, rounded to 8 bits like every answer scored from its PNG). A trained model that
+does not beat every baseline of its task has not shown that it learnt the task.
 """
 from __future__ import annotations
 

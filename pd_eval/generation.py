@@ -178,7 +178,6 @@ def generate_shard(job: GenerationJob, rank: int = 0, world: int = 1,
     from pd_model.sampling import generate
 
     cfg, models, data, written = job.cfg, None, None, 0
-    base = net = None
     with cpu_threads(cfg.threads):
         for r, b in batches(job)[rank::world]:
             files = paths(job.out, r, b)

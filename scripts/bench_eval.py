@@ -13,15 +13,16 @@ denoising step of an SD-1.5-sized UNet + Prompt Diffusion ControlNet at random i
 `scripts/bench_train.py --paper-size` builds them; 256 px, bf16 autocast) with the two guidance
 branches of the paper's protocol, and projects the wall time of the paper profile's whole evaluation
 (every sample of its work list x 100 DDIM steps) on 1 and 8 such devices. Model loading, the text
-encoder, the VAE decode and the metrics are left out: the projection is a lower bound.
+encoder, the VAE decode and the metrics are left out, and every sample is timed with the Prompt
+Diffusion ControlNet (a CN(FT) sample is a little cheaper): the projection is approximate.
 
 `samplers`: the trained Prompt Diffusion model of a demo run's state directory (`make benchmark`, or
 `pd run --profile demo`), on its six trained tasks, with --per-task prompts per task drawn from the
 test split: the paper's sampler (DDIM 100 steps, text guidance 9) against DDIM 20 and DPM-Solver++
 and UniPC at 10 and 20 steps at the same guidance; FID/KID (map->image) and RMSE (image->map) with
-their bootstrap 95% intervals, and samples/s. A setting "holds" on a task when its value of the task's Table 1
-metric (FID or RMSE; KID is printed, not judged) lies inside the interval of DDIM 100 there; the
-fastest setting that holds on every task is printed last (none, when none does).
+their bootstrap 95% intervals, and samples/s. A setting "holds" on a task when its value of the
+task's Table 1 metric (FID or RMSE; KID is printed, not judged) lies inside the interval of DDIM 100
+there; the fastest setting that holds on every task is printed last (none, when none does).
 """
 from __future__ import annotations
 
@@ -202,8 +203,8 @@ def study(args) -> dict:
     ref = rows["ddim-100"]
     holds = {name: all(ref[k][1] <= v[0] <= ref[k][2] for k, v in r.items() if k[1] != "kid") for name, r in rows.items()}
     fastest = min((n for n, ok in holds.items() if ok and n != "ddim-100"), key=lambda n: int(n.split("-")[1]), default=None)
-    return {"state": str(args.state), "guidance": args.guidance, "map_guidance": args.map_guidance, "per_task": args.per_task, "processes": args.processes,
-            "threads": args.threads,
+    return {"state": str(args.state), "guidance": args.guidance, "map_guidance": args.map_guidance,
+            "per_task": args.per_task, "processes": args.processes, "threads": args.threads,
             "samples_per_s": {k: round(v, 2) if v else None for k, v in rates.items()},
             "metrics": {name: {f"{m} {t}": [round(x, 4) for x in v] for (t, m), v in r.items()} for name, r in rows.items()},
             "within_ddim100_interval_on_every_task": holds, "fastest_that_holds": fastest, "work": str(work)}
