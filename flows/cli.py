@@ -160,7 +160,7 @@ def _open(path: str):
 def cmd_generate(args) -> int:
     pipe = _pipeline(args)
     out = pipe(args.prompt, image_pair=(_open(args.pair[0]), _open(args.pair[1])), image=_open(args.query),
-               **_sampling_kwargs(args))[0]
+               **_sampling_kwargs(args)).images[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.save(args.out)
     print(args.out)

@@ -110,19 +110,27 @@ def build_tiny_base(cfg: BaseModelConfig, captions: list[str], resolution: int) 
     return BaseModel(unet, CLIPTextModel(text_cfg), tokenizer, scheduler)
 
 
-def load_base(path: str | Path) -> BaseModel:
-    """Load a base in diffusers layout from a folder, or from the Hugging Face cache by repo id."""
+def local_base_folder(path: str | Path) -> Path | None:
+    """The local folder of a base reference: the folder itself, or its Hugging Face cache snapshot; None if neither."""
     from huggingface_hub import snapshot_download
 
     local = Path(path).expanduser()
-    if not local.exists():
-        try:
-            local = Path(snapshot_download(str(path), local_files_only=True))
-        except Exception as e:  # offline and not cached: say what is missing and where it goes
-            raise FileNotFoundError(
-                f"base model {str(path)!r} is neither a folder nor in the Hugging Face cache. Put a diffusers "
-                f"Stable Diffusion 1.5 folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/) there, or "
-                f"pass base.pretrained_path=/path/to/stable-diffusion-v1-5") from e
+    if local.is_dir():
+        return local
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # noqa: BLE001 - offline and not cached, or not a repo id at all
+        return None
+
+
+def load_base(path: str | Path) -> BaseModel:
+    """Load a base in diffusers layout from a folder, or from the Hugging Face cache by repo id."""
+    local = local_base_folder(path)
+    if local is None:  # offline and not cached: say what is missing and where it goes
+        raise FileNotFoundError(
+            f"base model {str(path)!r} is neither a folder nor in the Hugging Face cache. Put a diffusers "
+            f"Stable Diffusion 1.5 folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/) there, or "
+            f"pass base.pretrained_path=/path/to/stable-diffusion-v1-5")
     missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler") if not (local / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"base model folder {local} lacks {missing}; it must be in diffusers layout "

@@ -11,10 +11,12 @@ import inspect
 from typing import Literal
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel  # noqa: F401 - ModelMixin: see below
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 
+# `DiffusionPipeline.from_pretrained` loads a component declared ["pd_model.controlnet", "PromptDiffusionControlNet"]
+# in model_index.json by looking its loadable base classes (ModelMixin) up in this module: keep the import.
 PAIR_CHANNELS = 6
 HintRange = Literal["-1,1", "0,1"]
 Kind = Literal["prompt-diffusion", "cn-ft"]
@@ -117,10 +119,11 @@ def kind_of(net: ControlNetModel) -> Kind:
 
 
 def residuals(controlnet: ControlNetModel | None, sample: torch.Tensor, timestep, emb: torch.Tensor,
-              pair: torch.Tensor | None, query: torch.Tensor | None) -> dict:
+              pair: torch.Tensor | None, query: torch.Tensor | None, scale: float = 1.0) -> dict:
     """The UNet's `down_block_additional_residuals` / `mid_block_additional_residual` kwargs, one call for
     both kinds: Prompt Diffusion reads pair (B, 6, H, W) and query (B, 3, H, W), a stock ControlNet the
-    query alone (it has no input for a pair); no ControlNet adds nothing."""
+    query alone (it has no input for a pair); no ControlNet adds nothing. `scale` multiplies the residuals
+    (diffusers' `controlnet_conditioning_scale`)."""
     if controlnet is None:
         return {}
     if query is None:
@@ -131,4 +134,6 @@ def residuals(controlnet: ControlNetModel | None, sample: torch.Tensor, timestep
         down, mid = controlnet(sample, timestep, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
     else:
         down, mid = controlnet(sample, timestep, emb, controlnet_cond=query, return_dict=False)
+    if scale != 1.0:
+        down, mid = [d * scale for d in down], mid * scale
     return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}

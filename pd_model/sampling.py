@@ -8,7 +8,7 @@ from diffusers import ControlNetModel
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
 from pd_model.controlnet import kind_of
-from pd_model.pipeline import PromptDiffusionPipeline
+from pd_model.pipeline import PromptDiffusionPipeline, uint8_images
 
 
 def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[Prompt], seeds: list[int], *,
@@ -22,9 +22,9 @@ def generate(base: BaseModel, controlnet: ControlNetModel | None, prompts: list[
     pair = None
     if controlnet is not None and kind_of(controlnet) == "prompt-diffusion":
         pair = ([p.example_source for p in prompts], [p.example_target for p in prompts])
-    return pipe([p.text + positive_suffix for p in prompts], image_pair=pair,
+    return uint8_images(pipe([p.text + positive_suffix for p in prompts], image_pair=pair,
                 image=[p.query for p in prompts] if controlnet is not None else None,
                 num_inference_steps=steps, guidance_scale=guidance_scale, pair_guidance_scale=pair_guidance_scale,
                 negative_prompt=negative_prompt, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                output_type="np", height=prompts[0].query.shape[0], width=prompts[0].query.shape[1],
-                empty_pair=empty_pair)
+                output_type="pil", height=prompts[0].query.shape[0], width=prompts[0].query.shape[1],
+                empty_pair=empty_pair).images)

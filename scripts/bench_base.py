@@ -35,7 +35,7 @@ from pd_data.ingest import ingest
 from pd_eval.features import RandomConvFeatures
 from pd_model.visuals import caption_grid
 from pd_model.base import build_tiny_base, load_base
-from pd_model.pipeline import PromptDiffusionPipeline
+from pd_model.pipeline import PromptDiffusionPipeline, uint8_images
 from pd_model.train_base import train_base
 
 VARIANTS = {
@@ -100,9 +100,9 @@ def main() -> None:
     def score(base, name: str, steps: str, seconds: float) -> None:
         pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(captions, num_inference_steps=args.sample_steps, guidance_scale=args.guidance, output_type="np",
-                      generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
-                      height=prof.data.resolution, width=prof.data.resolution)
+        images = uint8_images(pipe(captions, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+                                   generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
+                                   height=prof.data.resolution, width=prof.data.resolution).images)
         # Each sample beside the image its caption came from.
         shown = range(min(8, len(images)))
         pairs = [a for k in shown for a in (images[k], scored.arrays[ids[k]]["image"])]

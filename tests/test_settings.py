@@ -39,7 +39,7 @@ def _img(seed, size=32):
 def _call(pipe, **kw):
     args = dict(image=_img(3), num_inference_steps=2, guidance_scale=2.0, output_type="np",
                 generator=torch.Generator().manual_seed(0))
-    return pipe("a red ball", **{**args, **kw})
+    return pipe("a red ball", **{**args, **kw}).images
 
 
 # ---------------------------------------------------------------- 1. the paper protocol
