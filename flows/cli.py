@@ -1,16 +1,16 @@
 """`pd`: run the pipeline, manage the local Prefect stack, and query results.
 
     pd run [--profile smoke] [--stage full-benchmark] [-o train.steps=50 ...]
-    pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR]
+    pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR | --dataset D]
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
-    pd results                           Table 1 of the latest completed run, and its report
-    pd sql "SELECT count(*) FROM metrics"
+    pd results [--format table|json|csv]  Table 1 of the latest completed run, and its report
+    pd sql "SELECT count(*) FROM metrics" [--format ...]   read-only: no statement can write or reach out
     pd profile demo [-o ...]             print a profile's resolved configuration
     pd check [--profile paper] [-o ...]  every data folder and weight file the profile lacks, and where it goes
     pd retrain [--profile demo] [--dataset default] [--from-scratch] [-o ...]   one retraining round
-    pd models [--dataset D]              the model registry: candidates, decisions, the current model
+    pd models [--dataset D] [--format ...]  the model registry: candidates, decisions, the current model
     pd rollback [--dataset D] [--to MODEL_ID]   make an earlier model current again (default: the previous one)
 """
 from __future__ import annotations
@@ -22,6 +22,45 @@ import sys
 from pathlib import Path
 
 STAGES = ("full-benchmark", "ingest", "annotate", "train", "evaluate", "report")
+# The names `pd_model.pipeline.SCHEDULERS` defines (tests/test_cli.py checks they agree), spelled here
+# so that `pd --help` does not import torch.
+SCHEDULER_NAMES = ("ddim", "dpm", "unipc")
+FORMATS = ("table", "json", "csv")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prompt-diffusion-pipeline")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed; pip install -e .)"
+
+
+def _print_rows(names: list[str], rows: list[tuple], fmt: str) -> None:
+    """`names`/`rows` as an aligned table, a JSON list of objects or CSV with a header, on stdout."""
+    from pd_eval.store import format_table
+
+    if fmt == "table":
+        print(format_table(names, rows))
+    elif fmt == "json":
+        from decimal import Decimal
+
+        def plain(v):  # DuckDB's DECIMAL as a number, dates and the rest as their text
+            return float(v) if isinstance(v, Decimal) else v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+        import math
+
+        def finite(v):  # JSON has no NaN: an interval of one sample is null
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        print(json.dumps([{k: finite(v) for k, v in zip(names, r)} for r in rows], indent=2, default=plain))
+    else:
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(names)
+        w.writerows(rows)
 
 
 def _prepare_env() -> "StateDir":  # noqa: F821
@@ -83,13 +122,12 @@ def cmd_retrain(args) -> int:
 def cmd_models(args) -> int:
     from pd_data.state import StateDir
     from pd_eval.registry import listing
-    from pd_eval.store import format_table
 
     names, rows = listing(StateDir.resolve().db, args.dataset)
-    if not rows:
+    if not rows and args.format == "table":
         print("no models in the registry yet; run `pd retrain` (or the retrain deployment)")
         return 0
-    print(format_table(names, rows))
+    _print_rows(names, rows, args.format)
     return 0
 
 
@@ -104,40 +142,59 @@ def cmd_rollback(args) -> int:
 
 def cmd_sql(args) -> int:
     from pd_data.state import StateDir
-    from pd_eval.store import format_table, query
+    from pd_eval.store import query
 
     names, rows = query(StateDir.resolve().db, args.query)
-    print(format_table(names, rows))
+    _print_rows(names, rows, args.format)
     return 0
 
 
 def cmd_results(args) -> int:
     from pd_data.state import StateDir
-    from pd_eval.store import format_table, query
+    from pd_eval.store import query
 
     db = StateDir.resolve().db
     names, rows = query(db, "SELECT * EXCLUDE (run_id) FROM latest_paper_table ORDER BY profile = 'paper', model")
-    print(format_table(names, rows))
+    _print_rows(names, rows, args.format)
     _, runs = query(db, "SELECT run_id, report_path FROM runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1")
-    if runs:
+    if runs and args.format == "table":
         print(f"\nrun {runs[0][0]}\nreport: {runs[0][1]}\n        {Path(runs[0][1]).with_suffix('.html')}")
     return 0
 
 
-def _pipeline(args):
-    """The pipeline of `--model DIR`, or of the latest trained Prompt Diffusion model in the results."""
+def _model_folder(args) -> str:
+    """`--model DIR`; else the registry's current model of `--dataset`; else the latest benchmark's
+    Prompt Diffusion model; else an error that says how to get one."""
     from pd_data.state import StateDir
     from pd_eval.store import query
+
+    if args.model is not None:
+        return args.model
+    db = StateDir.resolve().db
+    if not db.exists():
+        raise FileNotFoundError(f"no trained model yet ({db} does not exist); run a benchmark (make benchmark) or "
+                                f"`pd retrain`, or pass --model DIR")
+    _, tables = query(db, "SELECT table_name FROM duckdb_tables() UNION ALL SELECT view_name FROM duckdb_views()")
+    names = {t for (t,) in tables}
+    if {"current_models", "registry"} <= names:
+        _, rows = query(db, "SELECT r.path FROM current_models c JOIN registry r USING (dataset, model_id) "
+                            "WHERE c.dataset = ?", [args.dataset])
+        if rows:
+            return rows[0][0]
+    if {"models", "runs"} <= names:
+        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE m.kind IN "
+                            "('prompt-diffusion', 'prompt_diffusion') AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
+        if rows:
+            return rows[0][0]
+    raise FileNotFoundError(f"no current model of dataset {args.dataset!r} in the registry and no trained Prompt Diffusion "
+                            f"model in the results; run a benchmark or `pd retrain`, or pass --model DIR")
+
+
+def _pipeline(args):
+    """The pipeline of `_model_folder(args)`, with `--scheduler`."""
     from pd_model.pipeline import PromptDiffusionPipeline
 
-    model = args.model
-    if model is None:
-        _, rows = query(StateDir.resolve().db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE "
-                        "m.kind IN ('prompt-diffusion', 'prompt_diffusion') AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
-        if not rows:
-            raise FileNotFoundError("no trained Prompt Diffusion model in the results; run a benchmark or pass --model DIR")
-        model = rows[0][0]
-    pipe = PromptDiffusionPipeline.from_trained(model, args.scheduler)
+    pipe = PromptDiffusionPipeline.from_trained(_model_folder(args), args.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -188,14 +245,16 @@ def cmd_edit(args) -> int:
 
 
 def _add_sampling_args(p) -> None:
-    p.add_argument("--model", help="trained model folder (default: the latest Prompt Diffusion model)")
+    p.add_argument("--model", help="trained model folder (default: the registry's current model of --dataset, else "
+                                   "the latest benchmark's Prompt Diffusion model)")
+    p.add_argument("--dataset", default="default", help="the registry dataset whose current model is used without --model")
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance", type=float, default=9.0, help="text guidance scale (paper: 9.0)")
     p.add_argument("--pair-guidance", type=float, default=None, help="separate guidance over the example pair")
-    p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpm", "unipc"))
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULER_NAMES, help="sampler")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
 
 
 def cmd_convert(args) -> int:
@@ -235,61 +294,85 @@ def cmd_stack(args) -> int:
     return 0
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each optional argument's default after its help (none for
+    required arguments, flags and those whose help says what happens without them)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        d = action.default
+        unset = d is None or d is False or d == [] or d == argparse.SUPPRESS
+        if not unset and not action.required and action.option_strings and "default" not in text:
+            text += f" (default: {d if d != '' else repr(d)})"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a flow in this process (against $PREFECT_API_URL if set)")
-    r.add_argument("--profile", default="smoke", help="smoke | demo | paper (default smoke)")
-    r.add_argument("--stage", default="full-benchmark", choices=STAGES)
-    r.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    r.set_defaults(fn=cmd_run)
-    s = sub.add_parser("sql", help="run a read-only SQL query on the results database")
-    s.add_argument("query")
-    s.set_defaults(fn=cmd_sql)
-    sub.add_parser("results", help="Table 1 of the latest completed run").set_defaults(fn=cmd_results)
-    ck = sub.add_parser("check", help="list every data folder and weight file a profile needs and lacks")
-    ck.add_argument("--profile", default="paper")
-    ck.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ck.set_defaults(fn=cmd_check)
-    p = sub.add_parser("profile", help="print a profile's resolved configuration")
-    p.add_argument("name")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.set_defaults(fn=cmd_profile)
-    g = sub.add_parser("generate", help="one prompt from image files: example pair + query + text -> PNG")
-    g.add_argument("--prompt", required=True)
+    from flows.profiles import PROFILES
+    from pd_data.tasks import TASKS
+
+    profiles = sorted(PROFILES)
+    forward = sorted({t.target for t in TASKS.values() if t.source == "image"})  # what two-step editing can go through
+    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, fn):
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        p.set_defaults(fn=fn)
+        return p
+
+    def overrides(p) -> None:
+        p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="set one configuration value (repeatable), e.g. -o train.steps=50; `pd profile NAME` shows them all")
+
+    def table_format(p) -> None:
+        p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")
+
+    r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
+    r.add_argument("--profile", default="smoke", choices=profiles, help="configuration profile")
+    r.add_argument("--stage", default="full-benchmark", choices=STAGES, help="the flow: the whole chain or one stage (with its upstream)")
+    overrides(r)
+    s = command("sql", "run a read-only SQL query on the results database", cmd_sql)
+    s.add_argument("query", help="SQL (SELECT, DESCRIBE, SHOW, ...); nothing that writes, attaches, installs or reads outside the state directory")
+    table_format(s)
+    table_format(command("results", "Table 1 of the latest completed run", cmd_results))
+    ck = command("check", "list every data folder and weight file a profile needs and lacks", cmd_check)
+    ck.add_argument("--profile", default="paper", choices=profiles, help="configuration profile")
+    overrides(ck)
+    p = command("profile", "print a profile's resolved configuration", cmd_profile)
+    p.add_argument("name", choices=profiles, help="configuration profile")
+    overrides(p)
+    g = command("generate", "one prompt from image files: example pair + query + text -> PNG", cmd_generate)
+    g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--pair", nargs=2, required=True, metavar=("SOURCE", "TARGET"), help="the example pair")
-    g.add_argument("--query", required=True)
+    g.add_argument("--query", required=True, help="the query image")
     _add_sampling_args(g)
-    g.set_defaults(fn=cmd_generate)
-    e = sub.add_parser("edit", help="edit an image: one step (--map) or two steps (--image, --forward-pair)")
+    e = command("edit", "edit an image: one step (--map) or two steps (--image, --forward-pair)", cmd_edit)
     e.add_argument("--text", required=True, help="the new text")
     e.add_argument("--inverse-pair", nargs=2, required=True, metavar=("MAP", "IMAGE"), help="example of map -> image")
     e.add_argument("--map", help="one step: the map of the image to edit")
     e.add_argument("--image", help="two steps: the image to edit")
     e.add_argument("--forward-pair", nargs=2, metavar=("IMAGE", "MAP"), help="two steps: example of image -> map")
-    e.add_argument("--modality", default="depth", choices=("depth", "hed", "seg"))
+    e.add_argument("--modality", default="depth", choices=forward, help="two steps: the map the image goes through")
     _add_sampling_args(e)
-    e.set_defaults(fn=cmd_edit)
-    c = sub.add_parser("convert", help="original Prompt Diffusion checkpoint (ldm layout) -> diffusers folder")
+    c = command("convert", "original Prompt Diffusion checkpoint (ldm layout) -> diffusers folder", cmd_convert)
     c.add_argument("checkpoint", help="network-step=04999.ckpt or a .safetensors of it")
     c.add_argument("--base", required=True, help="the Stable Diffusion 1.5 folder (or its unet/config.json)")
     c.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
-    c.set_defaults(fn=cmd_convert)
-    rt = sub.add_parser("retrain", help="one retraining round in this process (incremental data, candidate, decision)")
-    rt.add_argument("--profile", default="demo")
+    rt = command("retrain", "one retraining round in this process (incremental data, candidate, decision)", cmd_retrain)
+    rt.add_argument("--profile", default="demo", choices=profiles, help="configuration profile")
     rt.add_argument("--dataset", default="default", help="name of the live dataset (a folder under data/live)")
     rt.add_argument("--from-scratch", action="store_true", help="train the candidate from scratch, not from the current model")
-    rt.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    rt.set_defaults(fn=cmd_retrain)
-    ml = sub.add_parser("models", help="the model registry: every candidate, its decision, the current model")
-    ml.add_argument("--dataset", default=None)
-    ml.set_defaults(fn=cmd_models)
-    rb = sub.add_parser("rollback", help="make an earlier registry model current again")
-    rb.add_argument("--dataset", default="default")
-    rb.add_argument("--to", default=None, metavar="MODEL_ID", help="default: the model current before the present one")
-    rb.set_defaults(fn=cmd_rollback)
-    sub.add_parser("up", help="start the local Prefect server, pool, deployments and worker").set_defaults(fn=cmd_stack)
-    sub.add_parser("down", help="stop the local Prefect server and worker").set_defaults(fn=cmd_stack)
+    overrides(rt)
+    ml = command("models", "the model registry: every candidate, its decision, the current model", cmd_models)
+    ml.add_argument("--dataset", default=None, help="one live dataset (default: all)")
+    table_format(ml)
+    rb = command("rollback", "make an earlier registry model current again", cmd_rollback)
+    rb.add_argument("--dataset", default="default", help="name of the live dataset")
+    rb.add_argument("--to", default=None, metavar="MODEL_ID", help="the model to make current (default: the one current before the present one)")
+    command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
+    command("down", "stop the local Prefect server and worker", cmd_stack)
     return ap
 
 
