@@ -129,11 +129,11 @@ def annotate_shard(images_path: Path, out_path: Path, annotators: dict[str, str]
     if out_path.exists():
         return {"shard": images_path.name, "rows": pq.read_metadata(out_path).num_rows, "resumed": True, "rejects": 0}
     t0 = time.perf_counter()
-    from pd_data.shards import REJECTS_SCHEMA, decode_png
+    from pd_data.shards import REJECTS_SCHEMA, decode_image
 
     table = pq.read_table(images_path, columns=["image_id", "image", "provenance"]).to_pylist()
     built = {m: get_annotator(b, m, weights_dir) for m, b in annotators.items()}
-    images = [decode_png(r["image"]) for r in table]
+    images = [decode_image(r["image"]) for r in table]
     provs = [json.loads(r["provenance"]) for r in table]
     maps: dict[str, list] = {m: _annotate_all(a, images, provs) for m, a in built.items()}
     rows, rejects = [], []

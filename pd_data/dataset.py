@@ -20,14 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pd_data.config import Pairing
-from pd_data.shards import decode_png, shard_files
+from pd_data.shards import decode_image, shard_files
 from pd_data.tasks import Prompt, TaskSpec, compose_prompt
 
 DEFAULT_CACHE_MB = 256.0
 
 
 class ShardColumn:
-    """Random access to one binary column of a list of Parquet files by (file, row).
+    """Random access to one image column of a list of Parquet files by (file, row).
 
     A read fetches the row group holding the row (shards are written in small row groups, see
     `pd_data.shards.ROW_GROUP_ROWS`); the last few row groups and open files are kept. Picklable:
@@ -41,7 +41,7 @@ class ShardColumn:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict(), "_groups": OrderedDict()}
 
-    def get(self, f: int, row: int) -> bytes:
+    def get(self, f: int, row: int) -> dict | bytes:
         rg = bisect.bisect_right(self.starts[f], row) - 1
         col = self._groups.get((f, rg))
         if col is None:
@@ -94,9 +94,9 @@ class LazyArrays(Mapping):
             self._cache.move_to_end(key)
             return arr
         if modality == "image":
-            arr = decode_png(self._images.get(*self._image_loc[k]))
+            arr = decode_image(self._images.get(*self._image_loc[k]))
         else:
-            arr = decode_png(self._maps.get(*self._map_loc[k, self._mod[modality]]))
+            arr = decode_image(self._maps.get(*self._map_loc[k, self._mod[modality]]))
         arr.setflags(write=False)  # shared by every prompt that uses it
         self._cache[key] = arr
         self._cached += arr.nbytes
@@ -285,7 +285,7 @@ def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = 
     out = SplitData(pairing=pairing)
     groups: dict[str, list[str]] = defaultdict(list)
     for r in images.to_pylist():
-        out.arrays[r["image_id"]] = {"image": decode_png(r["image"])}
+        out.arrays[r["image_id"]] = {"image": decode_image(r["image"])}
         out.captions[r["image_id"]] = r["caption"]
         out.layouts[r["image_id"]] = r.get("layout_id") or r["image_id"]  # shards before layouts: the image alone
         groups[r["group_id"]].append(r["image_id"])
@@ -293,7 +293,7 @@ def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = 
     modalities = set(ann.column("modality").to_pylist())
     for r in ann.select(["image_id", "modality", "map"]).to_pylist():
         if r["image_id"] in keep:
-            out.arrays[r["image_id"]][r["modality"]] = decode_png(r["map"])
+            out.arrays[r["image_id"]][r["modality"]] = decode_image(r["map"])
     # An image with a rejected map takes part in no prompt: every task sees the same images.
     incomplete = {i for i, a in out.arrays.items() if not modalities <= set(a)}
     for i in incomplete:

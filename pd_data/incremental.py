@@ -25,7 +25,7 @@ from pd_data.config import DataConfig, Pairing
 from pd_data.dataset import SplitData, split_from_tables
 from pd_data.db import connect
 from pd_data.ingest import duplicate_check, listing, prepare, record_row, reject_row
-from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, write_shard
+from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, with_image_structs, write_shard
 from pd_data.sources import RawRecord, make_source
 from pd_data.schema import DataRoundRow, ensure_schema
 from pd_data.state import fingerprint
@@ -147,7 +147,7 @@ def active_tables(root: Path, db: Path, dataset: str) -> tuple[pa.Table, pa.Tabl
     def read(prefix: str, schema: pa.Schema) -> pa.Table:
         parts = []
         for f in sorted(root.glob(f"{prefix}-r*-*.parquet")):
-            t, rnd = pq.read_table(f), _round_of(f)
+            t, rnd = with_image_structs(pq.read_table(f)), _round_of(f)  # rounds of older code: raw bytes
             keep = [active.get(i) == rnd for i in t.column("image_id").to_pylist()]
             parts.append(t.filter(pa.array(keep, pa.bool_())))
         return pa.concat_tables(parts) if parts else schema.empty_table()

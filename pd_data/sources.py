@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pd_data import procedural
 from pd_data.config import DataConfig, check_parquet_views
 from pd_data.normalize import Reject, decode_utf8
+from pd_data.shards import image_bytes
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -340,8 +341,7 @@ class ParquetSource:
         missing = [view[k] for k in ("image", "caption") if view[k] not in table.column_names]
         if missing:
             raise ValueError(f"column(s) {missing} not in {f}; map them with data.parquet_columns")
-        cell = table.column(view["image"])[local].as_py()
-        image = cell.get("bytes") if isinstance(cell, dict) else cell
+        image = image_bytes(table.column(view["image"])[local].as_py())
         caption = table.column(view["caption"])[local].as_py()
         return RawRecord(image or b"", caption, {"path": f, "row": row, "column": view["image"]})
 

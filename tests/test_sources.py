@@ -13,7 +13,7 @@ from PIL import Image
 
 from pd_data.config import DataConfig
 from pd_data.ingest import ingest
-from pd_data.shards import decode_png, read_shards
+from pd_data.shards import decode_image, read_shards
 from pd_data.sources import FolderSource, InstructPix2PixSource, ParquetSource
 
 NOT_PROC = {"depth": "controlnet_aux", "hed": "controlnet_aux", "seg": "transformers"}
@@ -55,7 +55,7 @@ def test_folder_with_jsonl_csv_and_txt_captions(tmp_path):
         assert {r["group_id"] for r in rows.values()} == {"groupA"}
         # The side file's layout, else the image is a layout of its own.
         assert (rows["groupA/a.png"]["layout_id"], rows["groupA/b.png"]["layout_id"]) == ("L1", "groupA/b.png")
-        assert decode_png(rows["groupA/b.png"]["image"]).shape == (32, 32, 3)
+        assert decode_image(rows["groupA/b.png"]["image"]).shape == (32, 32, 3)
     root = tmp_path / "txt"
     root.mkdir()
     (root / "x.png").write_bytes(_img())
@@ -171,10 +171,10 @@ def test_bad_input_is_normalised_or_rejected_and_the_run_continues(tmp_path):
     assert summary["rows_out"] == len(files) - len(rejects) and sum(summary["rejects"].values()) == len(rejects)
     rows = _rows(out)
     for r in rows.values():
-        assert decode_png(r["image"]).shape == (32, 32, 3)
-    assert decode_png(rows["sixteen.png"]["image"]).mean() > 200  # 60000/65535 of white, not clipped to 255 noise
-    assert decode_png(rows["rgba.png"]["image"]).min() == 255     # transparent -> composited on white
-    rot = decode_png(rows["rotated.jpg"]["image"])
+        assert decode_image(r["image"]).shape == (32, 32, 3)
+    assert decode_image(rows["sixteen.png"]["image"]).mean() > 200  # 60000/65535 of white, not clipped to 255 noise
+    assert decode_image(rows["rgba.png"]["image"]).min() == 255     # transparent -> composited on white
+    rot = decode_image(rows["rotated.jpg"]["image"])
     assert rot[:8, :, 0].mean() > 200 and rot[-8:, :, 0].mean() < 60  # red half now on top
     assert "\ufffd" in rows["latin1.png"]["caption"] and json.loads(rows["latin1.png"]["provenance"])["caption_repaired"]
 
