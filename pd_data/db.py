@@ -4,7 +4,8 @@ results store (`pd_eval.store`): it lives here so that pd_data never imports pd_
 DuckDB lets one process write a file at a time, so `connect` waits and retries while another holds
 the lock; within one process (two flow runs in threads) connections take turns on a lock too, since
 two connections altering the schema at once conflict. `connect` puts the state directory on
-`file_search_path`, where relative globs resolve.
+`file_search_path`, where relative globs resolve. `connect_confined` is the connection users' SQL runs
+on (`pd sql`): read-only, confined to the state directory, its settings locked.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import duckdb
 
@@ -46,19 +47,56 @@ _CONNECTIONS = threading.RLock()
 @contextlib.contextmanager
 def connect(db: Path, read_only: bool = False, timeout_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short-lived connection; waits (with jitter) while another process holds the write lock. Its
-    `file_search_path` is the state directory of `db`, where the data views' relative globs resolve."""
+    `file_search_path` is the state directory of `db`, where the data views' relative globs resolve.
+    A read-only connection creates nothing: a missing `db` is a `FileNotFoundError`."""
     with _CONNECTIONS:
         with _connect(db, read_only, timeout_s) as con:
             yield con
 
 
+# No extension is installed (a download) or loaded behind a query's back on a confined connection.
+_NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                  "allow_community_extensions": False, "allow_unsigned_extensions": False}
+
+
 @contextlib.contextmanager
-def _connect(db: Path, read_only: bool, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    db.parent.mkdir(parents=True, exist_ok=True)
+def connect_confined(db: Path, allowed_paths: Iterable[str] = (),
+                     timeout_s: float = 120.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection that reads files under the state directory of `db` and nowhere else, installs
+    and loads no extension, and whose settings are locked, so that no `SET` undoes any of it.
+    `allowed_paths` are further paths exactly as SQL names them: the data views' relative globs, which
+    DuckDB checks as written (against the working directory) before `file_search_path` resolves them."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise FileNotFoundError("the working directory no longer exists, and DuckDB checks relative paths "
+                                "against it; cd to a folder that exists and run the query again") from None
+    with _CONNECTIONS:
+        with _connect(db, True, timeout_s, _NO_EXTENSIONS) as con:
+            root = state_root(db)
+            dirs = sorted({str(root), os.path.realpath(root)})  # DuckDB compares paths as written
+            con.execute(f"SET allowed_directories = {_sql_list(dirs)}")
+            con.execute(f"SET allowed_paths = {_sql_list(allowed_paths)}")
+            con.execute("SET enable_external_access = false")  # after the two lists: it freezes them
+            con.execute("SET lock_configuration = true")
+            yield con
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{_sql_text(i)}'" for i in items) + "]::VARCHAR[]"
+
+
+@contextlib.contextmanager
+def _connect(db: Path, read_only: bool, timeout_s: float,
+             config: dict | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    if read_only and not db.exists():  # DuckDB would fail too, after we made its folder
+        raise FileNotFoundError(f"no database at {db}")
+    if not read_only:
+        db.parent.mkdir(parents=True, exist_ok=True)
     deadline, delay = time.monotonic() + timeout_s, 0.05
     while True:
         try:
-            con = duckdb.connect(str(db), read_only=read_only)
+            con = duckdb.connect(str(db), read_only=read_only, config=config or {})
             break
         except (duckdb.IOException, duckdb.Error) as e:
             if not _is_lock_error(e) or time.monotonic() > deadline:

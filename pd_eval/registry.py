@@ -112,10 +112,19 @@ def rollback(db: Path, dataset: str, to: str | None = None) -> str:
     return to
 
 
+LISTING_COLUMNS = ("dataset", "model_id", "data_round", "created_at", "parent_id", "train_steps", "decision",
+                   "current", "reason")
+
+
 def listing(db: Path, dataset: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Every candidate with its decision, newest first, the current one marked."""
-    with connect(db) as con:
-        ensure_schema(con)
+    """Every candidate with its decision, newest first, the current one marked. It only reads: before the
+    first candidate is recorded (no database, or one without the registry) it is empty and creates nothing."""
+    if not db.exists():
+        return list(LISTING_COLUMNS), []
+    with connect(db, read_only=True) as con:
+        if not con.execute("SELECT count(*) FROM duckdb_views() WHERE database_name = current_database() "
+                           "AND schema_name = 'main' AND view_name = 'current_models'").fetchone()[0]:
+            return list(LISTING_COLUMNS), []
         cur = con.execute("""
             SELECT r.dataset, r.model_id, r.data_round, r.created_at, r.parent_id, r.train_steps,
                    r.decision, (c.model_id IS NOT NULL) AS current, r.reason

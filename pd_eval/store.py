@@ -4,7 +4,14 @@ and the views over the Parquet files: `images`, `annotations`, `rejects`, `split
 The data views name their shards relative to the state directory the database file sits in
 (`<root>/results/pd.duckdb`, see `pd_data.state.StateDir`), and `connect` puts that directory on
 DuckDB's `file_search_path`: a copied or moved state directory reads its own shards. Through
-`connect` (and so `pd sql`), a relative glob in any query resolves under the state directory.
+`connect`, a relative glob in any query resolves under the state directory. Through `query` (and so
+`pd sql`) DuckDB first checks a relative path against the working directory: the views' own globs are
+let through by name, other relative paths only from inside the state directory; absolute paths under
+it always read.
+
+`query` is the read-only path, `pd sql`'s and the reports' alike: it runs only statements that read
+(`READ_STATEMENTS`), on a connection (`connect_confined`) that opens the file read-only, reads files
+under the state directory only, loads no extension and cannot change its own settings.
 
 DuckDB lets one process write a file at a time. Writers here open a connection, write in one
 transaction and close it at once; a writer that finds the file locked waits and retries, so two
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import duckdb
 
-from pd_data.db import _sql_text, _searchable, connect, state_root
+from pd_data.db import _sql_text, _searchable, connect, connect_confined, state_root
 from pd_data.schema import ConfusionRow, MetricRow, ModelRow, Row, RunRow, SampleRow, ensure_schema as _ensure_schema
 
 DATA_VIEWS = ("images", "annotations", "rejects", "prompts", "splits")
@@ -41,15 +48,19 @@ def data_views_sql(data_root: Path | str, reject_globs: tuple[str, ...] = VIEW_G
     relative plain file in the working directory first. The globs are read at query time, so new shards
     show up (but each needs one matching file when the view is made). DuckDB reports `filename` as the
     absolute path it matched; the keys (`dataset`, `annotation_set`, `stage_key`, `prompt_set`) are
-    taken from its last folder, so the state directory's own path cannot leak into them."""
+    taken from its last folder, so the state directory's own path cannot leak into them.
+
+    `images` and `annotations` leave out the pixels (`image`, `map`): shards of older versions store
+    them as raw bytes, newer ones as the Hugging Face Image struct, and DuckDB cannot union the two;
+    read the pixels from the shards (`read_parquet` on one key's files, or `datasets`)."""
     d = _sql_text(Path(data_root).as_posix())
     rejects = ", ".join(f"'{d}/{g}'" for g in reject_globs)
     return {
         "images": f"""CREATE OR REPLACE VIEW images AS
-SELECT regexp_extract(filename, '/ingest/([^/]+)/[^/]+$', 1) AS dataset, * EXCLUDE (filename)
+SELECT regexp_extract(filename, '/ingest/([^/]+)/[^/]+$', 1) AS dataset, * EXCLUDE (filename, image)
 FROM read_parquet('{d}/ingest/*/images-*.parquet', filename = true, union_by_name = true)""",
         "annotations": f"""CREATE OR REPLACE VIEW annotations AS
-SELECT l.dataset, a.* EXCLUDE (filename) FROM
+SELECT l.dataset, a.* EXCLUDE (filename, map) FROM
     (SELECT *, regexp_extract(filename, '/annotate/([^/]+)/[^/]+$', 1) AS annotation_set
      FROM read_parquet('{d}/annotate/*/annotations-*.parquet', filename = true)) a
 JOIN read_parquet('{d}/annotate/*/lineage.parquet') l USING (annotation_set)""",
@@ -94,14 +105,82 @@ def init_db(db: Path) -> None:
         _ensure_schema(con)
 
 
-def query(db: Path, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
-    """Run a read-only query: (column names, rows)."""
+class ReadOnlyError(ValueError):
+    """A statement the read-only query path refuses to run."""
+
+
+# What a query may be (`duckdb.extract_statements` types): DESCRIBE, SHOW, SUMMARIZE, FROM and VALUES parse
+# as SELECT. EXPLAIN only of a SELECT, since EXPLAIN ANALYZE runs what it explains; PRAGMA only by name,
+# since IMPORT DATABASE parses as one (and `PRAGMA x = y` as a SET).
+READ_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA")
+READ_PRAGMAS = ("table_info", "show_tables", "show_tables_expanded", "database_list", "database_size",
+                "storage_info", "version", "platform")
+_EXPLAINED = re.compile(r"\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^()]*\)\s*)?(.*)", re.I | re.S)
+_PRAGMA = re.compile(r"\s*PRAGMA\s+(\w+)\s*(?:\(|;|$)", re.I)
+
+
+def _refusal(statement: duckdb.Statement) -> str | None:
+    """The kind of `statement` if the read-only path refuses it (`COPY`, `PRAGMA import_database`, ...), else None."""
+    kind = statement.type.name
+    if kind == "EXPLAIN":
+        inner = _explained(statement)
+        if inner is None:
+            return "EXPLAIN of an unreadable statement"
+        return None if inner.type.name == "SELECT" else f"EXPLAIN of {_refusal(inner) or inner.type.name}"
+    if kind == "PRAGMA":
+        m = _PRAGMA.match(statement.query)
+        return None if m and m[1].lower() in READ_PRAGMAS else f"PRAGMA {m[1]}" if m else "PRAGMA"
+    return None if kind in READ_STATEMENTS else kind
+
+
+def _explained(statement: duckdb.Statement) -> duckdb.Statement | None:
+    """The one statement an EXPLAIN explains, or None where its text does not parse as one."""
+    m = _EXPLAINED.match(statement.query)
+    try:
+        inner = duckdb.extract_statements(m[1]) if m else []
+    except duckdb.Error:
+        return None
+    return inner[0] if len(inner) == 1 else None
+
+
+def _head(statement: duckdb.Statement, width: int = 60) -> str:
+    text = " ".join(statement.query.split()).rstrip(";")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def read_statements(sql: str) -> list[duckdb.Statement]:
+    """The statements of `sql`, every one of which reads; a `ReadOnlyError` names the first that does not."""
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise ReadOnlyError("no SQL statement to run")
+    for s in statements:
+        if (kind := _refusal(s)) is not None:
+            raise ReadOnlyError(f"refused {kind} statement `{_head(s)}`: the SQL shell is read-only (it runs "
+                                f"SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of a SELECT and PRAGMA table_info "
+                                f"and the like: {', '.join(READ_PRAGMAS[1:])})")
+    return statements
+
+
+def data_view_paths(db: Path) -> list[str]:
+    """The globs of the data views, exactly as their SQL names them (relative to the state directory)."""
+    d = _view_data_root(db, state_root(db) / "data")
+    return [f"{d}/{g}" for g in dict.fromkeys(g for globs in VIEW_GLOBS.values() for g in globs)]
+
+
+def query(db: Path, sql: str, params: list | dict | None = None) -> tuple[list[str], list[tuple]]:
+    """Run a read-only query: (column names, rows) of its last statement. Only statements that read run
+    (`read_statements`), on a connection that can read the state directory and nothing else; a missing
+    database is a `FileNotFoundError`, and nothing is created."""
     if not db.exists():
-        raise FileNotFoundError(f"no results database at {db}; run a benchmark first (make benchmark)")
-    with connect(db, read_only=True) as con:
+        raise FileNotFoundError(f"no results exist yet: {db} does not exist; run a benchmark first "
+                                f"(make benchmark, or pd run --profile smoke) to create them")
+    statements = read_statements(sql)
+    with connect_confined(db, data_view_paths(db)) as con:
         try:
-            cur = con.execute(sql, params or [])
-        except (duckdb.CatalogException, duckdb.IOException) as e:
+            for s in statements[:-1]:
+                con.execute(s)
+            cur = con.execute(statements[-1], params or [])
+        except (duckdb.CatalogException, duckdb.IOException, duckdb.PermissionException) as e:
             if (hint := _data_view_hint(e, db)) is None:
                 raise
             raise type(e)(f"{e}\n{hint}") from e
@@ -110,7 +189,8 @@ def query(db: Path, sql: str, params: list | None = None) -> tuple[list[str], li
 
 
 def _data_view_hint(e: duckdb.Error, db: Path) -> str | None:
-    """What to do about a data view that was never made, or whose shards are gone; None otherwise."""
+    """What to do about a data view that was never made, whose shards are gone, or a file outside the state
+    directory; None otherwise."""
     text = str(e)
     if (m := re.search(r"with name (\w+) does not exist", text)) and m[1].lower() in DATA_VIEWS:
         return (f"the data views ({', '.join(DATA_VIEWS)}) are made when the pipeline's data stage "
@@ -119,6 +199,9 @@ def _data_view_hint(e: duckdb.Error, db: Path) -> str | None:
         return (f"the data views read their shards relative to the state directory {state_root(db)}, "
                 f"whose data/ folder lacks them: copy or move the whole state directory, or rerun "
                 f"the data stage there")
+    if isinstance(e, duckdb.PermissionException):
+        return (f"the SQL shell reads files under the state directory {state_root(db)} only (a relative path "
+                f"counts from the working directory: name files by their absolute path, or query the data views)")
     return None
 
 

@@ -135,6 +135,7 @@ def test_a_copied_state_directory_reads_its_own_shards(tmp_path, monkeypatch):
     assert {v: query(original.db, q)[1] for v, q in DATA_QUERIES.items()} == _answers("original")
 
     shutil.rmtree(original.root)  # `mv state1 state2`, in effect
+    monkeypatch.chdir(tmp_path)  # the working directory went with it
     assert {v: query(copy.db, q)[1] for v, q in DATA_QUERIES.items()} == _answers("copied")
     with connect(copy.db) as con:  # a read-write connection (the flows') resolves them too
         assert con.execute(DATA_QUERIES["images"]).fetchall() == [("ingest-key", "copied")]
@@ -153,3 +154,22 @@ def test_data_views_on_a_state_without_shards_fail_with_what_to_do(tmp_path):
     assert query(state.db, "SELECT count(*) FROM runs")[1] == [(0,)]
     with pytest.raises(duckdb.IOException, match=re.escape(f"relative to the state directory {state.root}")):
         query(state.db, "SELECT * FROM splits")
+
+
+def test_views_read_shards_of_old_raw_bytes_and_new_struct_formats_side_by_side(tmp_path):
+    """A state directory keeps older keys' shards (image as raw bytes) beside new ones (the HF Image
+    struct): `SELECT *` over the views still works, the pixels left out of them."""
+    import pyarrow.parquet as pq
+
+    state = StateDir(tmp_path / "state")
+    _write_data(state, "new")
+    old = state.stage_dir("ingest", "old-key") / "images-00000.parquet"
+    old.parent.mkdir(parents=True)
+    new_table = pq.read_table(state.stage_dir("ingest", "ingest-key") / "images-00000.parquet")
+    raw = new_table.set_column(new_table.schema.get_field_index("image"), "image", pa.array([b"png"], pa.binary()))
+    pq.write_table(raw, old)
+    register_data_views(state.db, state.data)
+    names, rows = query(state.db, "SELECT * FROM images ORDER BY dataset")
+    assert "image" not in names and [r[names.index("dataset")] for r in rows] == ["ingest-key", "old-key"]
+    names, _ = query(state.db, "SELECT * FROM annotations")
+    assert "map" not in names and "modality" in names
