@@ -1,11 +1,12 @@
 """Typed configuration of the networks and of training."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from pd_data.config import Frozen
+from pd_model.tracking import ReportTo, check_installed
 
 
 class BaseModelConfig(Frozen):
@@ -85,7 +86,18 @@ class TrainConfig(Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes composing each process's samples ahead of "
                                 "the loop (0: in the loop); the weights do not depend on it")
+    report_to: ReportTo = Field("tensorboard", description="experiment tracker of every training (loss, lr, grad norm, "
+                                "samples/s, validation grids, config): tensorboard (event files in the model folder's "
+                                "logs/), wandb (offline), mlflow, or none")
     seed: int = 0
+
+    # Settings that change how a training goes, never its weights: left out of the train stage's key.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_last", "validate_every",
+                                                      "gradient_checkpointing", "loader_workers", "report_to"})
+
+    def identity(self) -> dict:
+        """The settings the trained weights depend on (the train stage's key): all but `NOT_IN_KEY`."""
+        return self.model_dump(exclude=set(self.NOT_IN_KEY))
 
     def baseline_steps(self, n_tasks: int) -> int:
         """Steps of each CN(FT) model under the budget rule (batch size is the joint model's)."""
@@ -115,4 +127,5 @@ class TrainConfig(Frozen):
         if self.oracles and self.baseline_steps_per_task == 0:
             raise ValueError("train.oracles trains CN(FT) oracles at train.baseline_steps_per_task steps, which is 0; "
                              "set baseline_steps_per_task > 0 or oracles=false")
+        check_installed(self.report_to)  # now, at plan time, not when the first model starts training
         return self

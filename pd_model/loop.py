@@ -1,9 +1,11 @@
 """The optimisation loop every training shares: one step, its resume, its checkpoints.
 
 `run` is the driver: resume from the newest checkpoint, then `Optimiser.step` per step, a callback
-(validation grids) and a checkpoint every N steps. Every random choice of a step comes from
-generators seeded by (seed, step), so weights + optimizer + EMA + step number are a run's whole
-state (with the global RNG's, saved too), and a run killed at any step resumes to bitwise the same weights.
+(validation grids) and a checkpoint every N steps, each step's loss, learning rate, gradient norm and
+samples/s to the run's tracker (`pd_model.tracking`, main process only). Every random choice of a
+step comes from generators seeded by (seed, step), so weights + optimizer + EMA + step number are a
+run's whole state (with the global RNG's, saved too), and a run killed at any step resumes to
+bitwise the same weights.
 """
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from pd_data.progress import Progress
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from pd_model.tracking import Tracking, open_tracker
 
 StepLoss = Callable[[int, range], torch.Tensor]  # (step, this micro-batch's sample indices) -> mean loss
 
@@ -80,6 +84,25 @@ def _all_reduce_sum(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tens
     return flat[-1]
 
 
+class StepStats(NamedTuple):
+    """One step: its global-batch loss, the learning rate it used, the gradient norm before clipping."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+
+
+def warmup_schedule(opt: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then constant: step s trains at lr * min(1, (s + 1) / warmup_steps).
+
+    diffusers' 'constant_with_warmup' is s / warmup_steps, whose first step trains at lr 0 (a step of
+    Adam moments and no update); counting its steps from 1 (last_epoch=0, which needs the
+    optimizer's `initial_lr`) skips that step and gives the factors above exactly."""
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup_steps, last_epoch=0)
+
+
 class Optimiser:
     """AdamW + warm-up schedule + optional EMA over `params`, and the losses so far.
 
@@ -89,14 +112,13 @@ class Optimiser:
     def __init__(self, params: list[torch.nn.Parameter], o: Optim):
         self.params, self.o = params, o
         self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        warm = o.warmup_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.sched = warmup_schedule(self.opt, o.warmup_steps)
         self.ema = EMAModel(params, decay=o.ema_decay) if o.ema_decay > 0 else None
         self.losses: list[float] = []
 
-    def step(self, step: int, step_loss: StepLoss, slices: list[range]) -> float:
-        """One optimizer step on the global batch of `step`; returns its loss (not applied if not finite)."""
-        o = self.o
+    def step(self, step: int, step_loss: StepLoss, slices: list[range]) -> StepStats:
+        """One optimizer step on the global batch of `step` (not applied if its loss is not finite)."""
+        o, lr = self.o, self.sched.get_last_lr()[0]
         self.opt.zero_grad(set_to_none=True)
         loss = torch.zeros(())
         for idx in slices:
@@ -108,14 +130,14 @@ class Optimiser:
             grads = [p.grad for p in self.params if p.grad is not None]
             loss = _all_reduce_sum(grads, loss.to(grads[0].device)).cpu()
         if not math.isfinite(loss.item()):
-            return loss.item()
-        torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
+            return StepStats(loss.item(), lr, math.nan)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
             self.ema.step(self.params)
         self.losses.append(loss.item())
-        return loss.item()
+        return StepStats(loss.item(), lr, grad_norm.item())
 
     def states(self) -> dict:
         """Optimizer, schedule, EMA and the global RNG: tensors and numbers only (weights_only loads)."""
@@ -158,10 +180,12 @@ def _due(every: int, step: int, last: int) -> bool:
 
 
 def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: str, ckpt: Checkpointing | None = None,
-        every: tuple[int, Callable[[int], None]] | None = None) -> list[float]:
+        every: tuple[int, Callable[[int], Path | None]] | None = None, track: Tracking | None = None) -> list[float]:
     """AdamW steps on the global-batch mean of `step_loss(step, samples)`; with `o.ema_decay` > 0 the
     parameters end as their EMA. `every=(n, f)` calls f(step) on the main process every n steps and at
-    the last, with the EMA weights in place. Returns every step's loss."""
+    the last, with the EMA weights in place; a PNG path it returns (a validation grid) goes to the
+    tracker as that step's image. `track`: the run's tracker, to which the main process logs each step's
+    loss, learning rate, gradient norm and samples/s. Returns every step's loss."""
     rank = world()[0]
     state = Optimiser(params, o)
     start = resume(state, ckpt)
@@ -170,22 +194,33 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
     slices = micro_batches(o.batch_size, o.grad_accum_steps)
     key = "train-" + re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
     bar = Progress(key, f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
-    t0 = time.perf_counter()
-    for step in range(start, o.steps):
-        loss = state.step(step, step_loss, slices)
-        if not math.isfinite(loss):
-            last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
-            raise FloatingPointError(f"{desc}: loss is {loss} at step {step}; training stopped. Last good checkpoint: "
-                                     f"{last or 'none'}. Lower the learning rate or check the data.")
-        done = step + 1
-        if bar is not None:
-            bar.advance(1, lambda: f"loss {np.mean(state.losses[-20:]):.4f} (mean of the last 20), "
-                                   f"{(done - start) * o.batch_size / (time.perf_counter() - t0):.1f} samples/s")
-        if rank == 0 and every is not None and _due(every[0], done, o.steps):
-            with state.shipped_weights():
-                every[1](done)
-        if rank == 0 and ckpt is not None and _due(ckpt.every, done, o.steps):
-            save_checkpoint(ckpt.root, done, ckpt.model, state.states(), state.losses, ckpt.keep_last)
+    tracker = open_tracker(track, start) if rank == 0 and track is not None else None
+    t0, done = time.perf_counter(), start
+    try:
+        for step in range(start, o.steps):
+            t_step = time.perf_counter()
+            s = state.step(step, step_loss, slices)
+            if not math.isfinite(s.loss):
+                last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
+                raise FloatingPointError(f"{desc}: loss is {s.loss} at step {step}; training stopped. Last good checkpoint: "
+                                         f"{last or 'none'}. Lower the learning rate or check the data.")
+            done = step + 1
+            if bar is not None:
+                bar.advance(1, lambda: f"loss {np.mean(state.losses[-20:]):.4f} (mean of the last 20), "
+                                       f"{(done - start) * o.batch_size / (time.perf_counter() - t0):.1f} samples/s")
+            if tracker is not None:
+                tracker.scalars({"train/loss": s.loss, "train/lr": s.lr, "train/grad_norm": s.grad_norm,
+                                 "train/samples_per_s": o.batch_size / (time.perf_counter() - t_step)}, done)
+            if rank == 0 and every is not None and _due(every[0], done, o.steps):
+                with state.shipped_weights():
+                    grid = every[1](done)
+                if tracker is not None and grid is not None:
+                    tracker.image("validation", grid, done)
+            if rank == 0 and ckpt is not None and _due(ckpt.every, done, o.steps):
+                save_checkpoint(ckpt.root, done, ckpt.model, state.states(), state.losses, ckpt.keep_last)
+    finally:
+        if tracker is not None:
+            tracker.close(done)
     if state.ema is not None:
         state.ema.copy_to(params)
     return state.losses

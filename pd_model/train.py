@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,9 @@ from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import TrainConfig
 from pd_model.controlnet import Kind, controlnet_class
-from pd_model.loop import Checkpointing, Optim, micro_batches, run
+from pd_model.loop import Checkpointing, Optim, micro_batches, run, world
 from pd_model.objective import TextCache, cfg_dropout, denoising_loss, stack_images, to_batch
+from pd_model.tracking import LOGS, Tracking
 from pd_model.validation import grid_rows, save_validation_grid
 
 VAL_KEY = 1_000_003  # seeds of validation prompts and their noise, apart from every training step's
@@ -162,13 +163,22 @@ def _loss_fn(base: BaseModel, controlnet: ControlNetModel, cfg: TrainConfig, loa
 
 
 def _grids(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], folder: Path, seed: int, guidance: float,
-           on_grid: Callable[[Path, int], None] | None) -> Callable[[int], None]:
-    """The loop's `every` callback: a validation grid at a step, handed to `on_grid(path, step)`."""
-    def draw(step: int) -> None:
+           on_grid: Callable[[Path, int], None] | None) -> Callable[[int], Path]:
+    """The loop's `every` callback: a validation grid at a step, handed to `on_grid(path, step)` (and
+    returned: the loop logs it to the tracker)."""
+    def draw(step: int) -> Path:
         path = save_validation_grid(base, controlnet, prompts, folder, step, seed, guidance_scale=guidance)
         if on_grid is not None:
             on_grid(path, step)
+        return path
     return draw
+
+
+def run_config(cfg: TrainConfig, spec: ModelSpec, device: torch.device, o: Optim) -> dict:
+    """The training configuration as resolved for this run, for the tracker's hyperparameters."""
+    return {"train": cfg.model_dump(), "model": asdict(spec),
+            "resolved": {"device": str(device), "autocast": str(o.autocast[1]) if o.autocast else "fp32",
+                         "processes": world()[1], "steps": o.steps}}
 
 
 def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: ModelSpec, *, folder: Path | None = None,
@@ -177,8 +187,9 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
     """Train the ControlNet `spec` describes (and the base's decoder with `cfg.train_unet_decoder`, in place).
 
     `folder` (the model's folder) holds `checkpoints/` (with `cfg.checkpoint_every`: everything trained,
-    resumed from after a kill) and `validation/` (with `cfg.validate_every`: grids on fixed prompts
-    from `val_data`, else held-out draws of `data`, each handed to `on_grid(path, step)`). `init`: a
+    resumed from after a kill), `validation/` (with `cfg.validate_every`: grids on fixed prompts
+    from `val_data`, else held-out draws of `data`, each handed to `on_grid(path, step)`) and `logs/`
+    (the `cfg.report_to` tracker's run: per-step scalars, the grids, the configuration). `init`: a
     saved ControlNet folder to continue from (retraining). `stats`, if given, receives the seconds
     the loop waited for data (`cfg.loader_workers` processes compose samples) and its wall time."""
     device = resolve_device(cfg)
@@ -209,9 +220,10 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
     o = Optim(spec.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
               cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
     desc = spec.name if spec.kind == "prompt-diffusion" else f"{spec.name} ({spec.tasks[0]})"
+    track = Tracking(cfg.report_to, folder / LOGS, spec.name, run_config(cfg, spec, device, o)) if folder is not None else None
     t0 = time.perf_counter()
     try:
-        losses = run(params, o, _loss_fn(base, controlnet, cfg, loader), desc, ckpt, every)
+        losses = run(params, o, _loss_fn(base, controlnet, cfg, loader), desc, ckpt, every, track)
     finally:
         loader.close()
     if stats is not None:

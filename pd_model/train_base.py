@@ -16,14 +16,16 @@ from pd_model.config import BaseModelConfig
 from pd_model.hints import to_unit
 from pd_model.loop import Checkpointing, Optim, run
 from pd_model.objective import Batch, TextCache, prediction_loss
+from pd_model.tracking import LOGS, ReportTo, Tracking
 
 
 def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tuple[int, Callable[[int], None]] | None = None,
-               checkpoint_dir: Path | None = None) -> list[float]:
+               checkpoint_dir: Path | None = None, track: Tracking | None = None) -> list[float]:
     """Text-to-image training of the tiny base on the ingested images and captions. `every=(n, f)`
     calls f(step) every n steps and at the last, EMA weights in place (scripts/bench_base.py scores
     samples along one run that way). With `checkpoint_dir` and `cfg.checkpoint_every`, the UNet (and
-    the text encoder when it is trained) is checkpointed there, and a killed run resumes from it."""
+    the text encoder when it is trained) is checkpointed there, and a killed run resumes from it.
+    `track`: the tracker the loop logs each step to."""
     ids = sorted(data.captions)
     text_cache = TextCache(base)
     base.unet.train()
@@ -70,7 +72,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
     ckpt = Checkpointing(checkpoint_dir, trained, cfg.checkpoint_every, cfg.keep_last) \
         if checkpoint_dir is not None and cfg.checkpoint_every else None
     losses = run(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay),
-                 step_loss, "base", ckpt, every)
+                 step_loss, "base", ckpt, every, track)
     base.unet.eval()
     base.text_encoder.requires_grad_(False).eval()
     return losses
@@ -78,13 +80,16 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
 
 
 
-def train_base_folder(cfg: BaseModelConfig, data: SplitData, resolution: int, out: Path) -> dict:
-    """Build the tiny base on `data`'s captions, train it (checkpoints under `out/checkpoints`), and
-    save it and its losses in `out`; returns the stage summary."""
+def train_base_folder(cfg: BaseModelConfig, data: SplitData, resolution: int, out: Path,
+                      report_to: ReportTo = "tensorboard") -> dict:
+    """Build the tiny base on `data`'s captions, train it (checkpoints under `out/checkpoints`, the
+    `report_to` tracker's run under `out/logs`), and save it and its losses in `out`; returns the
+    stage summary."""
     from pd_model.checkpoint import save_losses
 
     base = build_tiny_base(cfg, sorted(set(data.captions.values())), resolution)
-    losses = train_base(base, data, cfg, checkpoint_dir=out / "checkpoints")
+    track = Tracking(report_to, out / LOGS, "base", {"base": cfg.model_dump(), "resolved": {"resolution": resolution}})
+    losses = train_base(base, data, cfg, checkpoint_dir=out / "checkpoints", track=track)
     base.save(out)
     save_losses(out / "losses.json", losses)
     return {"path": str(out), "steps": cfg.train_steps, "final_loss": losses[-1] if losses else None}
@@ -94,16 +99,16 @@ def base_samples(base: BaseModel, held_out: SplitData, path: Path, sampler: dict
     """Text -> image samples of the base from held-out captions: does it draw the scenes it is told?
     Each sample sits beside the held-out image of its caption, the picture it should resemble.
     `sampler`: scheduler, num_inference_steps and guidance_scale of the pipeline."""
-    from pd_model.pipeline import PromptDiffusionPipeline
+    from pd_model.pipeline import PromptDiffusionPipeline, uint8_images
     from pd_model.visuals import caption_grid
 
     ids = sorted(held_out.captions)[:n]
     captions = [held_out.captions[i] for i in ids]
     pipe = PromptDiffusionPipeline.from_parts(base, None, sampler["scheduler"])
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(captions, num_inference_steps=sampler["num_inference_steps"], guidance_scale=sampler["guidance_scale"],
-                  generator=[torch.Generator().manual_seed(i) for i in range(len(captions))], output_type="np",
-                  height=resolution, width=resolution)
+    images = uint8_images(pipe(captions, num_inference_steps=sampler["num_inference_steps"],
+                               guidance_scale=sampler["guidance_scale"], height=resolution, width=resolution,
+                               generator=[torch.Generator().manual_seed(i) for i in range(len(captions))]).images)
     real = np.stack([held_out.arrays[i]["image"] for i in ids])
     pairs = np.stack([x for ab in zip(images, real) for x in ab])
     labels = [x for c in captions for x in (f"generated: {c}", "held-out image")]
