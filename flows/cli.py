@@ -1,6 +1,6 @@
 """`pd`: run the pipeline, manage the local Prefect stack, and query results.
 
-    pd run [--profile smoke] [--stage full-benchmark] [-o train.steps=50 ...]
+    pd run [--profile smoke] [--stage full-benchmark] [--force STAGE] [-o train.steps=50 ...]
     pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR | --dataset D]
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 
 STAGES = ("full-benchmark", "ingest", "annotate", "train", "evaluate", "report")
-# The names `pd_model.pipeline.SCHEDULERS` defines (tests/test_cli.py checks they agree), spelled here
-# so that `pd --help` does not import torch.
+# The names `pd_model.pipeline.SCHEDULERS` and `flows.plan.STAGES` define (tests/test_cli.py checks they
+# agree), spelled here so that `pd --help` does not import torch.
 SCHEDULER_NAMES = ("ddim", "dpm", "unipc")
+PLAN_STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
 FORMATS = ("table", "json", "csv")
 
 
@@ -104,7 +105,7 @@ def cmd_run(args) -> int:
     fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
           "annotate": stages.annotate_flow, "train": stages.train_flow, "evaluate": stages.evaluate_flow,
           "report": stages.report_flow}[args.stage]
-    result = fn(profile=args.profile, overrides=_overrides(args.override))
+    result = fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
     print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
     return 0
 
@@ -332,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
     r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
     r.add_argument("--profile", default="smoke", choices=profiles, help="configuration profile")
     r.add_argument("--stage", default="full-benchmark", choices=STAGES, help="the flow: the whole chain or one stage (with its upstream)")
+    r.add_argument("--force", action="append", default=[], choices=PLAN_STAGES, metavar="STAGE",
+                   help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(PLAN_STAGES)})")
     overrides(r)
     s = command("sql", "run a read-only SQL query on the results database", cmd_sql)
     s.add_argument("query", help="SQL (SELECT, DESCRIBE, SHOW, ...); nothing that writes, attaches, installs or reads outside the state directory")

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.stages import Overrides, make_plan, through
+from flows.stages import Force, Overrides, ProfileName, make_plan, through
 
 
 @flow(name="full-benchmark", log_prints=True)
-def full_benchmark(profile: str = "demo", overrides: Overrides = None, state_dir: str | None = None) -> str:
-    """The whole benchmark for one profile, from one frozen plan; finished stages are skipped. Returns
-    the report path."""
-    report = through(make_plan(profile, overrides, state_dir), "report", upstream=True)
+def full_benchmark(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
+                   force: Force = None) -> str:
+    """The whole benchmark for one profile, from one frozen plan; finished stages are skipped (Cached),
+    but those in `force` and the stages that read them are recomputed. Returns the report path."""
+    report = through(make_plan(profile, overrides, state_dir, force=force), "report", upstream=True)
     get_run_logger().info("full-benchmark done; report at %s", report)
     return report

@@ -20,13 +20,26 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from flows.profiles import Profile
+from flows.profiles import ConfigError, Profile
 from pd_data.sources import make_source
 from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 from pd_model.train import ModelSpec
 
 STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
+# What each stage reads. The base reads the annotated split (an image without its maps is left out;
+# with base.map_fraction it learns the maps too), so it follows the annotations.
+UPSTREAM = {"ingest": (), "annotate": ("ingest",), "prompts": ("annotate",), "base": ("annotate",),
+            "train": ("annotate", "base"), "evaluate": ("train", "prompts")}
+
+
+def descendants(stages) -> tuple[str, ...]:
+    """`stages` and every stage that reads them, directly or not, in `STAGES` order."""
+    out = set(stages)
+    for s in STAGES:  # dependency order: a stage's upstream is settled before it
+        if out & set(UPSTREAM[s]):
+            out.add(s)
+    return tuple(s for s in STAGES if s in out)
 
 # The module each stage calls; the code it runs is that module and every project module it imports,
 # directly or not (imports inside functions included). annotators_ext is imported by name at run time.
@@ -104,8 +117,7 @@ def _config_parts(p: Profile, stage: str) -> object:
         "annotate": lambda: (p.data.annotators, p.data.annotator_weights),
         "prompts": lambda: (p.prompts.model_dump(), p.data.pairing),
         "base": lambda: p.base.model_dump(exclude={"checkpoint_every", "keep_last"}),
-        "train": lambda: (p.train.model_dump(exclude={"checkpoint_every", "keep_last", "validate_every",
-                                                      "gradient_checkpointing", "loader_workers"}), p.data.pairing),
+        "train": lambda: (p.train.identity(), p.data.pairing),
         "evaluate": lambda: p.eval.identity(),
     }[stage]()
 
@@ -124,29 +136,35 @@ def model_specs(cfg, tasks: tuple[str, ...], unseen: tuple[str, ...]) -> tuple[M
 
 @dataclass(frozen=True)
 class Plan:
-    """One run's profile, state directory, source fingerprint and stage keys. Build it with `Plan.build`."""
+    """One run's profile, state directory, source fingerprint and stage keys, and the stages this run
+    recomputes even if done (`force`: `pd run --force STAGE`, with their descendants). Build it with
+    `Plan.build`."""
 
     profile: Profile
     state: StateDir
     source_fingerprint: str
     keys: Mapping[str, str]
+    force: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, profile: Profile, state: StateDir) -> "Plan":
+    def build(cls, profile: Profile, state: StateDir, force=()) -> "Plan":
+        """`force`: stage names whose outputs this run recomputes, with every stage that reads them."""
+        unknown = sorted(set(force) - set(STAGES))
+        if unknown:
+            raise ConfigError(f"cannot force {unknown}: the stages are {list(STAGES)}")
+        if "base" in force and profile.base.kind != "tiny":
+            raise ConfigError(f"force=['base'] cannot apply: base.kind={profile.base.kind!r} is loaded, not trained; "
+                              f"force 'train' to retrain the ControlNets")
         tasks = annotated_tasks(TRAINING_TASKS, profile.data.modalities)
         unseen = annotated_tasks(UNSEEN_TASKS, profile.data.modalities)
         source = make_source(profile.data).fingerprint()
-        # The base reads the annotated split (an image without its maps is left out; with base.map_fraction
-        # it learns the maps too), so it follows the annotations.
-        upstream = {"ingest": (), "annotate": ("ingest",), "prompts": ("annotate",), "base": ("annotate",),
-                    "train": ("annotate", "base"), "evaluate": ("train", "prompts")}
         models = [dataclasses.asdict(m) for m in model_specs(profile.train, tasks, unseen)]
         extra = {"ingest": source, "prompts": tasks + unseen, "train": models}
         keys: dict[str, str] = {}
         for stage in STAGES:  # dependency order: each upstream key exists when it is needed
             keys[stage] = fingerprint(stage, code_version(stage), _config_parts(profile, stage),
-                                      [keys[u] for u in upstream[stage]], extra.get(stage))
-        return cls(profile, state, source, MappingProxyType(keys))
+                                      [keys[u] for u in UPSTREAM[stage]], extra.get(stage))
+        return cls(profile, state, source, MappingProxyType(keys), frozenset(descendants(force)))
 
     @property
     def tasks(self) -> tuple[str, ...]:

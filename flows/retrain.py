@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import Overrides, features_cache, make_plan, publish_grid, train_job
+from flows.stages import Overrides, ProfileName, features_cache, make_plan, publish_grid, train_job
 from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
 from pd_data.tasks import TRAINING_TASKS
 
@@ -77,7 +77,7 @@ def base_for(plan, dataset: str) -> str:
     out = live_dir(plan, dataset) / "base"
     if not is_done(out):
         data = load_live_split(live_dir(plan, dataset), plan.state.db, dataset, "train")
-        mark_done(out, train_base_folder(cfg, data, plan.profile.data.resolution, out))
+        mark_done(out, train_base_folder(cfg, data, plan.profile.data.resolution, out, report_to=plan.profile.train.report_to))
     return str(out)
 
 
@@ -123,7 +123,7 @@ def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def retrain_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                  dataset: str = "default", from_scratch: bool = False) -> dict:
     """One retraining round of `dataset` on the profile's source (see the module docstring)."""
     plan = make_plan(profile, overrides, state_dir)
@@ -181,7 +181,7 @@ SOURCE_CHANGED = "pd.source.changed"
 
 
 @flow(name="watch-source", log_prints=True)
-def watch_source_flow(profile: str = "demo", overrides: Overrides = None, state_dir: str | None = None,
+def watch_source_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                       dataset: str = "default") -> dict:
     """Emit a `pd.source.changed` event when the source's fingerprint moved since the last look.
 

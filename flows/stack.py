@@ -58,6 +58,16 @@ def _spawn(cmd: list[str], name: str, state: StateDir) -> int:
     return proc.pid
 
 
+def pool_concurrency() -> int:
+    """Flow runs the local pool runs at once: 1 (`PD_POOL_CONCURRENCY`). A cron round, an event-triggered
+    round and a manual run queue instead of sharing the cores: two trainings side by side on 2 cores each
+    take far more than twice as long."""
+    text = os.environ.get("PD_POOL_CONCURRENCY", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"PD_POOL_CONCURRENCY={text!r}; it must be a whole number of at least 1")
+    return int(text)
+
+
 def _prefect(*args: str, state: StateDir) -> None:
     exe = Path(sys.executable).with_name("prefect")
     subprocess.run([str(exe), *args], env=stack_env(state), check=True, stdout=subprocess.DEVNULL)
@@ -78,8 +88,11 @@ def up(state: StateDir, wait_s: float = 90.0) -> None:
             time.sleep(1)
         print(f"prefect server: healthy at {API_URL}")
     _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", state=state)
+    limit = pool_concurrency()
+    _prefect("work-pool", "set-concurrency-limit", POOL, str(limit), state=state)
     _prefect("--no-prompt", "deploy", "--all", state=state)
-    print(f"deployments of prefect.yaml registered on pool {POOL!r}")
+    print(f"deployments of prefect.yaml registered on pool {POOL!r} (at most {limit} flow run(s) at once; "
+          f"the rest wait in the queue, PD_POOL_CONCURRENCY sets it)")
     env_file = state.root / "env.sh"
     env_file.write_text(f"export PD_STATE_DIR={state.root}\nexport PREFECT_HOME={state.prefect_home}\n"
                         f"export PREFECT_API_URL={API_URL}\n")

@@ -1,34 +1,45 @@
 """Stage flows: ingest, annotate, train, evaluate, report: orchestration only.
 
-Every flow builds one frozen `Plan` and runs stages from it; each stage is one call into pd_* with
-paths and ids, computed at most once per key: a finished stage is skipped, and a stage another run
-is computing is waited for (`pd_data.state.stage_lock`), then read."""
+Every flow builds one frozen `Plan` and runs stages from it; each stage is one Prefect task (named
+after it) that calls into pd_* with paths and ids, computed at most once per key. Its cache policy
+is the plan's key (`PlanKey`): a finished stage shows as Cached in the UI and returns its persisted
+summary; a stage another run is computing is waited for (`pd_data.state.stage_lock`), then read; a
+forced stage (`pd run --force STAGE`) and those that read it are recomputed from scratch."""
 from __future__ import annotations
 
 import base64
 import json
 import re
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
 
-from flows.plan import Plan
-from flows.profiles import load_profile
+from flows.plan import STAGES, Plan
+from flows.profiles import PROFILES, load_profile
 from pd_data.progress import Progress, Report, set_sink
 from pd_data.state import StateDir, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
+# Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
 Overrides = dict[str, Any] | None
+ProfileName = Literal[tuple(PROFILES)]  # type: ignore[valid-type]
+StageName = Literal[STAGES]  # type: ignore[valid-type]
+Force = list[StageName] | None  # type: ignore[valid-type]
+# Idempotent work (each resumes or rewrites the same files): retried on a transient error.
+RETRIES = {"retries": 2, "retry_delay_seconds": 5}
 
 
-def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True) -> Plan:
+def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True, force: Force = None) -> Plan:
     """The run's frozen plan, after its whole configuration, every input it names, the state directory
-    and (for a flow that `trains`) the training devices are checked (preflight)."""
+    and (for a flow that `trains`) the training devices are checked (preflight). `force`: stages to
+    recompute, with their descendants."""
     from flows.preflight import require_inputs
 
     p = load_profile(profile, overrides)
@@ -42,7 +53,7 @@ def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains:
     state = StateDir.resolve(state_dir)
     state.require_writable()
     set_sink(to_run_log)
-    return Plan.build(p, state)
+    return Plan.build(p, state, force or ())
 
 
 _PROGRESS_ARTIFACTS: dict[tuple[str, str], Any] = {}
@@ -66,16 +77,45 @@ def to_run_log(report: Report) -> None:
         update_progress_artifact(_PROGRESS_ARTIFACTS[key], 100 * report.fraction, description=report.line)
 
 
+@dataclass
+class PlanKey(CachePolicy):
+    """A stage's Prefect cache key is its plan key (`flows.plan`): its code, configuration and upstream keys."""
+
+    key: str = ""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        return self.key
+
+
 def run_stage(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
-    """The stage's summary: read from its done marker, or computed once, under the stage's lock."""
+    """The stage's summary, from its Prefect task named `stage`: Cached (the persisted summary) when its
+    key's record exists and the stage's files are done; else computed once, or read from the done marker."""
+    out = plan.dir(stage)
+    refresh = stage in plan.force or not is_done(out)  # a cached summary of files that are gone is not used
+    import hashlib
+
+    root = hashlib.sha256(str(plan.state.root.resolve()).encode()).hexdigest()[:12]  # two state dirs, one PREFECT_HOME
+    run = stage_task.with_options(name=stage, cache_policy=PlanKey(key=f"{stage}-{plan.key(stage)}-{root}"), refresh_cache=refresh)
+    return run(plan, stage, compute)
+
+
+@task(persist_result=True, result_serializer="json")
+def stage_task(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
     out, log = plan.dir(stage), get_run_logger()
-    if not is_done(out):
+    forced = stage in plan.force
+    if forced or not is_done(out):
         with stage_lock(out, on_wait=lambda: log.info("%s: another run is computing it (key %s); waiting", stage, plan.key(stage))):
+            aside = out.parent / f".{out.name}.forced"
+            if forced and out.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+                out.rename(aside)  # what the stage made before: out of the way, deleted once the new one is done
+                log.info("%s: forced; recomputing from scratch (key %s)", stage, plan.key(stage))
             if not is_done(out):
                 if n := remove_stale_temporaries(out):
                     log.info("%s: removed %d temporary file(s) of an interrupted run", stage, n)
                 summary = compute()
                 mark_done(out, summary)
+                shutil.rmtree(aside, ignore_errors=True)
                 return summary
     log.info("%s: already computed for these inputs (key %s) at %s; skipping", stage, plan.key(stage), out)
     return read_done(out)
@@ -114,7 +154,7 @@ def register_views(plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------- ingest
-@task(cache_policy=NO_CACHE, name="ingest-shard")
+@task(cache_policy=NO_CACHE, name="ingest-shard", **RETRIES)
 def ingest_shard_task(cfg, s: int, out_dir: Path, listed) -> dict:
     from pd_data.ingest import ingest_shard
 
@@ -147,7 +187,7 @@ def ingest(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- annotate (+ evaluation prompts)
-@task(cache_policy=NO_CACHE, name="annotate-shard")
+@task(cache_policy=NO_CACHE, name="annotate-shard", **RETRIES)
 def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], weights_dir: str | None) -> dict:
     from pd_data.annotate import annotate_shard
 
@@ -169,7 +209,7 @@ def _annotate(plan: Plan) -> dict:
     return summary
 
 
-@task(cache_policy=NO_CACHE, name="materialise-prompts")
+@task(cache_policy=NO_CACHE, name="materialise-prompts", **RETRIES)
 def prompts_task(plan: Plan) -> dict:
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
@@ -202,7 +242,7 @@ def train_base_task(plan: Plan) -> dict:
 
     out, ev = plan.dir("base"), plan.profile.eval
     summary = train_base_folder(plan.profile.base, load_split(plan.dir("ingest"), plan.dir("annotate"), "train"),
-                                plan.profile.data.resolution, out)
+                                plan.profile.data.resolution, out, report_to=plan.profile.train.report_to)
     held_out = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     base_samples(load_base(out).freeze(), held_out, out / "samples.png",
                  {"scheduler": ev.scheduler, "num_inference_steps": ev.steps, "guidance_scale": ev.guidance_scale},
@@ -280,12 +320,28 @@ def evaluate_task(plan: Plan) -> dict:
     rows = [ModelRow(model_id=m["name"], eval_id="", kind=m["kind"], tasks=m["tasks"], path=m["path"], train_steps=m["steps"],
                      final_loss=m["final_loss"]) for m in models]
     n = store(plan.state.db, plan.key("evaluate"), rows, result)
+    track_metrics(models, result.metrics, plan.key("evaluate"))
     table = [asdict(r) | {"eval_id": plan.key("evaluate"), "created_at": None} for r in result.metrics]
     create_table_artifact(key="benchmark-metrics", table=table, description="Every metric of this evaluation")
     get_run_logger().info("evaluate: %d of %d samples generated by this run (the rest were on disk); %d metric rows stored",
                           result.computed, result.total, n)
     return {"eval_id": plan.key("evaluate"), "metrics": table, "rows_stored": n, "samples_computed": result.computed,
             "samples": result.total}
+
+
+def track_metrics(models: list[dict], metrics, eval_id: str) -> None:
+    """Each trained model's metrics into the tracker run that trained it (`train.report_to`), as
+    `eval-<key>/<task>/<metric>[/<condition>]`: Prompt Diffusion's rows and its conditions
+    (prompt-diffusion/empty-pair, ...), a CN(FT)'s rows of its own task."""
+    from pd_model.tracking import log_metrics
+
+    for m in models:
+        family = m["kind"]
+        own = [(r.metric if r.model_id == family else f"{r.metric}/{r.model_id.split('/', 1)[1]}", r.task, r.value)
+               for r in metrics if (r.model_id == family or r.model_id.startswith(family + "/"))
+               and (family == "prompt-diffusion" or r.task in m["tasks"])]
+        if own:
+            log_metrics(Path(m["path"]), own, prefix=f"eval-{eval_id[:12]}")
 
 
 def features_cache(plan: Plan) -> Path:
@@ -298,7 +354,7 @@ def evaluate(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- report
-@task(cache_policy=NO_CACHE, name="build-report")
+@task(cache_policy=NO_CACHE, name="build-report", **RETRIES)
 def report_task(plan: Plan, run_id: str) -> str:
     from pd_eval.report import build_run_report
 
@@ -308,6 +364,17 @@ def report_task(plan: Plan, run_id: str) -> str:
     return str(build_run_report(plan.state.db, run_id, plan.profile, dict(plan.keys), curves, plan.dir("base") / "samples.png",
                                 read_done(plan.dir("train")).get("budget_rule", "not recorded"), plan.dir("evaluate"),
                                 plan.state.reports / run_id))
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """`markdown` with each relative `![alt](file.png)` that exists under `folder` as a data URL."""
+    def inline(m: re.Match) -> str:
+        f = folder / m.group(2)
+        if "://" in m.group(2) or not f.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)
 
 
 def _jsonable(v):
@@ -336,8 +403,10 @@ def report(plan: Plan) -> str:
         write_run(plan.state.db, replace(row, finished_at=datetime.now(timezone.utc), status="failed"))
         raise
     write_run(plan.state.db, replace(row, finished_at=datetime.now(timezone.utc), status="completed", report_path=path))
-    create_link_artifact(key="benchmark-report", link=f"file://{Path(path).with_suffix('.html')}", description="HTML report of this run")
-    create_markdown_artifact(key="benchmark-report-md", markdown=Path(path).read_text(), description="Report of this run")
+    # One artifact that opens in the UI: the report, its figures inlined (a file:// link or a relative
+    # image does not load from a page served over http).
+    create_markdown_artifact(key="benchmark-report", markdown=inline_images(Path(path).read_text(), Path(path).parent),
+                             description=f"Report of run {run_id}; on disk: {path} and {Path(path).with_suffix('.html')}")
     for key, (names, rows) in report_tables(plan.state.db, run_id, plan.key("evaluate")).items():
         if rows:
             create_table_artifact(key=f"report-{key}", table=[dict(zip(names, map(_jsonable, r))) for r in rows],
@@ -365,30 +434,31 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None) -> dict:
-    return ingest(make_plan(profile, overrides, state_dir, trains=False))
+def ingest_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                force: Force = None) -> dict:
+    return ingest(make_plan(profile, overrides, state_dir, trains=False, force=force))
 
 
 @flow(name="annotate", log_prints=True)
-def annotate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
-                  upstream: bool = True) -> dict:
-    return through(make_plan(profile, overrides, state_dir, trains=False), "annotate", upstream)
+def annotate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                  upstream: bool = True, force: Force = None) -> dict:
+    return through(make_plan(profile, overrides, state_dir, trains=False, force=force), "annotate", upstream)
 
 
 @flow(name="train", log_prints=True)
-def train_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
-               upstream: bool = True) -> dict:
-    return through(make_plan(profile, overrides, state_dir), "train", upstream)
+def train_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+               upstream: bool = True, force: Force = None) -> dict:
+    return through(make_plan(profile, overrides, state_dir, force=force), "train", upstream)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
-                  upstream: bool = True) -> dict:
-    return through(make_plan(profile, overrides, state_dir), "evaluate", upstream)
+def evaluate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                  upstream: bool = True, force: Force = None) -> dict:
+    return through(make_plan(profile, overrides, state_dir, force=force), "evaluate", upstream)
 
 
 @flow(name="report", log_prints=True)
-def report_flow(profile: str = "smoke", overrides: Overrides = None, state_dir: str | None = None,
-                upstream: bool = True) -> str:
+def report_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+                upstream: bool = True, force: Force = None) -> str:
     """Evaluate (if needed), record this run in DuckDB, and write its report."""
-    return through(make_plan(profile, overrides, state_dir), "report", upstream)
+    return through(make_plan(profile, overrides, state_dir, force=force), "report", upstream)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 
 from conftest import TINY
 from flows.full_benchmark import full_benchmark
-from flows.plan import Plan
+from flows.plan import STAGES, Plan
 from flows.profiles import load_profile
 from pd_data.state import StateDir
 from pd_eval.store import query
@@ -14,6 +14,18 @@ from pd_eval.store import query
 
 def _mtimes(folder):
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def stage_states(flow_state) -> dict[str, str]:
+    """stage -> the state name of its task run (Cached, Completed, ...) in the flow run of `flow_state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    assert flow_state.is_completed(), flow_state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    names = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}  # a task run's name: "<task>-<suffix>"
+    return {k: v for k, v in names.items() if k in STAGES}
 
 
 def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
@@ -34,6 +46,14 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert all((plan.dir("train") / n / "pipeline.json").exists() for n in ("prompt-diffusion", "cn-ft_image-to-depth"))
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 11 and "prompt-diffusion" in ckpts and "cn-ft-oracle_canny-to-image" in ckpts
+
+    # 2a. Tracking (train.report_to=tensorboard): the training's scalars and this evaluation's metrics in one run.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(plan.dir("train") / "prompt-diffusion" / "logs")).Reload().Tags()["scalars"]
+    evaluation = f"eval-{plan.key('evaluate')[:12]}"
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", f"{evaluation}/image->depth/rmse",
+            f"{evaluation}/canny->image/fid/empty-pair"} <= {t.replace("-to-", "->") for t in tags}, tags
 
     # 3. DuckDB: FID + KID for 3 map->image tasks x (2 model families + copy-example) and 3 unseen ones
     #    x (4 conditions + copy-example); RMSE + SSIM + PSNR for 3 image->map tasks x (2 families + 3
@@ -104,21 +124,17 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert {"annotate-shards", "train-base", "train-prompt-diffusion", "evaluate-samples",
             "evaluate-metrics"} <= {a.key for a in artifacts if a.type == "progress"}
 
-    # 5. Same inputs again: every stage is skipped and says so; nothing is rewritten.
+    # 5. Same inputs again: every stage's task is Cached (Prefect's cache, keyed by the plan); nothing is rewritten.
     before = _mtimes(plan.state.root / "models")
-    full_benchmark("smoke", TINY)
-    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert {m.split(":")[0] for m in skipped} >= {"ingest", "annotate", "prompts", "base", "train", "evaluate"}
+    assert stage_states(full_benchmark("smoke", TINY, return_state=True)) == dict.fromkeys(STAGES, "Cached")
     assert _mtimes(plan.state.root / "models") == before
     assert query(db, "SELECT count(*) FROM runs")[1] == [(2,)]
 
     # 6. A new evaluation parameter reruns only the evaluation.
-    caplog.clear()
     changed = json.loads(json.dumps(TINY))
     changed["eval"]["guidance_scale"] = 1.5
-    full_benchmark("smoke", changed)
-    skipped = {r.getMessage().split(":")[0] for r in caplog.records if "skipping" in r.getMessage()}
-    assert skipped >= {"ingest", "annotate", "base", "train"} and "evaluate" not in skipped
+    assert stage_states(full_benchmark("smoke", changed, return_state=True)) == {**dict.fromkeys(STAGES, "Cached"),
+                                                                                  "evaluate": "Completed"}
     assert _mtimes(plan.state.root / "models") == before
     assert query(db, "SELECT count(DISTINCT eval_id) FROM metrics")[1] == [(2,)]
 

@@ -70,10 +70,15 @@ def test_deployment_runs_through_server_and_worker(stack):
     res = subprocess.run([BIN / "pd", "results"], env=stack, capture_output=True, text=True)
     assert "prompt-diffusion" in res.stdout and "report:" in res.stdout
 
+    # Typed parameters: the server refuses a profile that is not one, before any run exists.
     bad = _deploy_run(stack, {"profile": "nosuch"})
-    assert bad.returncode == 1 and "Failed" in bad.stdout
-    log = (Path(stack["PD_STATE_DIR"]) / "logs" / "worker.log").read_text()
-    assert "unknown profile 'nosuch'" in log
+    assert bad.returncode != 0 and "nosuch" in bad.stdout + bad.stderr, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "Completed" not in bad.stdout and "nosuch" not in (Path(stack["PD_STATE_DIR"]) / "logs" / "worker.log").read_text()
+    bad_stage = _deploy_run(stack, {"profile": "smoke", "force": ["trian"]})
+    assert bad_stage.returncode != 0 and "trian" in bad_stage.stdout + bad_stage.stderr
+    # One flow run at a time on the local pool: the others queue.
+    pool = subprocess.run([BIN / "prefect", "work-pool", "inspect", "pd-local"], env=stack, capture_output=True, text=True, timeout=60)
+    assert "concurrency_limit=1" in pool.stdout.replace(" ", "") or "'concurrency_limit':1" in pool.stdout.replace(" ", ""), pool.stdout
 
     # `pd up` again reuses the running server and worker.
     again = subprocess.run([BIN / "pd", "up"], cwd=REPO, env={k: v for k, v in stack.items() if k != "PREFECT_API_URL"},
