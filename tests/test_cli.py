@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import live_controlnet
-from flows.cli import FORMATS, SCHEDULER_NAMES, _parser, main as pd_main
+from flows.cli import FORMATS, PLAN_STAGES, SCHEDULER_NAMES, _parser, main as pd_main
+from flows.plan import STAGES
 from flows.profiles import PROFILES
 from pd_data.tasks import TASKS
 from pd_eval.registry import record
@@ -35,7 +36,7 @@ def test_every_argument_of_every_command_has_help_and_commands_a_description():
 
 
 def test_defaults_are_shown_and_choices_come_from_the_registries(capsys):
-    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
+    assert set(SCHEDULER_NAMES) == set(SCHEDULERS) and PLAN_STAGES == STAGES
     edit = _subparsers(_parser())["edit"]
     modality = next(a for a in edit._actions if a.dest == "modality")
     assert set(modality.choices) == {t.target for t in TASKS.values() if t.source == "image"} >= {"depth", "hed", "seg"}
