@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
+from diffusers.training_utils import compute_snr
 
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
@@ -96,8 +97,7 @@ def prediction_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: t
     target = base.scheduler.get_velocity(x0, noise, t) if v else noise
     if snr_gamma <= 0:
         return F.mse_loss(pred.float(), target.float())  # in fp32 under bf16 autocast too
-    ab = base.scheduler.alphas_cumprod.to(dev)[t]
-    snr = ab / (1 - ab)
+    snr = compute_snr(base.scheduler, t)  # (B,) alpha_t^2 / sigma_t^2 = ab / (1 - ab)
     per_sample = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     return (per_sample * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)).mean()
 
