@@ -52,7 +52,21 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     ckpts = sorted(p.parent.parent.name for p in plan.dir("train").glob("*/controlnet/diffusion_pytorch_model.safetensors"))
     assert len(ckpts) == 11 and "prompt-diffusion" in ckpts and "cn-ft-oracle_canny-to-image" in ckpts
 
-    # 2a. Tracking (train.report_to=tensorboard): the training's scalars and this evaluation's metrics in one run.
+    # 2a. A trained model folder is a diffusers pipeline folder: one line loads it, and it generates.
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pd_model.pipeline import PromptDiffusionPipeline
+
+    pipe = PromptDiffusionPipeline.from_pretrained(plan.dir("train") / "prompt-diffusion")
+    pipe.set_progress_bar_config(disable=True)
+    first = prompts[0]
+    ex = Image.new("RGB", (32, 32), (90, 90, 90))
+    out = pipe(first["text"], image_pair=(ex, ex), image=ex, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (32, 32) and np.asarray(out.images[0]).std() > 0
+
+    # 2b. Tracking (train.report_to=tensorboard): the training's scalars and this evaluation's metrics in one run.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(plan.dir("train") / "prompt-diffusion" / "logs")).Reload().Tags()["scalars"]
