@@ -25,7 +25,7 @@ from prefect.runtime import flow_run
 from flows.plan import STAGES, Plan
 from flows.profiles import PROFILES, load_profile
 from pd_data.progress import Progress, Report, set_sink
-from pd_data.state import StateDir, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
+from pd_data.state import StateDir, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
 # Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
 Overrides = dict[str, Any] | None
@@ -92,10 +92,8 @@ def run_stage(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
     key's record exists and the stage's files are done; else computed once, or read from the done marker."""
     out = plan.dir(stage)
     refresh = stage in plan.force or not is_done(out)  # a cached summary of files that are gone is not used
-    import hashlib
-
-    root = hashlib.sha256(str(plan.state.root.resolve()).encode()).hexdigest()[:12]  # two state dirs, one PREFECT_HOME
-    run = stage_task.with_options(name=stage, cache_policy=PlanKey(key=f"{stage}-{plan.key(stage)}-{root}"), refresh_cache=refresh)
+    key = fingerprint(stage, plan.key(stage), str(plan.state.root.resolve()))  # two state dirs may share one PREFECT_HOME
+    run = stage_task.with_options(name=stage, cache_policy=PlanKey(key=key), refresh_cache=refresh)
     return run(plan, stage, compute)
 
 
