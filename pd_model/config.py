@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 from pd_data.config import Frozen
 from pd_model.tracking import ReportTo, check_installed
 
+# How training steps compute (pd_model.precision): fp32, bf16 or fp16 autocast, or by device.
+MixedPrecision = Literal["no", "bf16", "fp16", "auto"]
+
 
 class BaseModelConfig(Frozen):
     """The text-to-image base. `kind='tiny'` is trained by the pipeline; `'sd15'` is loaded."""
@@ -30,6 +33,8 @@ class BaseModelConfig(Frozen):
     # it saw such pictures in LAION. A base trained on photos alone lacks that prior, so a fraction
     # of the tiny base's samples are the annotated maps of the trained tasks, captioned "depth map", ...
     map_fraction: float = Field(0.0, ge=0, le=1, description="share of base-training samples that are maps of the trained modalities")
+    mixed_precision: MixedPrecision = Field("auto", description="tiny base training, as train.mixed_precision: no "
+                                            "(fp32), bf16 or fp16 autocast, auto (fp32 on the CPU)")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "epsilon", description="what the tiny UNet predicts (SD 1.5: epsilon); v is better conditioned at high noise")
     checkpoint_every: int = Field(0, ge=0, description="tiny base: save a resumable checkpoint every N steps; 0 is off")
@@ -81,7 +86,8 @@ class TrainConfig(Frozen):
     # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")
     processes: int = Field(1, ge=1, description="data-parallel processes the train stage and retrain launch (torch.distributed)")
-    mixed_precision: Literal["no", "bf16", "auto"] = Field("auto", description="bf16 autocast; auto: on CUDA with bf16 support")
+    mixed_precision: MixedPrecision = Field("auto", description="no: fp32; bf16 / fp16 autocast (fp16 with a gradient "
+                                            "scaler); auto: bf16 on CUDA, fp16 on CUDA without bf16, fp32 on the CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (one GPU per process) when present")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes composing each process's samples ahead of "

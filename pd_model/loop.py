@@ -75,13 +75,44 @@ def micro_batches(batch_size: int, accum: int) -> list[range]:
     return [range(rank * per + m * micro, rank * per + (m + 1) * micro) for m in range(accum)]
 
 
-def _all_reduce_sum(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """Sum gradients and the loss over processes in one collective (one flat buffer)."""
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype if grads else loss.dtype)])
-    dist.all_reduce(flat)
-    for g, v in zip(grads, flat[:-1].split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
-    return flat[-1]
+def _sum_hook(_state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP communication hook: sum a `dist.GradBucket` over processes (DDP's default averages; each
+    process's loss is already its share of the global-batch mean)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+class _StepModule(torch.nn.Module):
+    """A step's loss as a module over the trained parameters: what DistributedDataParallel wraps, so
+    that each gradient bucket is all-reduced as soon as backward has filled it, overlapping the rest
+    of backward."""
+
+    def __init__(self, params: list[torch.nn.Parameter], step_loss: StepLoss):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)  # the same Parameter objects, not copies
+        self.step_loss = step_loss
+
+    def forward(self, step: int, idx: range) -> torch.Tensor:
+        return self.step_loss(step, idx)
+
+
+def data_parallel(params: list[torch.nn.Parameter], step_loss: StepLoss, bucket_mb: float = 25.0) -> Callable:
+    """`step_loss` for this process: as it is on one process; on several, through DDP (bucketed,
+    overlapped all-reduce summing gradients; `no_sync` on all but a step's last micro-batch)."""
+    if world()[1] == 1:
+        return lambda step, idx, last: step_loss(step, idx)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = params[0].device
+    ddp = DistributedDataParallel(_StepModule(params, step_loss), device_ids=[device] if device.type == "cuda" else None,
+                                  broadcast_buffers=False, bucket_cap_mb=bucket_mb)
+    ddp.register_comm_hook(None, _sum_hook)
+
+    def call(step: int, idx: range, last: bool) -> torch.Tensor:
+        if last:
+            return ddp(step, idx)
+        with ddp.no_sync():  # a forward under no_sync: its backward accumulates locally, the last one reduces all
+            return ddp(step, idx)
+    return call
 
 
 class StepStats(NamedTuple):
@@ -111,28 +142,42 @@ class Optimiser:
 
     def __init__(self, params: list[torch.nn.Parameter], o: Optim):
         self.params, self.o = params, o
-        self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        # Mixed precision takes the fused AdamW kernel (one pass over each parameter's state); fp32 keeps
+        # the default implementation, so its weights stay bitwise those of every earlier fp32 run.
+        self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=o.autocast is not None or None)
         self.sched = warmup_schedule(self.opt, o.warmup_steps)
         self.ema = EMAModel(params, decay=o.ema_decay) if o.ema_decay > 0 else None
+        # fp16 overflows where bf16 does not: its gradients are scaled up, and steps with inf skipped.
+        fp16 = o.autocast is not None and o.autocast[1] == torch.float16
+        self.scaler = torch.amp.GradScaler(o.autocast[0]) if fp16 else None
         self.losses: list[float] = []
 
     def step(self, step: int, step_loss: StepLoss, slices: list[range]) -> StepStats:
-        """One optimizer step on the global batch of `step` (not applied if its loss is not finite)."""
+        """One optimizer step on the global batch of `step` (not applied if its loss is not finite).
+
+        `step_loss` as `data_parallel` returns it: (step, idx, last micro-batch?) -> this share's loss."""
         o, lr = self.o, self.sched.get_last_lr()[0]
         self.opt.zero_grad(set_to_none=True)
         loss = torch.zeros(())
-        for idx in slices:
+        for m, idx in enumerate(slices):
             with torch.autocast(*(o.autocast or ("cpu",)), enabled=o.autocast is not None):
-                part = step_loss(step, idx) * (len(idx) / o.batch_size)
-            part.backward()
+                part = step_loss(step, idx, m == len(slices) - 1) * (len(idx) / o.batch_size)
+            (part if self.scaler is None else self.scaler.scale(part)).backward()
             loss = loss + part.detach().float().cpu()
         if world()[1] > 1:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            loss = _all_reduce_sum(grads, loss.to(grads[0].device)).cpu()
+            loss = loss.to(self.params[0].device)
+            dist.all_reduce(loss)
+            loss = loss.cpu()
         if not math.isfinite(loss.item()):
             return StepStats(loss.item(), lr, math.nan)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when a gradient is inf/nan; the scale then shrinks
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         if self.ema is not None:
             self.ema.step(self.params)
@@ -142,12 +187,15 @@ class Optimiser:
     def states(self) -> dict:
         """Optimizer, schedule, EMA and the global RNG: tensors and numbers only (weights_only loads)."""
         s = {"optimizer": self.opt.state_dict(), "lr_scheduler": self.sched.state_dict(), "rng": torch.get_rng_state()}
+        s |= {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
         return s | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load_states(self, s: dict) -> None:
         self.opt.load_state_dict(s["optimizer"])
         self.sched.load_state_dict(s["lr_scheduler"])
         torch.set_rng_state(s["rng"])
+        if self.scaler is not None and "scaler" in s:
+            self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
             self.ema.to(device=self.params[0].device)  # loaded on the CPU; the shadow weights live beside the weights
@@ -192,6 +240,7 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
     if start and rank == 0:
         print(f"{desc}: resuming from {list_checkpoints(ckpt.root)[-1]} (step {start} of {o.steps})")
     slices = micro_batches(o.batch_size, o.grad_accum_steps)
+    loss_of = data_parallel(params, step_loss)
     key = "train-" + re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
     bar = Progress(key, f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
     tracker = open_tracker(track, start) if rank == 0 and track is not None else None
@@ -199,7 +248,7 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
     try:
         for step in range(start, o.steps):
             t_step = time.perf_counter()
-            s = state.step(step, step_loss, slices)
+            s = state.step(step, loss_of, slices)
             if not math.isfinite(s.loss):
                 last = list_checkpoints(ckpt.root)[-1] if ckpt is not None and list_checkpoints(ckpt.root) else None
                 raise FloatingPointError(f"{desc}: loss is {s.loss} at step {step}; training stopped. Last good checkpoint: "

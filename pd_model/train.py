@@ -22,6 +22,7 @@ from pd_model.base import BaseModel
 from pd_model.config import TrainConfig
 from pd_model.controlnet import Kind, controlnet_class
 from pd_model.loop import Checkpointing, Optim, micro_batches, run, world
+from pd_model.precision import describe, fast_layout, resolve
 from pd_model.objective import TextCache, cfg_dropout, denoising_loss, stack_images, to_batch
 from pd_model.tracking import LOGS, Tracking
 from pd_model.validation import grid_rows, save_validation_grid
@@ -55,14 +56,6 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cpu" or not cuda:
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype] | None:
-    """bf16 autocast when asked, or for 'auto' on a CUDA device that supports it; None is fp32."""
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
-                                         and torch.cuda.is_bf16_supported()):
-        return device.type, torch.bfloat16
-    return None
 
 
 def validation_prompts(data: SplitData, specs: list, n: int, seed: int) -> list[Prompt]:
@@ -177,7 +170,7 @@ def _grids(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], 
 def run_config(cfg: TrainConfig, spec: ModelSpec, device: torch.device, o: Optim) -> dict:
     """The training configuration as resolved for this run, for the tracker's hyperparameters."""
     return {"train": cfg.model_dump(), "model": asdict(spec),
-            "resolved": {"device": str(device), "autocast": str(o.autocast[1]) if o.autocast else "fp32",
+            "resolved": {"device": str(device), "autocast": describe(o.autocast),
                          "processes": world()[1], "steps": o.steps}}
 
 
@@ -218,12 +211,13 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
         prompts = validation_prompts(val_data if held_out else data, specs, grid_rows(len(specs)), seed)
         every = (cfg.validate_every, _grids(base, controlnet, prompts, folder / "validation", seed, validation_guidance, on_grid))
     o = Optim(spec.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
-              cfg.ema_decay, cfg.grad_accum_steps, autocast_for(cfg, device))
+              cfg.ema_decay, cfg.grad_accum_steps, resolve(cfg.mixed_precision, device))
     desc = spec.name if spec.kind == "prompt-diffusion" else f"{spec.name} ({spec.tasks[0]})"
     track = Tracking(cfg.report_to, folder / LOGS, spec.name, run_config(cfg, spec, device, o)) if folder is not None else None
     t0 = time.perf_counter()
     try:
-        losses = run(params, o, _loss_fn(base, controlnet, cfg, loader), desc, ckpt, every, track)
+        with fast_layout([controlnet, base.unet], o.autocast):
+            losses = run(params, o, _loss_fn(base, controlnet, cfg, loader), desc, ckpt, every, track)
     finally:
         loader.close()
     if stats is not None:

@@ -16,6 +16,7 @@ from pd_model.config import BaseModelConfig
 from pd_model.hints import to_unit
 from pd_model.loop import Checkpointing, Optim, run
 from pd_model.objective import Batch, TextCache, prediction_loss
+from pd_model.precision import fast_layout, resolve
 from pd_model.tracking import LOGS, ReportTo, Tracking
 
 
@@ -71,8 +72,10 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
     trained = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if cfg.train_text_encoder else {})
     ckpt = Checkpointing(checkpoint_dir, trained, cfg.checkpoint_every, cfg.keep_last) \
         if checkpoint_dir is not None and cfg.checkpoint_every else None
-    losses = run(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay),
-                 step_loss, "base", ckpt, every, track)
+    autocast = resolve(cfg.mixed_precision, base.unet.device, "base.mixed_precision")
+    with fast_layout([base.unet], autocast):
+        losses = run(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay,
+                                   autocast=autocast), step_loss, "base", ckpt, every, track)
     base.unet.eval()
     base.text_encoder.requires_grad_(False).eval()
     return losses

@@ -65,7 +65,9 @@ def _killed_then_resumed(fn, args, folder, ckpt_dir):
     return fn(*args)
 
 
-@pytest.mark.parametrize("cfg", [CFG, DEMO_SHAPED], ids=["controlnet", "controlnet+decoder"])
+@pytest.mark.parametrize("cfg", [CFG, DEMO_SHAPED, DEMO_SHAPED.model_copy(update={"mixed_precision": "bf16"}),
+                                 CFG.model_copy(update={"mixed_precision": "fp16"})],
+                         ids=["controlnet", "controlnet+decoder", "bf16 channels_last", "fp16 grad scaler"])
 def test_killed_training_resumes_to_bitwise_identical_weights(world, tmp_path, cfg):
     torch.set_num_threads(1)  # the child runs single-threaded too: same kernels, same sums
     whole, whole_losses = _train(world, tmp_path / "whole", cfg=cfg)

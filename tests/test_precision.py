@@ -72,3 +72,62 @@ def test_base_training_calls_its_hook_on_schedule_with_the_weights_it_ships(worl
     assert sorted(seen) == [2, 4, 5]
     assert torch.equal(seen[5], first.detach())  # the last call saw what training leaves: the EMA
     assert not torch.equal(seen[2], seen[4])
+
+
+def _windows(losses: list[float], n: int) -> list[float]:
+    return [sum(losses[i:i + n]) / n for i in range(0, len(losses), n)]
+
+
+def test_the_bf16_fast_path_trains_to_the_fp32_loss_curve(world, data):
+    """40 steps, demo-shaped (decoder trained, min-SNR): bf16 autocast with channels_last weights and fp32
+    attention follows fp32's loss curve window by window, while both learn."""
+    kw = {"steps": 40, "batch_size": 8, "learning_rate": 1e-3, "snr_gamma": 5.0, "train_unet_decoder": True}
+    fp32, fp32_losses = _train(world, data, mixed_precision="no", **kw)
+    bf16, bf16_losses = _train(world, data, mixed_precision="bf16", **kw)
+    other_seed = _train(world, data, mixed_precision="no", seed=1, **kw)[1]
+    a, b, c = _windows(fp32_losses, 10), _windows(bf16_losses, 10), _windows(other_seed, 10)
+    assert a[-1] < 0.8 * a[0] and b[-1] < 0.8 * b[0]  # both learn
+    assert b == pytest.approx(a, rel=0.05)
+    # bf16 is nearer fp32 than another seed's fp32 run is: its rounding is smaller than training noise.
+    assert sum(abs(x - y) for x, y in zip(a, b)) < sum(abs(x - y) for x, y in zip(a, c))
+
+
+def test_the_fast_layout_is_undone_after_training(world, data):
+    """channels_last and the fp32-attention processors last only as long as the training: the returned
+    ControlNet is contiguous and keeps the processors it had, so it saves and samples as any other."""
+    from pd_model.precision import fast_layout
+
+    base = load_base(world / "base")
+    before = {k: type(p) for k, p in base.unet.attn_processors.items()}
+    conv = next(m for m in base.unet.modules() if isinstance(m, __import__("torch").nn.Conv2d))
+    with fast_layout([base.unet], ("cpu", __import__("torch").bfloat16)):
+        assert conv.weight.is_contiguous(memory_format=__import__("torch").channels_last) and not conv.weight.is_contiguous()
+        assert {type(p).__name__ for p in base.unet.attn_processors.values()} == {"Fp32Attention"}
+    assert conv.weight.is_contiguous() and {k: type(p) for k, p in base.unet.attn_processors.items()} == before
+    net = train_controlnet(base, data, CFG.model_copy(update={"mixed_precision": "bf16"}),
+                           ModelSpec("pd", "prompt-diffusion", TRAINING_TASKS, 2))[0]
+    assert all(p.is_contiguous() for p in net.parameters()) and all(p.is_contiguous() for p in base.unet.parameters())
+    assert {type(p).__name__ for p in net.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_fp16_trains_with_a_gradient_scaler_near_fp32(world, data):
+    """fp16 (for GPUs without bf16) scales the loss before backward and unscales before clipping: the
+    step is fp32's, roughly; fp32 weights stay fp32."""
+    import torch
+
+    fp32, fp32_losses = _train(world, data, mixed_precision="no")
+    fp16, fp16_losses = _train(world, data, mixed_precision="fp16")
+    assert fp16_losses != fp32_losses and fp16_losses == pytest.approx(fp32_losses, rel=0.05)
+    assert max_diff(fp32, fp16) < 1e-3 and all(v.dtype == torch.float32 for v in fp16.values())
+
+
+def test_settings_that_cannot_apply_are_errors():
+    import torch
+
+    from pd_model.precision import resolve
+
+    assert resolve("auto", torch.device("cpu")) is None  # a CPU run's weights do not depend on its CPU
+    assert resolve("bf16", torch.device("cpu")) == ("cpu", torch.bfloat16)
+    assert resolve("no", torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
