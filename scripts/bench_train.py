@@ -1,29 +1,51 @@
 """Training-step throughput of the joint Prompt Diffusion ControlNet: samples/s, FLOPs, fraction of peak.
 
-    .venv/bin/python scripts/bench_train.py                      # demo configuration, this CPU, fp32
-    .venv/bin/python scripts/bench_train.py --paper-size --device cuda --batch 8     # 256 px, bf16
-    .venv/bin/python scripts/bench_train.py --paper-size --steps 1 --batch 1        # does it run on this CPU?
+    .venv/bin/python scripts/bench_train.py                          # demo configuration, this CPU: fp32 vs bf16
+    .venv/bin/python scripts/bench_train.py --precision no bf16 --batch 8 16 --repeats 4
+    .venv/bin/python scripts/bench_train.py --paper-size --device cuda --batch 8 32 --compile   # 256 px, bf16
+    .venv/bin/python scripts/bench_train.py --paper-size --steps 1 --batch 1 --precision no    # does it run here?
+    .venv/bin/python scripts/bench_train.py --threads 1 && .venv/bin/python scripts/bench_train.py --processes 2
+                                                     # data-parallel scaling: 1 process x 1 thread vs 2 x 1 (gloo, DDP)
 
-`--paper-size` builds a Stable-Diffusion-1.5-sized UNet (320, 640, 1280, 1280; 768-d text) with a
-4-channel latent input at resolution/8, at random initialisation (no weights needed), plus the
-Prompt Diffusion ControlNet with SD's 8x hint stack; it defaults to 256 px (32x32 latents), a 77x768
-text context and bf16 autocast (--fp32 to turn that off). Step time is the median of --steps after
-two warm-up steps; peak memory is torch.cuda.max_memory_allocated on a GPU, the process's peak RSS
-on a CPU. FLOPs of one step (forward + backward) are
-counted with torch.utils.flop_counter; the peak is a measured dense matmul rate on the same device
-and dtype, so the fraction is "of what this machine's matmul actually reaches", not a datasheet.
+Each step is the pipeline's own: `pd_model.loop.Optimiser.step` (autocast, fp16 gradient scaler,
+clipping, AdamW) over `pd_model.objective.prediction_loss` (noising, ControlNet residuals, UNet,
+min-SNR-weighted loss), with the weights laid out by `pd_model.precision.fast_layout` as the train
+stage lays them out; only the data is synthetic (fixed random tensors, no loader). The demo
+configuration is the demo profile's: pixel-space UNet (32, 64, 64) at 32 px with v-prediction,
+min-SNR 5, the ControlNet and the UNet decoder trained. `--paper-size` builds a
+Stable-Diffusion-1.5-sized UNet (320, 640, 1280, 1280; 768-d text, 4-channel latents at
+resolution/8) at random initialisation (no weights needed) with the ControlNet trained and the UNet
+frozen, as the paper profile trains.
+
+`--processes N` relaunches this script under torchrun on N local processes of one thread each (gloo
+on the CPU, NCCL with one GPU each on CUDA): each computes its 1/N share of the global --batch and
+gradients are summed through the pipeline's DistributedDataParallel path (`pd_model.loop.data_parallel`:
+bucketed all-reduce overlapping backward); rank 0 prints, samples/s counting the global batch.
+
+Every (precision, batch) configuration is built once, warmed up, then timed in rounds that
+alternate between configurations (--repeats rounds of --steps steps); the step time is the median
+over all its timed steps. FLOPs of one step (forward + backward) are counted with
+torch.utils.flop_counter (the CPU's flash-attention kernels have no formula there: attention counts
+as zero on the CPU); the peak is a measured dense matmul rate on the same device and dtype, so the
+fraction is "of what this machine's matmul reaches", not a datasheet. Peak memory is
+torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU (all configurations).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -45,103 +67,171 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(args):
+def build_models(paper_size: bool, resolution: int):
+    """(base, controlnet, trained modules, latent side, (text length, text width)) at random init."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pd_model.base import BaseModel
     from pd_model.controlnet import PromptDiffusionControlNet
 
-    if args.paper_size:
-        unet = UNet2DConditionModel(sample_size=args.resolution // 8, cross_attention_dim=768)  # SD 1.5 defaults
-        hint_stack, in_res, text = (16, 32, 96, 256), args.resolution // 8, (77, 768)
-    else:
+    torch.manual_seed(0)
+    if paper_size:
+        unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768)  # SD 1.5 defaults
+        hint_stack, in_res, text = (16, 32, 96, 256), resolution // 8, (77, 768)
+        sched = DDPMScheduler(num_train_timesteps=1000)
+    else:  # the demo profile's base (pd_model.base.build_tiny_base at base.block_out_channels=(32, 64, 64))
         unet = UNet2DConditionModel(
-            sample_size=args.resolution, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
+            sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64),
             layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
             attention_head_dim=8, norm_num_groups=8)
-        hint_stack, in_res, text = (16,), args.resolution, (24, 32)
+        hint_stack, in_res, text = (16,), resolution, (24, 32)
+        sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     controlnet = PromptDiffusionControlNet.from_unet(unet, conditioning_embedding_out_channels=hint_stack)
     unet.requires_grad_(False)
-    if args.grad_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-    sched = DDPMScheduler(num_train_timesteps=1000)
-    return BaseModel(unet, None, None, sched), controlnet, in_res, text
+    trained = [controlnet] if paper_size else [controlnet, unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+    for m in trained:
+        m.requires_grad_(True)
+    return BaseModel(unet, None, None, sched), controlnet, trained, in_res, text
+
+
+class Step:
+    """One training step of the pipeline's loop on fixed synthetic data; `__call__` runs one."""
+
+    def __init__(self, base, controlnet, trained, batch: int, in_res: int, text: tuple[int, int], resolution: int,
+                 mixed_precision: str, device: str, snr_gamma: float = 5.0, compile_: bool = False):
+        from pd_model.loop import Optim, Optimiser, data_parallel, world
+        from pd_model.objective import Batch
+        from pd_model.precision import fast_layout, resolve
+
+        self.base, self.controlnet, dev = base, controlnet, torch.device(device)
+        base.unet.to(dev)
+        controlnet.to(dev).train()
+        self.autocast = resolve(mixed_precision, dev)
+        self._layout = fast_layout([controlnet, base.unet], self.autocast)
+        self._layout.__enter__()
+        params = [p for m in trained for p in m.parameters()]
+        self.opt = Optimiser(params, Optim(10**9, batch, 1e-5, weight_decay=1e-2, autocast=self.autocast))
+        batch //= world()[1]  # this process's share of the global batch
+        g = torch.Generator().manual_seed(1 + world()[0])
+        c = base.unet.config.in_channels
+        self.x0 = torch.randn(batch, c, in_res, in_res, generator=g).to(dev)
+        self.batch = Batch(torch.zeros(batch, 3, resolution, resolution), [""] * batch,
+                           torch.rand(batch, 6, resolution, resolution, generator=g).to(dev) * 2 - 1,
+                           torch.rand(batch, 3, resolution, resolution, generator=g).to(dev) * 2 - 1)
+        self.emb = torch.randn(batch, *text, generator=g).to(dev)
+        self.noise = torch.randn(self.x0.shape, generator=g).to(dev)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(dev)
+        self.snr_gamma, self.device, self.n = snr_gamma, device, batch
+        self.loss = data_parallel(params, self._loss)  # DDP over processes, as the train stage runs
+        if compile_:
+            self.controlnet.forward = torch.compile(self.controlnet.forward)
+            self.base.unet.forward = torch.compile(self.base.unet.forward)
+
+    def _loss(self, step, idx):
+        from pd_model.objective import prediction_loss
+
+        return prediction_loss(self.base, self.x0, self.noise, self.t, self.emb, self.batch, self.controlnet, self.snr_gamma)
+
+    def __call__(self) -> float:
+        s = self.opt.step(0, self.loss, [range(self.n)])
+        return s.loss
+
+    def close(self) -> None:
+        self._layout.__exit__(None, None, None)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 32; 256 with --paper-size)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--repeats", type=int, default=4, help="alternating rounds")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    ap.add_argument("--paper-size", action="store_true", help="SD-1.5-sized UNet + ControlNet, 256 px, bf16")
-    ap.add_argument("--fp32", action="store_true", help="with --paper-size: no bf16 autocast")
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--precision", nargs="+", default=None, choices=["no", "bf16", "fp16", "auto"],
+                    help="train.mixed_precision values to compare (default: no bf16; bf16 with --paper-size)")
+    ap.add_argument("--paper-size", action="store_true", help="SD-1.5-sized UNet + ControlNet, 256 px")
+    ap.add_argument("--compile", action="store_true", help="also time each configuration under torch.compile")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per configuration)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
+    ap.add_argument("--processes", type=int, default=1, help="data-parallel processes (torchrun), one thread each")
     args = ap.parse_args()
+    if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torchrun
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
+               __file__, *sys.argv[1:]]
+        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if "LOCAL_RANK" in os.environ:
+        import torch.distributed as dist
+
+        cuda = args.device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.set_num_threads(args.threads or 1)
+        if args.batch[0] % args.processes:
+            raise SystemExit(f"--batch {args.batch} must divide by --processes {args.processes}")
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     if args.resolution is None:
         args.resolution = 256 if args.paper_size else 32
-    if args.paper_size and not args.fp32:
-        args.bf16 = True
-    base, controlnet, in_res, (t_len, t_dim) = build(args)
+    precisions = args.precision or (["bf16"] if args.paper_size else ["no", "bf16"])
     dev = args.device
-    base.unet.to(dev)
-    controlnet.to(dev).train()
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-4)
-    b, c = args.batch, base.unet.config.in_channels
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x0 = torch.randn(b, c, in_res, in_res, generator=g).to(dev)
-    pair = torch.randn(b, 6, args.resolution, args.resolution, generator=g).to(dev)
-    query = torch.randn(b, 3, args.resolution, args.resolution, generator=g).to(dev)
-    emb = torch.randn(b, t_len, t_dim, generator=g).to(dev)
-
-    def step() -> None:
-        t = torch.randint(0, 1000, (b,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        xt = base.scheduler.add_noise(x0, noise, t)
-        with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
-            down, mid = controlnet(xt, t, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
-            pred = base.unet(xt, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
-    for _ in range(2):  # warm-up
-        step()
-    times = []
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.steps):
-        _sync(dev)
+    configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
+    steps, flops, times = {}, {}, {}
+    for key in configs:
+        p, b, c = key
+        base, cn, trained, in_res, text = build_models(args.paper_size, args.resolution)
+        steps[key] = Step(base, cn, trained, b, in_res, text, args.resolution, p, dev, compile_=c)
         t0 = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    peak = matmul_peak(dev, torch.bfloat16 if args.bf16 else torch.float32)
-    result = {
-        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "config": vars(args),
-        "trainable_params_M": round(sum(p.numel() for p in controlnet.parameters()) / 1e6, 2),
-        "step_s_median": round(step_s, 4), "step_s_p10_p90": [round(float(np.percentile(times, q)), 4) for q in (10, 90)],
-        "samples_per_s": round(b / step_s, 2),
-        "gflop_per_step": round(flops / 1e9, 2),
-        "achieved_gflop_s": round(flops / step_s / 1e9, 1),
-        "matmul_peak_gflop_s": round(peak / 1e9, 1),
-        "fraction_of_matmul_peak": round(flops / step_s / peak, 3),
-    }
+        steps[key]()  # first step (and compilation)
+        first = time.perf_counter() - t0
+        if not args.no_flops and not c:
+            with FlopCounterMode(display=False) as counter:
+                steps[key]()
+            flops[key] = counter.get_total_flops()
+        steps[key]()
+        times[key] = {"first_step_s": first, "t": []}
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.repeats):
+        for key in configs:
+            for _ in range(args.steps):
+                _sync(dev)
+                t0 = time.perf_counter()
+                steps[key]()
+                _sync(dev)
+                times[key]["t"].append(time.perf_counter() - t0)
+    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.autocast[1] for s in steps.values() if s.autocast}}
+    rows = []
+    for key in configs:
+        p, b, c = key
+        s, ts = steps[key], times[key]["t"]
+        step_s = statistics.median(ts)
+        peak = peaks[s.autocast[1] if s.autocast else torch.float32]
+        row = {"precision": p, "computes_in": str(s.autocast[1]) if s.autocast else "torch.float32", "batch": b,
+               "compile": c, "step_s_median": round(step_s, 4),
+               "step_s_p10_p90": [round(float(np.percentile(ts, q)), 4) for q in (10, 90)],
+               "samples_per_s": round(b / step_s, 2), "first_step_s": round(times[key]["first_step_s"], 2)}
+        if key in flops:
+            row |= {"gflop_per_step": round(flops[key] / 1e9, 2), "achieved_gflop_s": round(flops[key] / step_s / 1e9, 1),
+                    "matmul_peak_gflop_s": round(peak / 1e9, 1), "fraction_of_matmul_peak": round(flops[key] / step_s / peak, 3)}
+        rows.append(row)
+    base_rows = {(r["batch"], r["compile"]): r for r in rows if r["precision"] == precisions[0]}
+    for r in rows:
+        ref = base_rows[(r["batch"], r["compile"])]
+        r[f"speedup_vs_{precisions[0]}"] = round(ref["step_s_median"] / r["step_s_median"], 2)
+    result = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "config": vars(args), "rows": rows,
+              "trainable_params_M": round(sum(p.numel() for p in next(iter(steps.values())).opt.params) / 1e6, 2)}
     if dev.startswith("cuda"):
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:  # ru_maxrss is KiB on Linux: the whole process, weights and optimizer state included
         import resource
 
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    print(json.dumps(result, indent=2))
+    result["processes"] = args.processes
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result, indent=2))
     return 0
 
 
