@@ -66,13 +66,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
         "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999,
                  "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25, "prediction_type": "v_prediction",
-                 "checkpoint_every": 150},  # a killed run resumes (checkpoints stay out of the stage keys)
+                 "checkpoint_every": 150,  # a killed run resumes (checkpoints stay out of the stage keys)
+                 # bf16 autocast, channels_last, fp32 attention (pd_model.precision): the step 1.3x fp32's on this
+                 # CPU's AMX (scripts/bench_train.py); -o base.mixed_precision=no -o train.mixed_precision=no is fp32.
+                 "mixed_precision": "bf16"},
         # Grids: a round costs ~3 steps (6 prompts) for Prompt Diffusion, ~1.3 for a CN(FT) (2): 3% of training.
         # Equal steps per task: Prompt Diffusion 960 over six tasks, each CN(FT) 160 on its one (480 under-trained
         # it: validation RMSE depth / hed / seg 0.153 / 0.410 / 0.279 against 0.117 / 0.307 / 0.258). min-SNR and
         # the decoder trained too (as the original's shipped command did): image->map RMSE, scripts/bench_maps.py.
         "train": {"steps": 960, "batch_size": 16, "learning_rate": 5e-4, "baseline_steps_per_task": 160,
-                  "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True, "checkpoint_every": 120},
+                  "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True, "checkpoint_every": 120,
+                  "mixed_precision": "bf16"},
         # Text guidance 3 for map->image, the conditional model alone (1) for image->map: on validation
         # prompts paired across layouts, guidance 3 cost image->depth 0.153 -> 0.196 and image->hed
         # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (README, 2026-12-01 runs); guidance
