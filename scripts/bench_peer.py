@@ -34,8 +34,8 @@ What one step is:
 - ours: `scripts/bench_train.py`'s `Step`, i.e. the pipeline's `pd_model.loop.Optimiser.step`
   (zero_grad, autocast, `pd_model.objective.prediction_loss` with eps prediction, backward, grad-norm
   clipping, AdamW) over the ControlNet, UNet frozen, laid out by `pd_model.precision.fast_layout`;
-  at `mixed_precision="no"` (fp32, the same arithmetic) and `"bf16"` (our fast path: bf16 autocast,
-  channels_last weights, fp32 attention on the CPU).
+  at `mixed_precision="no"` (fp32, the same arithmetic) and `"bf16"` (our fast path: bf16 autocast, fused AdamW,
+  channels_last weights, fp32 attention and GroupNorm on the CPU).
 
 Every (implementation, batch) configuration gets its own copy of the models and optimizer, is warmed
 up, then timed in rounds that alternate between configurations (--repeats rounds of --steps steps);
