@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 from scipy import stats
+from threadpoolctl import threadpool_limits
 from cleanfid import fid as cleanfid
 from cleanfid.resize import build_resizer
 from torchmetrics.functional import mean_squared_error
@@ -108,9 +109,18 @@ def image_features(images: np.ndarray, extractor: FeatureExtractor, batch: int =
     return np.concatenate([net(x[i:i + batch]).numpy() for i in range(0, len(x), batch)])
 
 
+# Feature sizes up to this compute FID at one BLAS thread. On the offline extractor's 128-d features
+# numpy's OpenBLAS loses more to handing small products between threads than it gains: one resampled
+# 16-image FID took 16 to 56 ms at two threads and 7 ms at one on the 2-core machine, and the demo's
+# metrics 144 s against 25 (scripts/bench_metrics.py compare, every metric row bitwise the same;
+# tests/test_eval_speed.py). Inception's 2048-d features keep every thread.
+SINGLE_THREAD_FID_DIM = 512
+
+
 def frechet(f1: np.ndarray, f2: np.ndarray, resamples: int = 200, seed: int = 0) -> MetricValue:
     """FID between two feature sets (N, D); the interval resamples both sets (`set_interval`)."""
-    with warnings.catch_warnings():
+    small = max(np.shape(f1)[-1], np.shape(f2)[-1]) <= SINGLE_THREAD_FID_DIM
+    with warnings.catch_warnings(), threadpool_limits(1 if small else None, user_api="blas"):
         # Fewer images than feature dimensions make singular covariances: expected on small sets,
         # where sqrtm warns but clean-fid's offset keeps the value finite. KID suits small sets better.
         warnings.simplefilter("ignore")
