@@ -24,6 +24,8 @@ from pd_model.pipeline import save_trained
 from pd_model.sampling import generate
 from pd_model.train import build_controlnet
 
+pytestmark = pytest.mark.numerics  # float results: .ci/run reruns these at 1 and 2 threads and other BLAS kernels
+
 TASKS = ("image->depth", "depth->image")
 
 

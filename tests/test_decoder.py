@@ -11,6 +11,9 @@ from pd_model.config import TrainConfig
 from pd_model.pipeline import PromptDiffusionPipeline
 from pd_model.train import ModelSpec
 from pd_model.train_dist import TrainJob, run_job
+import pytest
+
+pytestmark = pytest.mark.numerics  # float results: .ci/run reruns these at 1 and 2 threads and other BLAS kernels
 
 
 def test_a_trained_decoder_is_saved_with_the_model_and_loaded_with_it(train_world, tmp_path):

@@ -1,5 +1,10 @@
 """FID at one BLAS thread (pd_eval.metrics.frechet on small features) gives the numbers of the default
-threading to the bit, and leaves the thread count as it found it (timings: scripts/bench_metrics.py)."""
+threading, and leaves the thread count as it found it (timings: scripts/bench_metrics.py).
+
+"The same numbers" is within float rounding, not to the bit: a BLAS splits its sums differently at
+one thread and at two, and on some CPUs (AMD EPYC with OpenBLAS's Haswell kernels) that moves the
+last bit of an FID. `TOLERANCE` is far below anything a reader of Table 1 sees (4 decimals) and far
+above what reordering a sum of 128 x 128 products can do."""
 import warnings
 
 import numpy as np
@@ -8,6 +13,8 @@ from cleanfid import fid as cleanfid
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from pd_eval.metrics import SINGLE_THREAD_FID_DIM, MetricValue, frechet, set_interval
+
+pytestmark = pytest.mark.numerics  # float results: .ci/run reruns these at 1 and 2 threads and other BLAS kernels
 
 
 def _default_threads_frechet(f1, f2, resamples, seed) -> MetricValue:
@@ -24,8 +31,13 @@ def _sets(n1, n2, d=128, seed=0):
     return np.maximum(rng.normal(size=(n1, d)) @ mix, 0), np.maximum(rng.normal(0.3, 1.1, size=(n2, d)) @ mix, 0)
 
 
-def _bits(m: MetricValue) -> tuple:
-    return tuple(float(x).hex() for x in (m.value, m.ci_low, m.ci_high)) + (m.n,)
+# Relative: an FID's summation order moves it by a few ulps (about 1e-15); a wrong feature, resample or
+# interval end moves it by percent.
+TOLERANCE = 1e-9
+
+
+def _numbers(m: MetricValue) -> tuple:
+    return m.value, m.ci_low, m.ci_high
 
 
 def _blas_threads() -> list[int]:
@@ -40,12 +52,12 @@ def _quiet():
 
 
 @pytest.mark.parametrize("n1,n2,d", [(16, 16, 128), (8, 12, 128), (8, 8, 64), (30, 30, 16)])
-def test_one_thread_frechet_equals_the_default_threads_bitwise(n1, n2, d):
+def test_one_thread_frechet_equals_the_default_threads_within_rounding(n1, n2, d):
     f1, f2 = _sets(n1, n2, d, seed=n1 * n2 + d)
     with threadpool_limits(2, user_api="blas"):  # two threads, even on a one-core runner
         old = _default_threads_frechet(f1, f2, 24, 3)
         new = frechet(f1, f2, 24, 3)
-    assert _bits(new) == _bits(old)
+    assert new.n == old.n and _numbers(new) == pytest.approx(_numbers(old), rel=TOLERANCE, abs=0)
     assert old.ci_low < old.ci_high
 
 
