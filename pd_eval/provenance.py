@@ -118,3 +118,22 @@ def run_provenance(summaries: dict[str, dict | None]) -> tuple[str | None, dict]
     parts = [f"{stage} {p['resolved']} ({p['key']}={p['setting']} on {p['device']})"
              for stage, s in summaries.items() if s and (p := s.get("precision"))]
     return ("; ".join(parts) or None), machine | {"report": machine_facts()}
+
+
+def where_lines(precision: str | None, machine: dict | None) -> list[str]:
+    """The report's "Where this ran": the machine of each stage as the `runs` row keeps it."""
+    m = machine or {}
+    train, evaluate = m.get("train"), m.get("evaluate")
+    lines = [f"trained on: {describe_machine(train)}"]
+    if m.get("base") and m["base"] != train:
+        lines.append(f"base trained on: {describe_machine(m['base'])}")
+    lines.append("evaluated on: " + ("the same machine, threads and libraries" if evaluate and evaluate == train
+                                     else describe_machine(evaluate)))
+    lines.append(f"training precision: {precision or 'not recorded'}")
+    for stage, facts in (("training", train), ("evaluation", evaluate)):
+        if facts and (stage == "training" or facts.get("versions") != (train or {}).get("versions")):
+            lines.append(f"libraries ({stage}): {describe_versions(facts)}")
+    if any("bfloat16" in part and part.endswith("on cpu)") for part in (precision or "").split("; ")):
+        lines.append("bf16 on a CPU: oneDNN's bf16 kernels (AMX on Intel Xeon, AVX-512 bf16 on AMD EPYC) round "
+                     "differently, so the same settings give other weights on another CPU")
+    return lines
