@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import importlib.util
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
@@ -145,10 +146,12 @@ class Plan:
     source_fingerprint: str
     keys: Mapping[str, str]
     force: frozenset[str] = frozenset()
+    started_at: datetime | None = None  # when the run that made the plan began: its `runs` row's started_at
 
     @classmethod
-    def build(cls, profile: Profile, state: StateDir, force=()) -> "Plan":
-        """`force`: stage names whose outputs this run recomputes, with every stage that reads them."""
+    def build(cls, profile: Profile, state: StateDir, force=(), started_at: datetime | None = None) -> "Plan":
+        """`force`: stage names whose outputs this run recomputes, with every stage that reads them;
+        `started_at`: when the run began (default: now)."""
         unknown = sorted(set(force) - set(STAGES))
         if unknown:
             raise ConfigError(f"cannot force {unknown}: the stages are {list(STAGES)}")
@@ -164,7 +167,8 @@ class Plan:
         for stage in STAGES:  # dependency order: each upstream key exists when it is needed
             keys[stage] = fingerprint(stage, code_version(stage), _config_parts(profile, stage),
                                       [keys[u] for u in UPSTREAM[stage]], extra.get(stage))
-        return cls(profile, state, source, MappingProxyType(keys), frozenset(descendants(force)))
+        return cls(profile, state, source, MappingProxyType(keys), frozenset(descendants(force)),
+                   started_at or datetime.now(timezone.utc))
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import types
 import typing
 from dataclasses import dataclass
@@ -32,14 +33,27 @@ class Row:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def ddl(cls) -> str:
+    def column_types(cls) -> dict[str, str]:
         hints = typing.get_type_hints(cls)
-        cols = []
+        out = {}
         for f in dataclasses.fields(cls):
             t = hints[f.name]
             optional = isinstance(t, types.UnionType)  # `float | None`: the column's type is float's
-            cols.append(f'"{f.name}" {_SQL[next(a for a in typing.get_args(t) if a is not type(None)) if optional else t]}')
-        return f"CREATE TABLE IF NOT EXISTS {cls.TABLE} ({', '.join(cols)}, PRIMARY KEY ({', '.join(cls.KEY)}))"
+            out[f.name] = _SQL[next(a for a in typing.get_args(t) if a is not type(None)) if optional else t]
+        return out
+
+    @classmethod
+    def ddl(cls) -> str:
+        cols = ", ".join(f'"{name}" {sql}' for name, sql in cls.column_types().items())
+        return f"CREATE TABLE IF NOT EXISTS {cls.TABLE} ({cols}, PRIMARY KEY ({', '.join(cls.KEY)}))"
+
+    @classmethod
+    def added_columns_sql(cls, existing: set[str]) -> list[str]:
+        """The ALTERs that bring a table an older version made up to this row's columns: `CREATE TABLE IF
+        NOT EXISTS` leaves an existing table as it was. A column added later must have a default (its
+        old rows read NULL there)."""
+        return [f'ALTER TABLE {cls.TABLE} ADD COLUMN IF NOT EXISTS "{name}" {sql}'
+                for name, sql in cls.column_types().items() if name not in existing]
 
     @classmethod
     def insert_sql(cls, replace: bool = False) -> str:
@@ -48,7 +62,8 @@ class Row:
         return f"{verb} INTO {cls.TABLE} ({', '.join(cls.columns())}) VALUES ({', '.join('?' * len(cls.columns()))})"
 
     def values(self) -> list[Any]:
-        return [getattr(self, c) for c in self.columns()]
+        """The row's values as DuckDB takes them: a dict (a JSON column) as its JSON text."""
+        return [json.dumps(v) if isinstance(v, dict) else v for v in (getattr(self, c) for c in self.columns())]
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,11 @@ class RunRow(Row):
     status: str  # running | completed | failed
     report_path: str | None
     config: dict
+    # Resolved training precision ("train bf16 (train.mixed_precision=auto on cuda); base fp32 (...)") and
+    # the machine of each stage as it was when the stage was computed (`pd_eval.provenance`): a stage
+    # Cached from an earlier run may have run on another CPU. NULL in rows written before they were kept.
+    precision: str | None = None
+    machine: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +251,13 @@ def ensure_schema(con) -> None:
     """Every table and view (idempotent), and the paper's Table 1 rows once."""
     for statement in [t.ddl() for t in TABLES] + _paper_reference():
         con.execute(statement)
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                     "WHERE table_schema = current_schema()").fetchall():
+        have.setdefault(table, set()).add(column)
+    for t in TABLES:
+        for statement in t.added_columns_sql(have.get(t.TABLE, set())):
+            con.execute(statement)
     if con.execute("SELECT count(*) FROM paper_reference").fetchone()[0] == 0:
         con.executemany(f"INSERT INTO paper_reference VALUES ({', '.join('?' * (len(TABLE1) + 1))})",
                         [[model, *(row[t] for _, t in TABLE1)] for model, row in PAPER_ROWS.items()])

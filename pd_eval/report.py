@@ -1,15 +1,21 @@
-"""Per-run report: Markdown and HTML from one list of sections: Table 1, the baseline verdict, bar
-plots with 95% intervals, unseen-task generalisation, task inference, every metric, losses, grids."""
+"""Per-run report: Markdown and HTML from one list of sections: the verdict, where it ran, Table 1 by
+direction, the claims against the trivial baselines, bar plots with 95% intervals, unseen-task
+generalisation, task inference, every metric, losses, grids. Who beats whom: `pd_eval.claims`; how
+a table reads (intervals that miss their estimate marked): `pd_eval.tables`."""
 from __future__ import annotations
 
 import html
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pd_data.state import atomic_write_bytes
+from pd_eval.claims import claims_table, verdict
+from pd_eval.provenance import where_lines
 from pd_eval.store import query
+from pd_eval.tables import OUTSIDE_NOTE, mark_outside, table1_by_direction
 
 
 def _md_table(names: list[str], rows: list[tuple]) -> str:
@@ -28,41 +34,6 @@ def _html_table(names: list[str], rows: list[tuple]) -> str:
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _name(model_id: str) -> str:
-    return {"prompt-diffusion": "Prompt Diffusion", "cn-ft": "CN(FT)"}.get(model_id, model_id)
-
-
-def baseline_statements(rows: list[dict]) -> list[str]:
-    """Per task: does each model beat every trivial baseline of the task in its Table-1 metric (RMSE
-    for image->map, FID for map->image; lower is better)? Computed from `rows` (metric rows:
-    model_id, task, metric, value, ci_low, ci_high), one sentence per task that has baselines."""
-    from pd_data.tasks import TASKS
-    from pd_eval.baselines import BASELINES
-
-    by = {(r["model_id"], r["task"], r["metric"]): r for r in rows}
-    out = []
-    for task in sorted({t for m, t, _ in by if m in BASELINES and t in TASKS}):
-        metric = TASKS[task].metric
-        base = {b: by[(b, task, metric)] for b in BASELINES if (b, task, metric) in by}
-        if not base:
-            continue
-        best = min(r["value"] for r in base.values())
-        ref = ", ".join(f"{b.split('/')[1]} {r['value']:.3f}" for b, r in base.items())
-        parts = []
-        for model in sorted(m for m, t, k in by if t == task and k == metric and m not in BASELINES):
-            r = by[(model, task, metric)]
-            if r["value"] < best:
-                sure = " (its 95% interval lies below them)" if r["ci_high"] is not None and r["ci_high"] < best else \
-                    " (but its 95% interval reaches the best of them)"
-                parts.append(f"{_name(model)} beats every baseline with {r['value']:.3f}{sure}")
-            else:
-                lost = [b.split("/")[1] for b, br in base.items() if r["value"] >= br["value"]]
-                parts.append(f"{_name(model)} does NOT beat {' and '.join(lost)} ({r['value']:.3f})")
-        if parts:
-            out.append(f"{task} ({metric.upper()}; baselines: {ref}): " + "; ".join(parts) + ".")
-    return out
 
 
 Block = tuple[str, object]  # ("text", str) | ("list", [str]) | ("table", (names, rows)) | ("image", (caption, file))
@@ -120,17 +91,50 @@ def report_tables(db: Path, run_id: str, eval_id: str) -> dict[str, tuple[list[s
     }
 
 
+KID_NOTE = ("KID is the unbiased estimator of the kernel distance, which is negative when two sets are closer "
+            "than its noise: read a negative KID as 0 (no difference measured). The figure draws such values and "
+            "interval ends at 0; the tables keep them as computed.")
+
+
+def _clipped(r: dict) -> dict:
+    """A KID row as the figure draws it: below 0 at 0 (`KID_NOTE`)."""
+    if r["metric"] != "kid":
+        return r
+    return r | {k: None if r[k] is None else max(r[k], 0.0) for k in ("value", "ci_low", "ci_high")}
+
+
+def _negative_kid(rows: list[dict], tasks: set[str] | None = None) -> bool:
+    return any(r["metric"] == "kid" and (tasks is None or r["task"] in tasks)
+               and any(r[k] is not None and r[k] < 0 for k in ("value", "ci_low")) for r in rows)
+
+
 def _bars(rows: list[dict], tasks: set[str], out_dir: Path, name: str, what: str) -> list[Block]:
-    """One figure over `tasks`, a panel per metric, models side by side with their 95% intervals."""
+    """One figure over `tasks`, a panel per metric, models side by side with their 95% intervals; KID
+    clipped at 0, said in its panel's title and under the figure."""
     from pd_eval.visuals import metric_bars
 
-    panels = {METRIC_NOTES[m]: [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
-                                for r in rows if r["metric"] == m and r["task"] in tasks] for m in METRIC_NOTES}
+    clip = _negative_kid(rows, tasks)
+    notes = METRIC_NOTES | ({"kid": "KID, lower is better (below 0 drawn at 0)"} if clip else {})
+    panels = {notes[m]: [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
+                         for r in map(_clipped, rows) if r["metric"] == m and r["task"] in tasks] for m in METRIC_NOTES}
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return []
     metric_bars(panels, out_dir / name, f"{what}: 95% bootstrap intervals as error bars")
-    return [("image", ("", name))]
+    return [("image", ("", name))] + ([("text", KID_NOTE)] if clip else [])
+
+
+def _marked(table: tuple[list[str], list[tuple]]) -> list[Block]:
+    """A table whose values its intervals miss are marked, and the footnote that says why."""
+    names, rows = table
+    rows, marked = mark_outside(names, rows)
+    return [("table", (names, rows))] + ([("text", OUTSIDE_NOTE)] if marked else [])
+
+
+def _where(db: Path, run_id: str) -> list[Block]:
+    _, found = query(db, "SELECT precision, machine FROM runs WHERE run_id = ?", [run_id])
+    precision, machine = found[0] if found else (None, None)
+    return [("list", where_lines(precision, json.loads(machine) if machine else None))]
 
 
 def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Path, loss_png: Path | None,
@@ -145,23 +149,27 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
     rows = [dict(zip(cols, r)) for r in raw]
     trained = {n for n, t in TASKS.items() if t.trained}
     unseen = {r["task"] for r in rows if r["task"] in TASKS and not TASKS[r["task"]].trained}
-    sections: list[tuple[str, list[Block]]] = [("", [("list", notes)])]
-    sections.append(("Table 1 layout (FID lower is better; RMSE on a 0..1 scale, lower is better)", [
-        ("text", "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use the "
-                 "feature extractor named in their row, on this run's data: compare rows of one extractor only."),
-        ("table", tables["paper-table"])]))
-    sections.append(("Do the trained models beat the trivial baselines? (RMSE / FID, lower is better)", [
+    sections: list[tuple[str, list[Block]]] = [("", [("text", line) for line in verdict(rows)]),
+                                                ("Where this ran", _where(db, run_id)), ("Settings", [("list", notes)])]
+    for heading, table in table1_by_direction(*tables["paper-table"]):
+        intro = [("text", "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use "
+                          "the features named in their row, on this run's data: compare rows of one extractor only.")]
+        sections.append((heading, (intro if "FID" in heading else []) + [("table", table)]))
+    claims = claims_table(rows)
+    sections.append(("Do the models beat the trivial baselines? (RMSE / FID, lower is better)", [
         ("text", "Baselines: copy-example answers with the example pair's target (for map->image, a real image of "
                  "the query's group); for image->map also copy-query (the query image) and mean-map (the per-pixel "
-                 "mean train map of the task). A model that does not beat copy-example may be copying its example."),
-        ("list", baseline_statements(rows) or ["no image->map task with both baselines in this evaluation"])]))
+                 "mean train map of the task). A model that does not beat copy-example may be copying its example. "
+                 "\"beats all\": its value is below every baseline's; \"interval clear\": so is its 95% interval's "
+                 "upper end."),
+        *(_marked(claims) if claims[1] else [("text", "no task with both a model and a baseline in this evaluation")])]))
     sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars.png", "trained tasks")))
     if unseen:
         sections.append(("Unseen tasks: zero-shot generalisation", [
             ("text", "Conditions: prompt-diffusion (zero-shot, with the example pair), prompt-diffusion/empty-pair "
                      "(the pair zeroed), cn-ft/nearest (the CN(FT) of the nearest trained task), cn-ft/oracle "
                      "(a CN(FT) trained on the unseen task, when the profile trains one); baselines for image->map."),
-            ("table", tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
+            *_marked(tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
     from pd_eval.task_inference import COPY_BASELINE, FORWARD, MODEL_ID, PREDICTED
 
     _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ? AND model_id = ?",
@@ -181,7 +189,8 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
                      f"{acc['value']:.3f} (95% interval {acc['ci_low']:.3f} to {acc['ci_high']:.3f}, n = {acc['n']}; "
                      f"chance 0.333)" + (f"; the copy-example baseline scores {copy['value']:.3f}." if copy else ".")),
             ("table", tables["task-inference"]), ("image", ("", "task-inference.png"))]))
-    sections.append(("Every metric with its bootstrap 95% interval", [("table", tables["metrics"])]))
+    sections.append(("Every metric with its bootstrap 95% interval", [
+        *_marked(tables["metrics"]), *([("text", KID_NOTE)] if _negative_kid(rows) else [])]))
     if loss_png and loss_png.exists():
         shutil.copyfile(loss_png, out_dir / "losses.png")
         sections.append(("Training loss", [("image", ("", "losses.png"))]))

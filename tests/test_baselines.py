@@ -8,7 +8,7 @@ from pd_data.tasks import get_task
 from pd_eval.baselines import BASELINES, baseline_outputs, mean_map
 from pd_eval.benchmark import baseline_rows
 from pd_eval.config import EvalConfig
-from pd_eval.report import baseline_statements
+from pd_eval.claims import claims_table, task_claims, verdict
 
 pytestmark = pytest.mark.numerics  # float results: .ci/run reruns these at 1 and 2 threads and other BLAS kernels
 
@@ -70,23 +70,39 @@ def _r(model, task, value, hi=None, metric="rmse"):
     return {"model_id": model, "task": task, "metric": metric, "value": value, "ci_low": value, "ci_high": hi or value}
 
 
-def test_baseline_statement_is_computed_from_the_numbers():
+def test_baseline_claim_is_computed_from_the_numbers():
     rows = [_r("baseline/copy-query", "image->hed", 0.5), _r("baseline/mean-map", "image->hed", 0.3),
             _r("baseline/copy-example", "image->hed", 0.45),
             _r("prompt-diffusion", "image->hed", 0.2, 0.25), _r("cn-ft", "image->hed", 0.4)]
-    [line] = baseline_statements(rows)
-    assert "Prompt Diffusion beats every baseline with 0.200 (its 95% interval lies below them)" in line
-    assert "CN(FT) does NOT beat mean-map (0.400)" in line
-    assert baseline_statements(rows[3:]) == []  # no baselines, no claim
+    [claim] = task_claims(rows)
+    assert claim.best == ("mean-map", 0.3) and list(claim.outcomes) == ["prompt-diffusion", "cn-ft"]
+    pd, cn = claim.outcomes["prompt-diffusion"], claim.outcomes["cn-ft"]
+    assert pd.beats and pd.clear and not cn.beats and cn.lost_to == ("mean-map",)
+    [(task, cell, best, said)] = claims_table(rows)[1]
+    assert (task, cell, best) == ("image->hed (RMSE)", "0.200 [0.200, 0.250]", "mean-map 0.300")
+    assert said == "PD beats all (interval clear); CN(FT) 0.400 loses to mean-map"
+    assert task_claims(rows[3:]) == []  # no baselines, no claim
 
 
-def test_copy_example_enters_the_verdict_in_both_directions():
+def test_copy_example_enters_the_claims_in_both_directions():
     rows = [_r("baseline/copy-query", "image->depth", 0.3), _r("baseline/mean-map", "image->depth", 0.2),
             _r("baseline/copy-example", "image->depth", 0.08), _r("prompt-diffusion", "image->depth", 0.15, 0.17),
             _r("baseline/copy-example", "depth->image", 0.05, metric="fid"), _r("prompt-diffusion", "depth->image", 0.3, metric="fid"),
             _r("cn-ft", "depth->image", 0.04, 0.06, metric="fid")]
-    inverse, forward = baseline_statements(rows)
-    assert "Prompt Diffusion does NOT beat copy-example (0.150)" in forward and "RMSE" in forward
-    assert inverse.startswith("depth->image (FID; baselines: copy-example 0.050)")
-    assert "Prompt Diffusion does NOT beat copy-example (0.300)" in inverse
-    assert "CN(FT) beats every baseline with 0.040 (but its 95% interval reaches the best of them)" in inverse
+    forward, inverse = claims_table(rows)[1]  # image->map first, as in Table 1
+    assert forward[0] == "image->depth (RMSE)" and forward[3] == "PD loses to copy-example"
+    assert inverse[:3] == ("depth->image (FID)", "0.300 [0.300, 0.300]", "copy-example 0.050")
+    assert inverse[3] == "PD loses to copy-example; CN(FT) 0.040 beats all (interval reaches copy-example)"
+
+
+def test_the_verdict_counts_what_was_scored_and_no_more():
+    rows = [_r("baseline/copy-query", "image->hed", 0.5), _r("baseline/mean-map", "image->hed", 0.3),
+            _r("baseline/copy-example", "image->hed", 0.45),
+            _r("prompt-diffusion", "image->hed", 0.2, 0.25), _r("cn-ft", "image->hed", 0.4),
+            _r("baseline/copy-example", "image->canny", 0.1), _r("prompt-diffusion", "image->canny", 0.3)]
+    assert verdict(rows) == [
+        "Verdict: Prompt Diffusion beats CN(FT) on 1 of 1 trained tasks (image->hed; its 95% interval clears CN(FT)'s value on 1).",
+        "Beats every trivial baseline: Prompt Diffusion on 1 of 1 image->map tasks (interval clear on 1); "
+        "CN(FT) on 0 of 1 image->map tasks (interval clear on 0).",  # no map->image task was scored: none counted
+        "Unseen tasks, zero-shot: Prompt Diffusion beats every trivial baseline on 0 of 1."]
+    assert verdict(rows[:3])[0].startswith("Verdict: no model was scored")

@@ -1,6 +1,8 @@
 """End to end through the real Prefect engine: Parquet, checkpoints, DuckDB rows, report, caching."""
 import json
 import logging
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -35,7 +37,9 @@ def stage_states(flow_state) -> dict[str, str]:
 
 def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
     caplog.set_level(logging.INFO)
+    t0 = time.monotonic()
     report = full_benchmark("smoke", TINY)
+    elapsed = time.monotonic() - t0
     plan = Plan.build(load_profile("smoke", TINY), StateDir.resolve())
 
     # 1. Parquet: every image of 6 groups x 2 layouts x 2 twins, six maps each, 3 prompts x (6 trained + 4 unseen tasks).
@@ -102,6 +106,16 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert all(0 < r[1] < 1 for r in rows) and all(r[2] >= 0 for r in rows[3:]) and rows[0][2] >= 0
     _, runs = query(db, "SELECT status, report_path FROM runs")
     assert runs == [("completed", report)]
+    # 3c. The run's row spans the whole flow run (from its plan, before ingestion), not the report stage
+    #     alone, and keeps where each stage ran and the precision it trained in.
+    _, [(span, precision, cpus)] = query(db, "SELECT epoch(finished_at - started_at), precision, "
+                                         "[machine->>('$.' || s || '.cpu') FOR s IN ['base', 'train', 'evaluate', 'report']] FROM runs")
+    since_ingest = Path(report).stat().st_mtime - (plan.dir("ingest") / "_DONE.json").stat().st_mtime
+    assert since_ingest < span < elapsed, (since_ingest, span, elapsed)
+    assert precision == "base fp32 (base.mixed_precision=auto on cpu); train fp32 (train.mixed_precision=auto on cpu)"
+    from pd_eval.provenance import machine_facts
+
+    assert cpus == [machine_facts()["cpu"]] * 4
 
     # 3b. Views over the shards answer data questions.
     _, per = query(db, "SELECT i.split, a.modality, count(*) FROM annotations a JOIN images i USING (dataset, image_id) "
@@ -120,8 +134,11 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "CN(FT) budget: equal steps: each of the 6 CN(FT) models 2 steps" in md  # the rule the run used
-    assert "beat the trivial baselines" in md and md.count("(RMSE; baselines: copy-query") == 4
-    assert md.count("(FID; baselines: copy-example") == 6 and "pairing: other-layout" in md
+    assert md.split("\n\n")[1].startswith("Verdict: Prompt Diffusion beats CN(FT) on ")  # first, under the title
+    assert md.index("## Where this ran") < md.index("## Table 1, image->map") < md.index("## Table 1, map->image")
+    assert f"- trained on: {machine_facts()['cpu']}" in md and "- evaluated on: " in md
+    assert "beat the trivial baselines" in md and md.count(" (RMSE) | ") == 4  # a claims row per image->map task
+    assert md.count(" (FID) | ") == 6 and "pairing: other-layout" in md
     assert "## Unseen tasks: zero-shot generalisation" in md and "## In-context task inference (text removed)" in md
     folder = plan.state.reports / report.split("/")[-2]
     for png in ("bars.png", "generalization.png", "task-inference.png"):

@@ -1,0 +1,60 @@
+"""The report's tables as a reader sees them: Table 1 split by direction so each fits a narrow
+column, and an estimate that lies outside its own 95% interval marked, with the reason."""
+from __future__ import annotations
+
+import math
+
+DAGGER = "\u2020"
+OUTSIDE_NOTE = (f"{DAGGER} The estimate lies outside its own 95% interval. FID and KID are distances between sets, "
+                "and their percentile bootstrap resamples images with repetition: a resampled set repeats some "
+                "images and lacks others, which makes it less varied and raises its distance, so on small sets "
+                "the whole interval can lie above the estimate. Read the estimate (the sets as they are); the "
+                "interval's width still shows how much the choice of images moves it.")
+DIRECTIONS = {"rmse": ("image->map", "RMSE on a 0..1 scale, lower is better"),
+              "fid": ("map->image", "FID, lower is better")}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def outside(value: float, lo: float | None, hi: float | None) -> bool:
+    """Whether `value` lies outside [lo, hi]; an undefined interval (None, NaN) contains everything."""
+    return _finite(lo) and _finite(hi) and not lo <= value <= hi
+
+
+def with_interval(value: float, lo: float | None, hi: float | None) -> str:
+    """'0.168 [0.173, 0.386]†' (the mark where the interval misses the estimate); '0.168' without one."""
+    if not (_finite(lo) and _finite(hi)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" + (DAGGER if outside(value, lo, hi) else "")
+
+
+def mark_outside(names: list[str], rows: list[tuple]) -> tuple[list[tuple], bool]:
+    """`rows` of a table with value, ci_low and ci_high columns, each value its interval misses as
+    '0.1684†'; and whether any cell carries the mark (cells `with_interval` made included)."""
+    if not {"value", "ci_low", "ci_high"} <= set(names):
+        return rows, any(DAGGER in c for r in rows for c in r if isinstance(c, str))
+    v, lo, hi = (names.index(c) for c in ("value", "ci_low", "ci_high"))
+    out, marked = [], False
+    for r in rows:
+        if _finite(r[v]) and outside(r[v], r[lo], r[hi]):
+            r = (*r[:v], f"{r[v]:.4g}{DAGGER}", *r[v + 1:])
+            marked = True
+        out.append(r)
+    return out, marked
+
+
+def table1_by_direction(names: list[str], rows: list[tuple]) -> list[tuple[str, tuple[list[str], list[tuple]]]]:
+    """`paper_table`'s rows (model, feature_extractor, <metric>_<task> ...) as one table per direction:
+    image->map (RMSE) and map->image (FID, with its feature extractor), a row only where it has a value."""
+    out = []
+    for metric, (direction, note) in DIRECTIONS.items():
+        cols = [i for i, n in enumerate(names) if n.startswith(f"{metric}_")]
+        if not cols:
+            continue
+        keep = [names.index("model")] + ([names.index("feature_extractor")] if metric == "fid" else [])
+        header = ["model"] + (["features"] if metric == "fid" else []) + [names[i].removeprefix(f"{metric}_") for i in cols]
+        body = [tuple(r[i] for i in keep + cols) for r in rows if any(r[i] is not None for i in cols)]
+        out.append((f"Table 1, {direction} ({note})", (header, body)))
+    return out
