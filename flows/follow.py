@@ -54,6 +54,7 @@ class Follower:
     states: dict[UUID, str] = field(default_factory=dict)
     since: datetime | None = None
     errors: list = field(default_factory=list)  # ERROR log records, for the failure summary
+    held: list[tuple[datetime, str]] = field(default_factory=list)  # lines newer than the logs that have arrived
 
     def flow_runs(self) -> list[UUID]:
         """The run and every subflow run under it (an annotate or ingest stage may run its shards in one)."""
@@ -68,14 +69,16 @@ class Follower:
             self.runs |= set(todo)
         return sorted(self.runs)
 
-    def poll(self) -> int:
-        """Print what is new, in time order: task run state changes and progress lines. Returns how many logs were new."""
+    def poll(self, final: bool = False) -> int:
+        """Print what is new, in time order: task run state changes and progress lines. A state change
+        newer than every log that has arrived waits for the next poll (its logs' batch is on the way),
+        unless `final`. Returns how many logs were new."""
         from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId,
                                                     LogFilterTimestamp)
         from prefect.client.schemas.sorting import LogSort
 
         ids = self.flow_runs()
-        lines: list[tuple[datetime, str]] = []
+        lines, self.held = self.held, []
         for tr in self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))):
             if tr.state is None or self.states.get(tr.id) == tr.state.name:
                 continue
@@ -101,18 +104,22 @@ class Follower:
                 break
             offset += PAGE
         for t, text in sorted(lines, key=lambda x: x[0]):
-            self.say(f"{_clock(t)}  {text}")
+            if final or self.since is None or t <= self.since or new == 0:
+                self.say(f"{_clock(t)}  {text}")
+            else:
+                self.held.append((t, text))
         return new
 
     def failures(self) -> list[str]:
         """`task run: its state's message` for each failed or crashed task run, then the last ERROR log's text."""
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-        out = []
+        by_message: dict[str, list[str]] = {}  # a stage fails with the task inside it: one line for both
         runs = self.client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=sorted(self.runs))))
         for tr in sorted(runs, key=lambda r: r.state.timestamp if r.state else datetime.max):
             if tr.state is not None and tr.state.type.value in ("FAILED", "CRASHED"):
-                out.append(f"{tr.name}: {tr.state.message}")
+                by_message.setdefault(tr.state.message or tr.state.name, []).append(tr.name)
+        out = [f"{', '.join(names)}: {message}" for message, names in by_message.items()]
         if self.errors:
             text = self.errors[-1].message.rstrip().splitlines()
             out.append("last error in the log:\n    " + "\n    ".join(text[-15:]))
@@ -148,6 +155,7 @@ def follow(deployment: str, parameters: dict, worker_log: Path, say: Callable[[s
                         time.sleep(POLL_S)
                         if not f.poll():
                             break
+                    f.poll(final=True)
                     break
                 if not warned and state is not None and state.name in QUIET_STATES and time.monotonic() - t0 > WAITING_S:
                     say(f"still {state.name} after {WAITING_S:.0f} s: a worker of its pool must pick it up (`pd up` starts one)")
@@ -156,12 +164,12 @@ def follow(deployment: str, parameters: dict, worker_log: Path, say: Callable[[s
         except KeyboardInterrupt:
             say(f"stopped following; flow run {run.id} goes on" + (f" ({url})" if url else ""))
             return 130
-    minutes = (time.monotonic() - t0) / 60
-    if state.is_completed():
-        say(f"{deployment}: Completed in {minutes:.1f} min")
-        return 0
-    say(f"{deployment}: {state.name} after {minutes:.1f} min: {state.message or ''}".rstrip(": "))
-    for line in f.failures():
-        say("  " + line)
+        minutes = (time.monotonic() - t0) / 60
+        if state.is_completed():
+            say(f"{deployment}: Completed in {minutes:.1f} min")
+            return 0
+        say(f"{deployment}: {state.name} after {minutes:.1f} min: {state.message or ''}".rstrip(": "))
+        for line in f.failures():
+            say("  " + line)
     say(f"full log: {worker_log} (flow run {run.id})" + (f"; UI: {url}" if url else ""))
     return 1
