@@ -23,12 +23,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Server + worker (reused when running), deployments, one full-benchmark run, then the results.
+# Server + worker (reused when running), deployments, one full-benchmark run followed in the terminal
+# (progress lines and stage states; on failure the error and the log's path, and make stops), then the results.
 benchmark: install
 	$(BIN)/pd up
-	@PREFECT_API_URL=$(API) $(BIN)/prefect deployment run full-benchmark/$(PROFILE) --watch \
-	  || { echo "full-benchmark/$(PROFILE) failed; the error, from $(PD_STATE_DIR)/logs/worker.log:"; \
-	       grep -E "ERROR|Error|Exception" $(PD_STATE_DIR)/logs/worker.log | tail -n 8; exit 1; }
+	@PREFECT_API_URL=$(API) $(BIN)/pd follow full-benchmark/$(PROFILE)
 	@$(BIN)/pd results
 
 smoke:

@@ -5,6 +5,7 @@
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
+    pd follow full-benchmark/demo [-o ...]  start a deployment run and follow it: progress, stages, errors
     pd results [--format table|json|csv]  Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics" [--format ...]   read-only: no statement can write or reach out
     pd profile demo [-o ...]             print a profile's resolved configuration
@@ -287,6 +288,24 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_follow(args) -> int:
+    """A deployment run through the server (`pd up`), followed to its end: exit 0 when it completed, 1 when not."""
+    from flows.profiles import _merge
+
+    state = _prepare_env()
+    from flows import stack
+
+    os.environ.setdefault("PREFECT_API_URL", stack.API_URL)  # the server `pd up` started, without sourcing env.sh
+    params = json.loads(args.params) if args.params else {}
+    if not isinstance(params, dict):
+        raise ValueError(f"--params {args.params!r}: give a JSON object, e.g. '{{\"force\": [\"evaluate\"]}}'")
+    if args.override:
+        params["overrides"] = _merge(params.get("overrides") or {}, _overrides(args.override))
+    from flows.follow import follow
+
+    return follow(args.deployment, params, state.root / "logs" / "worker.log")
+
+
 def cmd_stack(args) -> int:
     from flows import stack
 
@@ -374,6 +393,14 @@ def _parser() -> argparse.ArgumentParser:
     rb = command("rollback", "make an earlier registry model current again", cmd_rollback)
     rb.add_argument("--dataset", default="default", help="name of the live dataset")
     rb.add_argument("--to", default=None, metavar="MODEL_ID", help="the model to make current (default: the one current before the present one)")
+    fo = command("follow", "start a deployment run and follow it here: each stage's progress lines (done/total, rate, "
+                           "ETA, loss) and task run states; on failure the error and where the full log is; exit 0 "
+                           "when it completed, 1 when not (needs `pd up`)", cmd_follow)
+    fo.add_argument("deployment", metavar="FLOW/DEPLOYMENT", help="the deployment to run, e.g. full-benchmark/demo "
+                                                                   "(`prefect deployment ls` lists them)")
+    fo.add_argument("--params", default=None, metavar="JSON", help="flow parameters over the deployment's, "
+                    "e.g. '{\"force\": [\"evaluate\"]}' (default: the deployment's own)")
+    overrides(fo)
     command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
     command("down", "stop the local Prefect server and worker", cmd_stack)
     return ap

@@ -25,6 +25,7 @@ from flows.profiles import ConfigError, Profile
 from pd_data.sources import make_source
 from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
+from pd_model.names import model_id
 from pd_model.train import ModelSpec
 
 STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
@@ -129,9 +130,9 @@ def model_specs(cfg, tasks: tuple[str, ...], unseen: tuple[str, ...]) -> tuple[M
     specs = [("prompt-diffusion", "prompt-diffusion", tasks, cfg.steps)]
     if cfg.baseline_steps_per_task > 0:
         each = cfg.baseline_steps(len(tasks))
-        specs += [(f"cn-ft_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in tasks]
+        specs += [(model_id("cn-ft", t), "cn-ft", (t,), each) for t in tasks]
         if cfg.oracles:
-            specs += [(f"cn-ft-oracle_{t.replace('->', '-to-')}", "cn-ft", (t,), each) for t in unseen]
+            specs += [(model_id("cn-ft", t, oracle=True), "cn-ft", (t,), each) for t in unseen]
     return tuple(ModelSpec(name, kind, ts, steps, i) for i, (name, kind, ts, steps) in enumerate(specs))
 
 

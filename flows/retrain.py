@@ -36,7 +36,7 @@ def live_dir(plan, dataset: str) -> Path:
     return plan.state.data / "live" / dataset
 
 
-@task(cache_policy=NO_CACHE, name="incremental-ingest")
+@task(cache_policy=NO_CACHE, name="incremental-ingest", task_run_name="incremental ingest {dataset}")
 def ingest_round(plan, dataset: str) -> dict:
     from pd_data.incremental import update_live
     from pd_eval.registry import pending_round
@@ -64,7 +64,7 @@ def frozen_benchmark(plan, dataset: str) -> Path:
     return out
 
 
-@task(cache_policy=NO_CACHE, name="retrain-base")
+@task(cache_policy=NO_CACHE, name="retrain-base", task_run_name="train base {dataset}")
 def base_for(plan, dataset: str) -> str:
     """The base's folder: the tiny base, trained once per live dataset on its first round's train
     split (resumable, as the benchmark's); SD 1.5 is loaded from its own."""
@@ -81,7 +81,7 @@ def base_for(plan, dataset: str) -> str:
     return str(out)
 
 
-@task(cache_policy=NO_CACHE, name="train-candidate")
+@task(cache_policy=NO_CACHE, name="train-candidate", task_run_name="train candidate {model_id}")
 def train_candidate(plan, dataset: str, base_path: str, model_id: str, rnd: int, init: Path | None) -> dict:
     """The candidate through the train stage's own entry point (`train_job`), on a Parquet snapshot of
     the live train split: the same files, grids and checkpoints whatever train.processes is."""
@@ -104,7 +104,7 @@ def train_candidate(plan, dataset: str, base_path: str, model_id: str, rnd: int,
     return {"path": str(out), "steps": len(losses), "final_loss": losses[-1]}
 
 
-@task(cache_policy=NO_CACHE, name="benchmark-model")
+@task(cache_policy=NO_CACHE, name="benchmark-model", task_run_name="evaluate {model_id}")
 def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id: str, bench: Path) -> str:
     """Scores of one registry model on the frozen benchmark under the profile's evaluation settings,
     computed once per (model, settings, prompts)."""
@@ -125,7 +125,17 @@ def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id
 @flow(name="retrain", log_prints=True)
 def retrain_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                  dataset: str = "default", from_scratch: bool = False) -> dict:
-    """One retraining round of `dataset` on the profile's source (see the module docstring)."""
+    """One retraining round of `dataset`: new data in, a candidate trained and benchmarked against the
+    current model, promoted only if the rule says so (`pd models` lists the decisions).
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        dataset: Name of the live dataset (a folder under <state>/data/live); each has its own models.
+        from_scratch: Train the candidate from the base, not continued from the current model.
+    """
     plan = make_plan(profile, overrides, state_dir)
     log = get_run_logger()
     # One round of a dataset at a time: a scheduled and a triggered round wait for each other.
@@ -187,6 +197,13 @@ def watch_source_flow(profile: ProfileName = "demo", overrides: Overrides = None
 
     The retrain deployment's event trigger (prefect.yaml) turns that event into a retraining run,
     so new data is picked up between the weekly scheduled runs.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        dataset: Name of the live dataset whose source is watched (the event names it).
     """
     from prefect.events import emit_event
 

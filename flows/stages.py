@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.runtime import flow_run
@@ -25,6 +25,9 @@ from prefect.runtime import flow_run
 from flows.plan import STAGES, Plan
 from flows.profiles import PROFILES, load_profile
 from pd_data.progress import Progress, Report, set_sink
+from flows.follow import progress_logger
+from pd_model import names
+from pd_model.names import label
 from pd_data.state import StateDir, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
 # Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
@@ -71,7 +74,7 @@ def to_run_log(report: Report) -> None:
     if ctx is None:
         print(report.line, flush=True)
         return
-    get_run_logger().info(report.line)
+    progress_logger().info(report.line)  # tagged by its logger's name, so that `pd follow` shows exactly these
     run = str(ctx.task_run.id if isinstance(ctx, TaskRunContext) else ctx.flow_run.id)
     key = (run, report.key)
     if key not in _PROGRESS_ARTIFACTS:
@@ -96,7 +99,7 @@ def run_stage(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
     out = plan.dir(stage)
     refresh = stage in plan.force or not is_done(out)  # a cached summary of files that are gone is not used
     key = fingerprint(stage, plan.key(stage), str(plan.state.root.resolve()))  # two state dirs may share one PREFECT_HOME
-    run = stage_task.with_options(name=stage, cache_policy=PlanKey(key=key), refresh_cache=refresh)
+    run = stage_task.with_options(name=stage, task_run_name=stage, cache_policy=PlanKey(key=key), refresh_cache=refresh)
     return run(plan, stage, compute)
 
 
@@ -134,7 +137,7 @@ def run_mapped(task_fn, workers: int, name: str, *args) -> list:
         from prefect.futures import as_completed
 
         futures = task_fn.map(*args)
-        bar = Progress(name, name, len(futures), "shard")
+        bar = Progress(name, name.replace("-", " "), len(futures), "shard")
         for _ in as_completed(futures):
             bar.advance()
         return [f.result() for f in futures]
@@ -145,7 +148,7 @@ def run_mapped(task_fn, workers: int, name: str, *args) -> list:
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                             "processes": True, "dashboard_address": None})
-    return flow(fan_out, name=name, task_runner=runner)()
+    return flow(fan_out, name=name, flow_run_name=name.replace("-", " "), task_runner=runner)()
 
 
 def register_views(plan: Plan) -> None:
@@ -155,7 +158,7 @@ def register_views(plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------- ingest
-@task(cache_policy=NO_CACHE, name="ingest-shard", **RETRIES)
+@task(cache_policy=NO_CACHE, name="ingest-shard", task_run_name="ingest shard {s}", **RETRIES)
 def ingest_shard_task(cfg, s: int, out_dir: Path, listed) -> dict:
     from pd_data.ingest import ingest_shard
 
@@ -188,7 +191,12 @@ def ingest(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- annotate (+ evaluation prompts)
-@task(cache_policy=NO_CACHE, name="annotate-shard", **RETRIES)
+def _annotate_shard_name(parameters: dict) -> str:
+    """"annotate shard 3" for images-00003.parquet: the number its ingest shard's run shows."""
+    return f"annotate shard {int(Path(parameters['images']).stem.rsplit('-', 1)[1])}"
+
+
+@task(cache_policy=NO_CACHE, name="annotate-shard", task_run_name=_annotate_shard_name, **RETRIES)
 def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], weights_dir: str | None) -> dict:
     from pd_data.annotate import annotate_shard
 
@@ -210,7 +218,7 @@ def _annotate(plan: Plan) -> dict:
     return summary
 
 
-@task(cache_policy=NO_CACHE, name="materialise-prompts", **RETRIES)
+@task(cache_policy=NO_CACHE, name="materialise-prompts", task_run_name="materialise prompts", **RETRIES)
 def prompts_task(plan: Plan) -> dict:
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
@@ -235,7 +243,7 @@ def base_path(plan: Plan) -> str:
     return str(plan.dir("base")) if cfg.kind == "tiny" else cfg.pretrained_path
 
 
-@task(cache_policy=NO_CACHE, name="train-base")
+@task(cache_policy=NO_CACHE, name="train-base", task_run_name="train base")
 def train_base_task(plan: Plan) -> dict:
     from pd_data.dataset import load_split
     from pd_model.base import load_base
@@ -251,7 +259,11 @@ def train_base_task(plan: Plan) -> dict:
     return summary | provenance(plan.profile.base.mixed_precision, "cpu", "base.mixed_precision")  # the tiny base trains on the CPU
 
 
-@task(cache_policy=NO_CACHE, name="train-controlnet")
+def _train_name(parameters: dict) -> str:
+    return f"train {label(parameters['spec'].name)}"
+
+
+@task(cache_policy=NO_CACHE, name="train-controlnet", task_run_name=_train_name)
 def train_controlnet_task(plan: Plan, spec) -> dict:
     """One model; in this process, or on train.processes local processes (torchrun) when > 1."""
     from pd_model.train_dist import TrainJob
@@ -282,14 +294,19 @@ def train_job(job, publish: Callable[[Path, int], None]) -> None:
 
 
 def publish_grid(path: Path, step: int, model: str) -> None:
-    """A validation grid as an image artifact, inside a flow or task run only (elsewhere: nothing).
+    """A validation grid as a Markdown artifact `validation-<model>-step-<step>` (one card per model and
+    step), inside a flow or task run only (elsewhere: nothing).
 
-    The PNG is inlined as a data URL: the UI is served over http and will not load a file:// URL."""
+    The PNG is inlined as a data URL in Markdown, which the UI renders as the picture: the UI is served
+    over http and will not load a file:// URL, and an image artifact's page prints its URL as text."""
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return
-    key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{model}".lower()).strip("-")
-    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(path.read_bytes()).decode(), key=key,
-                          description=f"{model}, step {step}: example pair | query | output | target (`{path}`)")
+    name = label(model)
+    create_markdown_artifact(
+        key=names.key("validation", name, f"step-{step}"),
+        markdown=f"### {name}, step {step}\n\nexample pair | query | output | target\n\n"
+                 f"![{name}, step {step}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})\n\n`{path}`\n",
+        description=f"Validation grid of {name} at step {step}")
 
 
 def provenance(setting: str | None, device: str | None, key: str = "") -> dict:
@@ -318,7 +335,7 @@ def train(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- evaluate
-@task(cache_policy=NO_CACHE, name="benchmark")
+@task(cache_policy=NO_CACHE, name="benchmark", task_run_name="generate and score")
 def evaluate_task(plan: Plan) -> dict:
     from dataclasses import asdict
 
@@ -367,7 +384,7 @@ def evaluate(plan: Plan) -> dict:
 
 
 # ---------------------------------------------------------------- report
-@task(cache_policy=NO_CACHE, name="build-report", **RETRIES)
+@task(cache_policy=NO_CACHE, name="build-report", task_run_name="build report", **RETRIES)
 def report_task(plan: Plan, run_id: str) -> str:
     from pd_eval.report import build_run_report
 
@@ -453,29 +470,79 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 @flow(name="ingest", log_prints=True)
 def ingest_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                 force: Force = None) -> dict:
+    """Ingest the profile's source into Parquet shards (one task per shard); returns the stage's summary.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
+    """
     return ingest(make_plan(profile, overrides, state_dir, trains=False, force=force))
 
 
 @flow(name="annotate", log_prints=True)
 def annotate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
+    """Annotate the ingested images (one task per shard) and materialise the evaluation prompts;
+    returns the annotation summary.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        upstream: Run the stages before this one that are not done yet; if false, they must be done.
+        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
+    """
     return through(make_plan(profile, overrides, state_dir, trains=False, force=force), "annotate", upstream)
 
 
 @flow(name="train", log_prints=True)
 def train_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True, force: Force = None) -> dict:
+    """Train the tiny base (if the profile has one), Prompt Diffusion and the CN(FT) baselines;
+    returns the models trained.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        upstream: Run the stages before this one that are not done yet; if false, they must be done.
+        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
+    """
     return through(make_plan(profile, overrides, state_dir, force=force), "train", upstream)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
+    """Benchmark every trained model on the materialised prompts; the metrics go into DuckDB.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        upstream: Run the stages before this one that are not done yet; if false, they must be done.
+        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
+    """
     return through(make_plan(profile, overrides, state_dir, force=force), "evaluate", upstream)
 
 
 @flow(name="report", log_prints=True)
 def report_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
                 upstream: bool = True, force: Force = None) -> str:
-    """Evaluate (if needed), record this run in DuckDB, and write its report."""
+    """Evaluate (if needed), record this run in DuckDB, and write its report; returns the report's path.
+
+    Args:
+        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
+            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
+        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
+        upstream: Run the stages before this one that are not done yet; if false, they must be done.
+        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
+    """
     return through(make_plan(profile, overrides, state_dir, force=force), "report", upstream)

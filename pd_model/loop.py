@@ -10,7 +10,6 @@ bitwise the same weights.
 from __future__ import annotations
 
 import math
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from pd_data.progress import Progress
+from pd_model import names
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from pd_model.tracking import Tracking, open_tracker
 
@@ -241,8 +241,7 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
         print(f"{desc}: resuming from {list_checkpoints(ckpt.root)[-1]} (step {start} of {o.steps})")
     slices = micro_batches(o.batch_size, o.grad_accum_steps)
     loss_of = data_parallel(params, step_loss)
-    key = "train-" + re.sub(r"[^a-z0-9]+", "-", desc.lower()).strip("-")
-    bar = Progress(key, f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
+    bar = Progress(names.key("train", desc), f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
     tracker = open_tracker(track, start) if rank == 0 and track is not None else None
     t0, done = time.perf_counter(), start
     try:

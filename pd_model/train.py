@@ -21,6 +21,7 @@ from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import TrainConfig
 from pd_model.controlnet import Kind, controlnet_class
+from pd_model.names import label
 from pd_model.loop import Checkpointing, Optim, micro_batches, run, world
 from pd_model.precision import describe, fast_layout, resolve
 from pd_model.objective import TextCache, cfg_dropout, denoising_loss, stack_images, to_batch
@@ -212,7 +213,7 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
         every = (cfg.validate_every, _grids(base, controlnet, prompts, folder / "validation", seed, validation_guidance, on_grid))
     o = Optim(spec.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
               cfg.ema_decay, cfg.grad_accum_steps, resolve(cfg.mixed_precision, device))
-    desc = spec.name if spec.kind == "prompt-diffusion" else f"{spec.name} ({spec.tasks[0]})"
+    desc = label(spec.name)
     track = Tracking(cfg.report_to, folder / LOGS, spec.name, run_config(cfg, spec, device, o)) if folder is not None else None
     t0 = time.perf_counter()
     try:

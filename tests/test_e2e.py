@@ -31,8 +31,7 @@ def stage_states(flow_state) -> dict[str, str]:
     assert flow_state.is_completed(), flow_state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    names = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}  # a task run's name: "<task>-<suffix>"
-    return {k: v for k, v in names.items() if k in STAGES}
+    return {r.name: r.state.name for r in runs if r.name in STAGES}  # a stage's task run is named after it
 
 
 def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, state_dir, caplog):
@@ -153,7 +152,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     # 4a. Progress of every long stage, in the run's log and as progress artifacts.
     lines = [r.getMessage() for r in caplog.records]
     n = query(db, "SELECT count(*) FROM samples")[1][0][0]  # every generated sample, task inference included
-    for done in ("annotate-shards: 1/1 shards (100%)", "train base: 8/8 steps (100%)",
+    for done in ("annotate shards: 1/1 shards (100%)", "train base: 8/8 steps (100%)",
                  "train prompt-diffusion: 4/4 steps (100%)", f"evaluate: generated samples: {n}/{n} samples (100%)"):
         assert any(m.startswith(done) for m in lines), (done, [m for m in lines if m.startswith(done.split(":")[0])])
     assert any(m.startswith(f"evaluate: generated samples: 0/{n} samples (0%)") and "ETA" in m for m in lines)

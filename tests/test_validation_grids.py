@@ -39,7 +39,7 @@ def test_grids_are_saved_published_and_leave_the_weights_untouched(train_world, 
 
     @flow
     def train_in_a_flow():
-        return _train(train_world, 2, folder, on_grid=lambda path, step: publish_grid(path, step, "Prompt Diffusion"))
+        return _train(train_world, 2, folder, on_grid=lambda path, step: publish_grid(path, step, "prompt-diffusion"))
 
     with_grids = train_in_a_flow()
     assert all(torch.equal(plain[k], with_grids[k]) for k in plain)
@@ -51,6 +51,8 @@ def test_grids_are_saved_published_and_leave_the_weights_untouched(train_world, 
 
     publish_grid(folder / "step-0000002.png", 2, "outside")  # outside a run: nothing, and no error
     with get_client(sync_client=True) as client:
-        made = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-prompt-diffusion", "validation-outside"])))
-    assert sorted(a.key for a in made) == ["validation-prompt-diffusion"] * 2
-    assert all(a.type == "image" and a.data.startswith("data:image/png;base64,") for a in made)
+        made = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["validation-prompt-diffusion-step-2", "validation-prompt-diffusion-step-3", "validation-outside-step-2"])))
+    # One card per step, each a picture in Markdown (an image artifact's page prints its data URL as text).
+    assert sorted(a.key for a in made) == ["validation-prompt-diffusion-step-2", "validation-prompt-diffusion-step-3"]
+    assert all(a.type == "markdown" and "](data:image/png;base64," in a.data for a in made)
