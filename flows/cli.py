@@ -5,6 +5,7 @@
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
+    pd schedule on|off [--deployment retrain/demo]   resume / pause a deployment's schedules (weekly retraining)
     pd results [--format table|json|csv]  Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics" [--format ...]   read-only: no statement can write or reach out
     pd profile demo [-o ...]             print a profile's resolved configuration
@@ -295,6 +296,17 @@ def cmd_stack(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    from flows import stack
+
+    _prepare_env()
+    api = os.environ.get("PREFECT_API_URL", stack.API_URL)  # the server `pd up` started, unless told otherwise
+    active = {"on": True, "off": False, "show": None}[args.action]
+    for s in stack.set_schedules(args.deployment, active, api):
+        print(f"{args.deployment}: {s.schedule} {'on' if s.active else 'paused'} (schedule id {s.id})")
+    return 0
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each optional argument's default after its help (none for
     required arguments, flags and those whose help says what happens without them)."""
@@ -376,6 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", default=None, metavar="MODEL_ID", help="the model to make current (default: the one current before the present one)")
     command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
     command("down", "stop the local Prefect server and worker", cmd_stack)
+    sc = command("schedule", "resume (on) or pause (off) a deployment's schedules on the server, or show them", cmd_schedule)
+    sc.add_argument("action", choices=("on", "off", "show"), help="on: resume, off: pause, show: list them")
+    sc.add_argument("--deployment", default="retrain/demo", metavar="FLOW/DEPLOYMENT",
+                    help="the deployment (`prefect deployment ls` lists them)")
     return ap
 
 
