@@ -11,7 +11,7 @@
     pd profile demo [-o ...]             print a profile's resolved configuration
     pd check [--profile paper] [-o ...]  every data folder and weight file the profile lacks, and where it goes
     pd retrain [--profile demo] [--dataset default] [--from-scratch] [-o ...]   one retraining round
-    pd models [--dataset D] [--format ...]  the model registry: candidates, decisions, the current model
+    pd models [--dataset D] [--benchmark] [--format ...]  the latest benchmark's models; the registry of retraining
     pd rollback [--dataset D] [--to MODEL_ID]   make an earlier model current again (default: the previous one)
 """
 from __future__ import annotations
@@ -122,13 +122,33 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_models(args) -> int:
+    """The registry (retraining rounds) and, in a table or with --benchmark, the latest benchmark's models:
+    a benchmark trains its own models and never enters the registry."""
     from pd_data.state import StateDir
     from pd_eval.registry import listing
+    from pd_eval.store import benchmark_models
 
-    names, rows = listing(StateDir.resolve().db, args.dataset)
+    db = StateDir.resolve().db
+    if args.benchmark or (args.format == "table" and args.dataset is None):
+        run, names, rows = benchmark_models(db)
+        if args.format != "table":
+            _print_rows(names, rows, args.format)
+            return 0
+        if run is None:
+            print("benchmark models: none yet; `make benchmark` (or `pd run`) trains them")
+        else:
+            print(f"benchmark models of run {run['run_id']} (profile {run['profile']}, finished {run['finished_at']:%Y-%m-%d %H:%M}):")
+            _print_rows(names, rows, args.format)
+        if args.benchmark:
+            return 0
+        print()
+    names, rows = listing(db, args.dataset)
     if not rows and args.format == "table":
-        print("no models in the registry yet; run `pd retrain` (or the retrain deployment)")
+        print("model registry: no models yet; it holds the candidates of retraining rounds: `pd retrain` "
+              "(or the retrain deployment, `pd schedule on`)")
         return 0
+    if args.format == "table":
+        print("model registry (retraining rounds):")
     _print_rows(names, rows, args.format)
     return 0
 
@@ -184,8 +204,13 @@ def _model_folder(args) -> str:
         if rows:
             return rows[0][0]
     if {"models", "runs"} <= names:
-        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE m.kind IN "
-                            "('prompt-diffusion', 'prompt_diffusion') AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
+        from pd_model.controlnet import _KINDS
+
+        # Every spelling `as_kind` reads: results databases written before the kinds were unified hold
+        # the training mode, 'prompt_diffusion', in models.kind.
+        spellings = [k for k, v in _KINDS.items() if v == "prompt-diffusion"]
+        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE list_contains(?, m.kind) "
+                            "AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1", [spellings])
         if rows:
             return rows[0][0]
     raise FileNotFoundError(f"no current model of dataset {args.dataset!r} in the registry and no trained Prompt Diffusion "
@@ -380,8 +405,12 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--dataset", default="default", help="name of the live dataset (a folder under data/live)")
     rt.add_argument("--from-scratch", action="store_true", help="train the candidate from scratch, not from the current model")
     overrides(rt)
-    ml = command("models", "the model registry: every candidate, its decision, the current model", cmd_models)
-    ml.add_argument("--dataset", default=None, help="one live dataset (default: all)")
+    ml = command("models", "the latest benchmark's models, and the model registry of retraining: every candidate, its "
+                           "decision, the current model", cmd_models)
+    ml.add_argument("--dataset", default=None, help="the registry of one live dataset only (default: the benchmark's "
+                                                   "models and every dataset's registry)")
+    ml.add_argument("--benchmark", action="store_true", help="only the latest completed benchmark run's models (with "
+                                                            "--format json|csv: they instead of the registry)")
     table_format(ml)
     rb = command("rollback", "make an earlier registry model current again", cmd_rollback)
     rb.add_argument("--dataset", default="default", help="name of the live dataset")
