@@ -143,13 +143,26 @@ def _for_source(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return profile | {"data": {k: v for k, v in data.items() if k not in drop}}
 
 
+def _for_protocol(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The profile without its own sampler settings when the overrides choose the paper's protocol (the
+    demo's guidance 3 under -o eval.protocol=paper): the protocol sets them, and only a value the
+    overrides give that contradicts it is an error."""
+    from pd_eval.config import PROTOCOL_KEYS
+
+    ev = profile.get("eval", {})
+    if overrides.get("eval", {}).get("protocol") != "paper" or ev.get("protocol") == "paper":
+        return profile
+    return profile | {"eval": {k: v for k, v in ev.items() if k not in PROTOCOL_KEYS}}
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     """`load_profile("demo", {"train": {"steps": 10}})`; an unknown profile, key or bad value raises
     `ConfigError` listing every problem."""
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     try:
-        return Profile.model_validate(_merge(_for_source(PROFILES[name], overrides or {}) | {"name": name}, overrides or {}))
+        own = _for_protocol(_for_source(PROFILES[name], overrides or {}), overrides or {})
+        return Profile.model_validate(_merge(own | {"name": name}, overrides or {}))
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err) for err in e.errors(include_url=False))) from None
 

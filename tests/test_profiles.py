@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from flows.profiles import PROFILES, ConfigError, load_profile, parse_override, split_overrides
+from flows.profiles import PROFILES, ConfigError, _merge, load_profile, parse_override, split_overrides
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -55,8 +55,9 @@ def test_paper_protocol_holds_its_sampler_and_rejects_another():
     e = load_profile("paper").eval
     assert (e.scheduler, e.steps, e.guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None)
     assert load_profile("paper", {"eval": {"steps": 100, "guidance_scale": 9}}).eval == e  # the paper's own values
-    with pytest.raises(ConfigError, match=r"eval.steps=7 cannot apply under eval.protocol='paper'.*leave eval.steps unset"):
-        load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}})
+    with pytest.raises(ConfigError, match=r"^eval.steps=7 cannot apply under eval.protocol=paper.*use eval.steps=100 or "
+                                          r"eval.protocol=fast\neval.pair_guidance_scale=3.0 .*use eval.pair_guidance_scale=null"):
+        load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}})  # both at once, each with its fix
     assert load_profile("smoke", {"eval": {"pair_guidance_scale": 3.0}}).eval.pair_guidance_scale == 3.0
     assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
 
@@ -116,3 +117,21 @@ def test_a_profile_for_one_source_takes_another_from_the_overrides():
     assert load_profile("demo", {"data": folder}).data.source == "folder"
     with pytest.raises(ConfigError, match=r"data.n_groups=3 cannot apply to data.source='folder'"):
         load_profile("demo", {"data": folder | {"n_groups": 3}})
+
+
+@pytest.mark.parametrize("name", ["demo", "smoke"])
+def test_choosing_the_paper_protocol_replaces_the_profiles_own_sampler_values(name):
+    """The demo sets guidance 3 and map guidance 1, the smoke 10 steps: under -o eval.protocol=paper they
+    give way to the protocol's sampler; only a contradicting value given with -o is an error, and its
+    fix can be typed as one -o."""
+    from pd_eval.config import NEGATIVE_PROMPT
+
+    e = load_profile(name, {"eval": {"protocol": "paper"}}).eval
+    assert (e.scheduler, e.steps, e.guidance_scale, e.map_guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None, None)
+    assert e.negative_prompt == NEGATIVE_PROMPT and e.positive_suffix == ", best quality, extremely detailed"
+    assert e.threads == load_profile(name).eval.threads  # not a sampler setting: the profile's stays
+    with pytest.raises(ConfigError, match=r"^eval.guidance_scale=3.0 cannot apply under eval.protocol=paper.*"
+                                          r"use eval.guidance_scale=9.0 or eval.protocol=fast$") as err:
+        load_profile(name, {"eval": {"protocol": "paper", "guidance_scale": 3.0}})
+    fixed = parse_override(str(err.value).rsplit("use ", 1)[1].split(" or ")[0])  # the fix, as the user types it
+    assert load_profile(name, _merge({"eval": {"protocol": "paper", "guidance_scale": 3.0}}, fixed)).eval == e
