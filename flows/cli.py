@@ -1,6 +1,6 @@
 """`pd`: run the pipeline, manage the local Prefect stack, and query results.
 
-    pd run [--profile smoke] [--stage full-benchmark] [--force STAGE] [-o train.steps=50 ...]
+    pd run [--profile demo] [--stage full-benchmark] [--force STAGE] [-o train.steps=50 ...]
     pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR | --dataset D]
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
@@ -368,7 +368,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")
 
     r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
-    r.add_argument("--profile", default="smoke", choices=profiles, help="configuration profile")
+    r.add_argument("--profile", default="demo", choices=profiles, help="configuration profile (the one `make benchmark` runs)")
     r.add_argument("--stage", default="full-benchmark", choices=STAGES, help="the flow: the whole chain or one stage (with its upstream)")
     r.add_argument("--force", action="append", default=[], choices=PLAN_STAGES, metavar="STAGE",
                    help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(PLAN_STAGES)})")

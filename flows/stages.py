@@ -432,31 +432,31 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def ingest_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 force: Force = None) -> dict:
     return ingest(make_plan(profile, overrides, state_dir, trains=False, force=force))
 
 
 @flow(name="annotate", log_prints=True)
-def annotate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def annotate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     return through(make_plan(profile, overrides, state_dir, trains=False, force=force), "annotate", upstream)
 
 
 @flow(name="train", log_prints=True)
-def train_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def train_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True, force: Force = None) -> dict:
     return through(make_plan(profile, overrides, state_dir, force=force), "train", upstream)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def evaluate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     return through(make_plan(profile, overrides, state_dir, force=force), "evaluate", upstream)
 
 
 @flow(name="report", log_prints=True)
-def report_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def report_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 upstream: bool = True, force: Force = None) -> str:
     """Evaluate (if needed), record this run in DuckDB, and write its report."""
     return through(make_plan(profile, overrides, state_dir, force=force), "report", upstream)

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -151,3 +152,20 @@ def test_generate_reads_a_benchmark_model_recorded_under_the_old_kind_spelling(s
     _benchmark_run(db, "old", "e0", datetime(2026, 11, 30, tzinfo=timezone.utc), "completed",
                    {"prompt-diffusion": "prompt_diffusion", "cn-ft-depth": "cnft"})
     assert _model_folder(argparse.Namespace(model=None, dataset="default")) == "/models/e0/prompt-diffusion"
+
+
+def test_pd_run_and_every_flow_default_to_the_profile_make_benchmark_runs():
+    """`make benchmark` runs the demo: `pd run` without --profile, and a flow run without a profile
+    parameter, run the same."""
+    import inspect
+    import re
+
+    from flows.full_benchmark import full_benchmark
+    from flows.retrain import retrain_flow, watch_source_flow
+    from flows.stages import annotate_flow, evaluate_flow, ingest_flow, report_flow, train_flow
+
+    make = re.search(r"^PROFILE \?= (\w+)$", (Path(__file__).parents[1] / "Makefile").read_text(), re.M).group(1)
+    assert make == "demo" and _parser().parse_args(["run"]).profile == make
+    for f in (full_benchmark, ingest_flow, annotate_flow, train_flow, evaluate_flow, report_flow, retrain_flow,
+              watch_source_flow):
+        assert inspect.signature(f.fn).parameters["profile"].default == make, f.name
