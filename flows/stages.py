@@ -32,8 +32,20 @@ Overrides = dict[str, Any] | None
 ProfileName = Literal[tuple(PROFILES)]  # type: ignore[valid-type]
 StageName = Literal[STAGES]  # type: ignore[valid-type]
 Force = list[StageName] | None  # type: ignore[valid-type]
-# Idempotent work (each resumes or rewrites the same files): retried on a transient error.
-RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+# OSErrors that waiting does not fix: a missing or unreadable path is the same 5 s later.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's `retry_condition_fn(task, task_run, state)`: retry an I/O error that may pass (a full or
+    slow disk, a timeout, a dropped connection), never a deterministic one (ValueError, ConfigError,
+    TypeError, KeyError, a missing file), which would fail again the same way, twice, 5 s apart."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
+
+
+# Idempotent work (each resumes or rewrites the same files): retried on a transient error only.
+RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient}
 
 
 def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True, force: Force = None) -> Plan:
