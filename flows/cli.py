@@ -346,7 +346,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flows.profiles import PROFILES
+    from flows.profiles import OVERRIDE_RULE, PROFILES
     from pd_data.tasks import TASKS
 
     profiles = sorted(PROFILES)
@@ -362,7 +362,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def overrides(p) -> None:
         p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="set one configuration value (repeatable), e.g. -o train.steps=50; `pd profile NAME` shows them all")
+                       help="set one configuration value (repeatable: -o train.steps=5 -o train.batch_size=2 sets both). "
+                            f"{OVERRIDE_RULE} `pd profile NAME` shows every value")
 
     def table_format(p) -> None:
         p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")

@@ -135,3 +135,40 @@ def test_choosing_the_paper_protocol_replaces_the_profiles_own_sampler_values(na
         load_profile(name, {"eval": {"protocol": "paper", "guidance_scale": 3.0}})
     fixed = parse_override(str(err.value).rsplit("use ", 1)[1].split(" or ")[0])  # the fix, as the user types it
     assert load_profile(name, _merge({"eval": {"protocol": "paper", "guidance_scale": 3.0}}, fixed)).eval == e
+
+
+@pytest.mark.parametrize("name, backend", [("smoke", "procedural"), ("demo", "procedural"), ("paper", "controlnet_aux")])
+def test_a_mapping_override_replaces_the_setting_and_a_dotted_one_sets_an_entry_for_every_profile(name, backend):
+    """One rule whether the annotators are the model's default (smoke, demo) or the profile's own dict
+    (paper): a value replaces the mapping whole, so an annotator can be dropped; a dotted key sets one."""
+    from flows.cli import _overrides
+
+    before = load_profile(name).data.annotators
+    assert len(before) == 6
+    only = _overrides([f'data.annotators={{"hed": "{backend}"}}', "eval.task_inference_queries=0"])
+    assert load_profile(name, only).data.annotators == {"hed": backend}
+    other = "controlnet_aux" if backend == "procedural" else "transformers"
+    one = _overrides([f"data.annotators.canny={other}"])
+    assert one == {"data": {"annotators.canny": other}}
+    assert load_profile(name, one).data.annotators == {**before, "canny": other}
+    # Given together: the whole value, then the entry on it; an entry given before a whole value is dropped.
+    both = _overrides([f'data.annotators={{"hed": "{backend}"}}', f"data.annotators.seg={backend}",
+                       "eval.task_inference_queries=0"])
+    assert load_profile(name, both).data.annotators == {"hed": backend, "seg": backend}
+    late = _overrides([f"data.annotators.seg={backend}", f'data.annotators={{"hed": "{backend}"}}',
+                       "eval.task_inference_queries=0"])
+    assert load_profile(name, late).data.annotators == {"hed": backend}
+
+
+def test_overrides_of_one_section_combine_and_a_dotted_key_needs_a_mapping():
+    from flows.cli import _overrides
+
+    over = _overrides(["train.steps=5", "train.batch_size=2"])
+    assert over == {"train": {"steps": 5, "batch_size": 2}}
+    t = load_profile("demo", over).train
+    assert (t.steps, t.batch_size, t.learning_rate) == (5, 2, load_profile("demo").train.learning_rate)
+    assert parse_override("data.annotators.hed=controlnet_aux") == {"data": {"annotators.hed": "controlnet_aux"}}
+    with pytest.raises(ConfigError, match=r"^data.resolution.x=1: data.resolution is not a mapping.*-o data.resolution="):
+        load_profile("demo", _overrides(["data.resolution.x=1"]))
+    with pytest.raises(ValueError, match="names no setting of section 'train'"):
+        parse_override("train=3")
