@@ -98,27 +98,82 @@ def _checked_profile(args):
     return profile
 
 
-def cmd_run(args) -> int:
-    _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
-    _prepare_env()
-    from flows import full_benchmark, stages
+class _Ended(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
 
-    fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
-          "annotate": stages.annotate_flow, "train": stages.train_flow, "evaluate": stages.evaluate_flow,
-          "report": stages.report_flow}[args.stage]
-    result = fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
+
+def _end_on_sigterm() -> None:
+    """SIGTERM ends this process as Ctrl-C does: the flow unwinds (Prefect marks its run crashed) and the
+    exit handlers run, Prefect's stop of its temporary server among them. By default SIGTERM kills this
+    process alone, and that server's uvicorn process lives on, orphaned."""
+    import signal
+
+    def ended(signum, frame):
+        raise _Ended(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, ended)
+
+
+def _stop_children(timeout: float = 5.0) -> list[int]:
+    """Stop every process this one started that still runs (the temporary Prefect server, torchrun or
+    Dask workers): SIGTERM, SIGKILL after `timeout` s; their pids."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    for p in kids:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(kids, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in kids]
+
+
+def _in_process(args, run) -> int:
+    """`run()` (a flow in this process) until it returns, or until SIGTERM / Ctrl-C end it together with
+    every process it started; its result on stdout."""
+    _end_on_sigterm()
+    try:
+        result = run()
+    except KeyboardInterrupt as e:
+        # Whatever the flow left running goes with it: nothing this run started outlives it.
+        stopped = _stop_children()
+        print(f"pd {args.cmd}: {'ended by SIGTERM' if isinstance(e, _Ended) else 'interrupted'}; stopped "
+              f"{len(stopped)} process(es) it had started; finished stages are kept, a rerun resumes",
+              file=sys.stderr)
+        return 143 if isinstance(e, _Ended) else 130
     print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
     return 0
 
 
-def cmd_retrain(args) -> int:
-    _prepare_env()
-    from flows.retrain import retrain_flow
+def cmd_run(args) -> int:
+    def run():
+        _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
+        _prepare_env()
+        from flows import full_benchmark, stages
 
-    result = retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
-                          from_scratch=args.from_scratch)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+        fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
+              "annotate": stages.annotate_flow, "train": stages.train_flow, "evaluate": stages.evaluate_flow,
+              "report": stages.report_flow}[args.stage]
+        return fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
+
+    return _in_process(args, run)
+
+
+def cmd_retrain(args) -> int:
+    def run():
+        _prepare_env()
+        from flows.retrain import retrain_flow
+
+        return retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
+                            from_scratch=args.from_scratch)
+
+    return _in_process(args, run)
 
 
 def cmd_models(args) -> int:

@@ -169,3 +169,45 @@ def test_pd_run_and_every_flow_default_to_the_profile_make_benchmark_runs():
     for f in (full_benchmark, ingest_flow, annotate_flow, train_flow, evaluate_flow, report_flow, retrain_flow,
               watch_source_flow):
         assert inspect.signature(f.fn).parameters["profile"].default == make, f.name
+
+
+def test_a_pd_run_ended_by_sigterm_stops_every_process_it_started(tmp_path):
+    """Without PREFECT_API_URL, `pd run` starts Prefect's temporary server (a uvicorn child); SIGTERM
+    must take it along, not leave it running orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PD_STATE_DIR": str(tmp_path / "state"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # a file, not a pipe: an orphan holding the pipe would hang the test
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "smoke", "-o", "data.n_groups=6"],
+                                cwd=Path(__file__).parents[1], env=env, stdout=out, stderr=subprocess.STDOUT)
+    kids: list = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("uvicorn" in " ".join(k.cmdline()) for k in kids):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                kids = []
+        kids = psutil.Process(proc.pid).children(recursive=True)  # all of them, once the server is up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143
+        _, alive = psutil.wait_procs(kids, timeout=5)
+        assert alive == [], [" ".join(p.cmdline()) for p in alive]
+        assert "pd run: ended by SIGTERM; stopped" in log.read_text()
+    finally:
+        for p in [psutil.Process(proc.pid), *kids] if proc.poll() is None else kids:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
