@@ -1,17 +1,18 @@
 """`pd`: run the pipeline, manage the local Prefect stack, and query results.
 
-    pd run [--profile smoke] [--stage full-benchmark] [--force STAGE] [-o train.steps=50 ...]
+    pd run [--profile demo] [--stage full-benchmark] [--force STAGE] [-o train.steps=50 ...]
     pd generate --prompt TEXT --pair SRC TGT --query Q --out out.png [--model DIR | --dataset D]
     pd convert network-step=04999.ckpt --base SD15_DIR --out DIR
     pd edit --text TEXT --inverse-pair MAP IMG (--map M | --image I --forward-pair IMG MAP) --out out.png
     pd up | pd down                      start / stop the local Prefect server and worker
     pd follow full-benchmark/demo [-o ...]  start a deployment run and follow it: progress, stages, errors
+    pd schedule on|off [--deployment retrain/demo]   resume / pause a deployment's schedules (weekly retraining)
     pd results [--format table|json|csv]  Table 1 of the latest completed run, and its report
     pd sql "SELECT count(*) FROM metrics" [--format ...]   read-only: no statement can write or reach out
     pd profile demo [-o ...]             print a profile's resolved configuration
     pd check [--profile paper] [-o ...]  every data folder and weight file the profile lacks, and where it goes
     pd retrain [--profile demo] [--dataset default] [--from-scratch] [-o ...]   one retraining round
-    pd models [--dataset D] [--format ...]  the model registry: candidates, decisions, the current model
+    pd models [--dataset D] [--benchmark] [--format ...]  the latest benchmark's models; the registry of retraining
     pd rollback [--dataset D] [--to MODEL_ID]   make an earlier model current again (default: the previous one)
 """
 from __future__ import annotations
@@ -98,37 +99,112 @@ def _checked_profile(args):
     return profile
 
 
-def cmd_run(args) -> int:
-    _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
-    _prepare_env()
-    from flows import full_benchmark, stages
+class _Ended(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
 
-    fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
-          "annotate": stages.annotate_flow, "train": stages.train_flow, "evaluate": stages.evaluate_flow,
-          "report": stages.report_flow}[args.stage]
-    result = fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
+
+def _end_on_sigterm() -> None:
+    """SIGTERM ends this process as Ctrl-C does: the flow unwinds (Prefect marks its run crashed) and the
+    exit handlers run, Prefect's stop of its temporary server among them. By default SIGTERM kills this
+    process alone, and that server's uvicorn process lives on, orphaned."""
+    import signal
+
+    def ended(signum, frame):
+        raise _Ended(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, ended)
+
+
+def _stop_children(timeout: float = 5.0) -> list[int]:
+    """Stop every process this one started that still runs (the temporary Prefect server, torchrun or
+    Dask workers): SIGTERM, SIGKILL after `timeout` s; their pids."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    for p in kids:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(kids, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in kids]
+
+
+def _in_process(args, run) -> int:
+    """`run()` (a flow in this process) until it returns, or until SIGTERM / Ctrl-C end it together with
+    every process it started; its result on stdout."""
+    _end_on_sigterm()
+    try:
+        result = run()
+    except KeyboardInterrupt as e:
+        # Whatever the flow left running goes with it: nothing this run started outlives it.
+        stopped = _stop_children()
+        print(f"pd {args.cmd}: {'ended by SIGTERM' if isinstance(e, _Ended) else 'interrupted'}; stopped "
+              f"{len(stopped)} process(es) it had started; finished stages are kept, a rerun resumes",
+              file=sys.stderr)
+        return 143 if isinstance(e, _Ended) else 130
     print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
     return 0
 
 
-def cmd_retrain(args) -> int:
-    _prepare_env()
-    from flows.retrain import retrain_flow
+def cmd_run(args) -> int:
+    def run():
+        _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
+        _prepare_env()
+        from flows import full_benchmark, stages
 
-    result = retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
-                          from_scratch=args.from_scratch)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+        fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
+              "annotate": stages.annotate_flow, "train": stages.train_flow, "evaluate": stages.evaluate_flow,
+              "report": stages.report_flow}[args.stage]
+        return fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
+
+    return _in_process(args, run)
+
+
+def cmd_retrain(args) -> int:
+    def run():
+        _prepare_env()
+        from flows.retrain import retrain_flow
+
+        return retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
+                            from_scratch=args.from_scratch)
+
+    return _in_process(args, run)
 
 
 def cmd_models(args) -> int:
+    """The registry (retraining rounds) and, in a table or with --benchmark, the latest benchmark's models:
+    a benchmark trains its own models and never enters the registry."""
     from pd_data.state import StateDir
     from pd_eval.registry import listing
+    from pd_eval.store import benchmark_models
 
-    names, rows = listing(StateDir.resolve().db, args.dataset)
+    db = StateDir.resolve().db
+    if args.benchmark or (args.format == "table" and args.dataset is None):
+        run, names, rows = benchmark_models(db)
+        if args.format != "table":
+            _print_rows(names, rows, args.format)
+            return 0
+        if run is None:
+            print("benchmark models: none yet; `make benchmark` (or `pd run`) trains them")
+        else:
+            print(f"benchmark models of run {run['run_id']} (profile {run['profile']}, finished {run['finished_at']:%Y-%m-%d %H:%M}):")
+            _print_rows(names, rows, args.format)
+        if args.benchmark:
+            return 0
+        print()
+    names, rows = listing(db, args.dataset)
     if not rows and args.format == "table":
-        print("no models in the registry yet; run `pd retrain` (or the retrain deployment)")
+        print("model registry: no models yet; it holds the candidates of retraining rounds: `pd retrain` "
+              "(or the retrain deployment, `pd schedule on`)")
         return 0
+    if args.format == "table":
+        print("model registry (retraining rounds):")
     _print_rows(names, rows, args.format)
     return 0
 
@@ -184,8 +260,13 @@ def _model_folder(args) -> str:
         if rows:
             return rows[0][0]
     if {"models", "runs"} <= names:
-        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE m.kind IN "
-                            "('prompt-diffusion', 'prompt_diffusion') AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1")
+        from pd_model.controlnet import _KINDS
+
+        # Every spelling `as_kind` reads: results databases written before the kinds were unified hold
+        # the training mode, 'prompt_diffusion', in models.kind.
+        spellings = [k for k, v in _KINDS.items() if v == "prompt-diffusion"]
+        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE list_contains(?, m.kind) "
+                            "AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1", [spellings])
         if rows:
             return rows[0][0]
     raise FileNotFoundError(f"no current model of dataset {args.dataset!r} in the registry and no trained Prompt Diffusion "
@@ -314,6 +395,17 @@ def cmd_stack(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    from flows import stack
+
+    _prepare_env()
+    api = os.environ.get("PREFECT_API_URL", stack.API_URL)  # the server `pd up` started, unless told otherwise
+    active = {"on": True, "off": False, "show": None}[args.action]
+    for s in stack.set_schedules(args.deployment, active, api):
+        print(f"{args.deployment}: {s.schedule} {'on' if s.active else 'paused'} (schedule id {s.id})")
+    return 0
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each optional argument's default after its help (none for
     required arguments, flags and those whose help says what happens without them)."""
@@ -328,7 +420,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from flows.profiles import PROFILES
+    from flows.profiles import OVERRIDE_RULE, PROFILES
     from pd_data.tasks import TASKS
 
     profiles = sorted(PROFILES)
@@ -344,13 +436,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def overrides(p) -> None:
         p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="set one configuration value (repeatable), e.g. -o train.steps=50; `pd profile NAME` shows them all")
+                       help="set one configuration value (repeatable: -o train.steps=5 -o train.batch_size=2 sets both). "
+                            f"{OVERRIDE_RULE} `pd profile NAME` shows every value")
 
     def table_format(p) -> None:
         p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")
 
     r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
-    r.add_argument("--profile", default="smoke", choices=profiles, help="configuration profile")
+    r.add_argument("--profile", default="demo", choices=profiles, help="configuration profile (the one `make benchmark` runs)")
     r.add_argument("--stage", default="full-benchmark", choices=STAGES, help="the flow: the whole chain or one stage (with its upstream)")
     r.add_argument("--force", action="append", default=[], choices=PLAN_STAGES, metavar="STAGE",
                    help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(PLAN_STAGES)})")
@@ -387,8 +480,12 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--dataset", default="default", help="name of the live dataset (a folder under data/live)")
     rt.add_argument("--from-scratch", action="store_true", help="train the candidate from scratch, not from the current model")
     overrides(rt)
-    ml = command("models", "the model registry: every candidate, its decision, the current model", cmd_models)
-    ml.add_argument("--dataset", default=None, help="one live dataset (default: all)")
+    ml = command("models", "the latest benchmark's models, and the model registry of retraining: every candidate, its "
+                           "decision, the current model", cmd_models)
+    ml.add_argument("--dataset", default=None, help="the registry of one live dataset only (default: the benchmark's "
+                                                   "models and every dataset's registry)")
+    ml.add_argument("--benchmark", action="store_true", help="only the latest completed benchmark run's models (with "
+                                                            "--format json|csv: they instead of the registry)")
     table_format(ml)
     rb = command("rollback", "make an earlier registry model current again", cmd_rollback)
     rb.add_argument("--dataset", default="default", help="name of the live dataset")
@@ -403,6 +500,10 @@ def _parser() -> argparse.ArgumentParser:
     overrides(fo)
     command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
     command("down", "stop the local Prefect server and worker", cmd_stack)
+    sc = command("schedule", "resume (on) or pause (off) a deployment's schedules on the server, or show them", cmd_schedule)
+    sc.add_argument("action", choices=("on", "off", "show"), help="on: resume, off: pause, show: list them")
+    sc.add_argument("--deployment", default="retrain/demo", metavar="FLOW/DEPLOYMENT",
+                    help="the deployment (`prefect deployment ls` lists them)")
     return ap
 
 

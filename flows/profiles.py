@@ -100,9 +100,50 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    """`over` on `base`, both `{section: {setting: value}}` (a profile, overrides): sections combine, a
+    setting's value replaces it whole, a mapping too, and a dotted key `setting.entry` (as
+    `parse_override("data.annotators.hed=x")` makes) sets one entry; a whole value given later drops
+    the entries given before it. One rule whoever set the value before: model default, profile or `-o`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, settings in over.items():
+        if not (isinstance(settings, dict) and isinstance(out.get(section), dict)):
+            out[section] = settings
+            continue
+        cur = out[section]
+        for key, v in settings.items():
+            if "." not in key:
+                for stale in [k for k in cur if k.startswith(f"{key}.")]:
+                    del cur[stale]
+            cur[key] = v
+    return out
+
+
+def _set_entries(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys of `_merge`'s result written into their settings: into the value the profile
+    gives, else into the model's default (so `-o data.annotators.hed=x` adds to the default annotators
+    as it adds to the paper profile's)."""
+    out = dict(resolved)
+    for section, settings in resolved.items():
+        if not isinstance(settings, dict) or not any("." in k for k in settings):
+            continue
+        fields = getattr(Profile.model_fields.get(section), "annotation", None)
+        fields = getattr(fields, "model_fields", {})
+        cur = {k: v for k, v in settings.items() if "." not in k}
+        for key, v in sorted((k, v) for k, v in settings.items() if "." in k):
+            name, *path = key.split(".")
+            if name not in fields:
+                cur[key] = v  # left for validation to name as an unknown setting, with its near miss
+                continue
+            value = cur[name] if name in cur else fields[name].get_default(call_default_factory=True)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}.{key}={v!r}: {section}.{name} is not a mapping, so it has no entry "
+                                  f"{'.'.join(path)!r}; set it whole, e.g. -o {section}.{name}=VALUE")
+            node = value = {**value}
+            for part in path[:-1]:
+                node[part] = node = dict(node.get(part) or {})
+            node[path[-1]] = v
+            cur[name] = value
+        out[section] = cur
     return out
 
 
@@ -143,13 +184,26 @@ def _for_source(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return profile | {"data": {k: v for k, v in data.items() if k not in drop}}
 
 
+def _for_protocol(profile: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The profile without its own sampler settings when the overrides choose the paper's protocol (the
+    demo's guidance 3 under -o eval.protocol=paper): the protocol sets them, and only a value the
+    overrides give that contradicts it is an error."""
+    from pd_eval.config import PROTOCOL_KEYS
+
+    ev = profile.get("eval", {})
+    if overrides.get("eval", {}).get("protocol") != "paper" or ev.get("protocol") == "paper":
+        return profile
+    return profile | {"eval": {k: v for k, v in ev.items() if k not in PROTOCOL_KEYS}}
+
+
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     """`load_profile("demo", {"train": {"steps": 10}})`; an unknown profile, key or bad value raises
     `ConfigError` listing every problem."""
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     try:
-        return Profile.model_validate(_merge(_for_source(PROFILES[name], overrides or {}) | {"name": name}, overrides or {}))
+        own = _for_protocol(_for_source(PROFILES[name], overrides or {}), overrides or {})
+        return Profile.model_validate(_set_entries(_merge(own | {"name": name}, overrides or {})))
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err) for err in e.errors(include_url=False))) from None
 
@@ -161,8 +215,18 @@ def split_overrides(text: str) -> list[str]:
     return [item for item in re.split(r",(?![^\[]*\])", text) if item]
 
 
+OVERRIDE_RULE = ("A value replaces the setting whole, a mapping too: -o data.annotators='{\"hed\": \"controlnet_aux\"}' "
+                 "is exactly that one annotator; a dotted key sets one entry: -o data.annotators.hed=controlnet_aux "
+                 "adds or changes hed and keeps the others. The same whether the profile or the default set the value.")
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """`train.steps=10` -> {"train": {"steps": 10}} (values parsed as JSON when they can be)."""
+    """`train.steps=10` -> {"train": {"steps": 10}} (values parsed as JSON when they can be).
+
+    A value replaces the setting whole, a mapping too: `data.annotators={"hed": "controlnet_aux"}` is
+    exactly that annotator. A dotted key sets one entry of a mapping setting, and stays one key of its
+    section: `data.annotators.hed=controlnet_aux` -> {"data": {"annotators.hed": "controlnet_aux"}},
+    which `load_profile` writes into the profile's value of the setting, or its default."""
     import json
 
     if "=" not in text:
@@ -172,10 +236,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    out: dict[str, Any] = {}
-    cur = out
-    keys = path.split(".")
-    for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
-    cur[keys[-1]] = value
-    return out
+    section, _, key = path.partition(".")
+    if not key:
+        raise ValueError(f"override {text!r} names no setting of section {section!r}; write section.key=value, "
+                         f"e.g. train.steps=10")
+    return {section: {key: value}}

@@ -123,7 +123,7 @@ def evaluate_model(plan, dataset: str, base_path: str, model_dir: Path, model_id
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def retrain_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                  dataset: str = "default", from_scratch: bool = False) -> dict:
     """One retraining round of `dataset`: new data in, a candidate trained and benchmarked against the
     current model, promoted only if the rule says so (`pd models` lists the decisions).

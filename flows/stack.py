@@ -19,6 +19,8 @@ from pd_data.state import StateDir
 HOST, PORT = "127.0.0.1", int(os.environ.get("PD_PREFECT_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"
 POOL = "pd-local"
+# The deployment of prefect.yaml with a cron, registered paused (`pd schedule on` resumes it).
+WEEKLY = "retrain/demo"
 
 
 def stack_env(state: StateDir) -> dict[str, str]:
@@ -73,6 +75,33 @@ def _prefect(*args: str, state: StateDir) -> None:
     subprocess.run([str(exe), *args], env=stack_env(state), check=True, stdout=subprocess.DEVNULL)
 
 
+def set_schedules(deployment: str, active: bool | None = None, api_url: str = API_URL) -> list:
+    """The schedules of `deployment` (FLOW/DEPLOYMENT) on the server, after resuming (`active=True`)
+    or pausing (`False`) them all; `None` changes nothing. By name, because Prefect's own
+    `prefect deployment schedule resume` needs each schedule's id."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise ValueError(f"no deployment {deployment!r} on {api_url}; `pd up` registers those of prefect.yaml "
+                             f"(`prefect deployment ls` lists them)") from None
+        for s in dep.schedules:
+            if active is not None and s.active != active:
+                client.update_deployment_schedule(dep.id, s.id, active=active)
+        return client.read_deployment_schedules(dep.id)
+
+
+def describe_weekly(api_url: str = API_URL) -> str:
+    """One line: whether the weekly retraining runs, and the command that changes it."""
+    state = "on" if any(s.active for s in set_schedules(WEEKLY, api_url=api_url)) else "paused"
+    turn = "`pd schedule off` pauses it" if state == "on" else "`pd schedule on` turns it on"
+    return f"weekly retraining: {WEEKLY} is registered (Mondays 03:00 UTC), schedule {state}; {turn}"
+
+
 def up(state: StateDir, wait_s: float = 90.0) -> None:
     """Server (if not healthy), work pool, deployments of prefect.yaml, worker (if not running)."""
     exe = str(Path(sys.executable).with_name("prefect"))
@@ -90,9 +119,18 @@ def up(state: StateDir, wait_s: float = 90.0) -> None:
     _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", state=state)
     limit = pool_concurrency()
     _prefect("work-pool", "set-concurrency-limit", POOL, str(limit), state=state)
+    # `deploy` re-registers the weekly schedule as prefect.yaml has it (paused): one turned on with
+    # `pd schedule on` stays on across `pd up` / `make benchmark`.
+    try:
+        weekly_on = any(s.active for s in set_schedules(WEEKLY))
+    except ValueError:  # not registered yet
+        weekly_on = False
     _prefect("--no-prompt", "deploy", "--all", state=state)
+    if weekly_on:
+        set_schedules(WEEKLY, True)
     print(f"deployments of prefect.yaml registered on pool {POOL!r} (at most {limit} flow run(s) at once; "
           f"the rest wait in the queue, PD_POOL_CONCURRENCY sets it)")
+    print(describe_weekly())
     env_file = state.root / "env.sh"
     env_file.write_text(f"export PD_STATE_DIR={state.root}\nexport PREFECT_HOME={state.prefect_home}\n"
                         f"export PREFECT_API_URL={API_URL}\n")

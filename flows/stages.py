@@ -35,8 +35,20 @@ Overrides = dict[str, Any] | None
 ProfileName = Literal[tuple(PROFILES)]  # type: ignore[valid-type]
 StageName = Literal[STAGES]  # type: ignore[valid-type]
 Force = list[StageName] | None  # type: ignore[valid-type]
-# Idempotent work (each resumes or rewrites the same files): retried on a transient error.
-RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+# OSErrors that waiting does not fix: a missing or unreadable path is the same 5 s later.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's `retry_condition_fn(task, task_run, state)`: retry an I/O error that may pass (a full or
+    slow disk, a timeout, a dropped connection), never a deterministic one (ValueError, ConfigError,
+    TypeError, KeyError, a missing file), which would fail again the same way, twice, 5 s apart."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
+
+
+# Idempotent work (each resumes or rewrites the same files): retried on a transient error only.
+RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient}
 
 
 def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True, force: Force = None) -> Plan:
@@ -468,7 +480,7 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def ingest_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 force: Force = None) -> dict:
     """Ingest the profile's source into Parquet shards (one task per shard); returns the stage's summary.
 
@@ -483,7 +495,7 @@ def ingest_flow(profile: ProfileName = "smoke", overrides: Overrides = None, sta
 
 
 @flow(name="annotate", log_prints=True)
-def annotate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def annotate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     """Annotate the ingested images (one task per shard) and materialise the evaluation prompts;
     returns the annotation summary.
@@ -500,7 +512,7 @@ def annotate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, s
 
 
 @flow(name="train", log_prints=True)
-def train_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def train_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True, force: Force = None) -> dict:
     """Train the tiny base (if the profile has one), Prompt Diffusion and the CN(FT) baselines;
     returns the models trained.
@@ -517,7 +529,7 @@ def train_flow(profile: ProfileName = "smoke", overrides: Overrides = None, stat
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def evaluate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     """Benchmark every trained model on the materialised prompts; the metrics go into DuckDB.
 
@@ -533,7 +545,7 @@ def evaluate_flow(profile: ProfileName = "smoke", overrides: Overrides = None, s
 
 
 @flow(name="report", log_prints=True)
-def report_flow(profile: ProfileName = "smoke", overrides: Overrides = None, state_dir: str | None = None,
+def report_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 upstream: bool = True, force: Force = None) -> str:
     """Evaluate (if needed), record this run in DuckDB, and write its report; returns the report's path.
 

@@ -37,6 +37,16 @@ SOURCE_ONLY = {"source_path": ("folder", "instructpix2pix", "parquet"), "caption
                "parquet_preset": ("parquet",), "parquet_columns": ("parquet",)}
 
 
+def more_data(source: str | None) -> str:
+    """How to give `source` more images, in settings that source reads (an error's fix); `None`
+    (unknown, e.g. shards without a source column) names no setting rather than a wrong one."""
+    if source == "procedural":
+        return "raise data.n_groups or data.layouts_per_group"
+    if source in SOURCE_ONLY["source_path"]:
+        return f"add images to the {source} source at data.source_path"
+    return "add images to the source"
+
+
 class DataConfig(Frozen):
     source: Literal["procedural", "folder", "instructpix2pix", "parquet"] = "procedural"
     source_path: str | None = Field(None, description="folder / InstructPix2Pix root / Parquet file or folder")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pd_data.config import Pairing
+from pd_data.config import Pairing, more_data
 from pd_data.shards import decode_image, shard_files
 from pd_data.tasks import Prompt, TaskSpec, compose_prompt
 
@@ -136,6 +136,7 @@ class SplitData:
     groups: dict[str, list[str]] = field(default_factory=dict)
     layouts: dict[str, str] = field(default_factory=dict)
     pairing: Pairing = "other-layout"
+    source: str | None = None  # the source that made the images (`data.source`), for the fixes errors suggest
     _names: tuple[dict, list[str]] | None = field(default=None, repr=False)
 
     @property
@@ -228,17 +229,19 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pai
     img_files, ann_files = shard_files(images_dir, "images"), shard_files(annotations_dir, "annotations")
     rows: list[tuple[str, str, str, str, int, int]] = []  # (id, group, layout, caption, file, row)
     img_starts, ann_starts = [], []  # per file, the first row of each row group (one footer read per file)
+    source: str | None = None
     for f, path in enumerate(img_files):
         pf = pq.ParquetFile(path)
         img_starts.append(_row_group_starts(pf.metadata))
         names = pf.schema_arrow.names
-        t = pf.read(columns=["image_id", "group_id", "split", "caption"] + (["layout_id"] if "layout_id" in names else []))
+        t = pf.read(columns=["image_id", "group_id", "split", "caption"] + [c for c in ("layout_id", "source") if c in names])
+        source = source or (t["source"][0].as_py() if "source" in names and t.num_rows else None)
         keep = np.flatnonzero(np.asarray(pc.equal(t["split"], split).to_numpy(zero_copy_only=False), bool))
         ids, groups, caps = (t[c].to_pylist() for c in ("image_id", "group_id", "caption"))
         layouts = t["layout_id"].to_pylist() if "layout_id" in names else [None] * t.num_rows
         rows += [(ids[r], groups[r], layouts[r] or ids[r], caps[r], f, int(r)) for r in keep]
     if not rows:
-        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions (or, for the procedural source, data.n_groups)")
+        raise ValueError(f"split {split!r} has no images in {images_dir}; adjust data.split_fractions or {more_data(source)}")
     in_split = {r[0] for r in rows}
     found: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
     modalities: set[str] = set()
@@ -258,7 +261,7 @@ def load_split(images_dir: Path, annotations_dir: Path, split: str, pairing: Pai
                         ShardColumn([str(p) for p in img_files], img_starts, "image"),
                         ShardColumn([str(p) for p in ann_files], ann_starts, "map") if ann_files else None,
                         cache_mb)
-    out = SplitData(arrays=arrays, pairing=pairing)
+    out = SplitData(arrays=arrays, pairing=pairing, source=source)
     groups: dict[str, list[str]] = defaultdict(list)
     for r in complete:
         out.captions[r[0]] = r[3]
@@ -278,11 +281,12 @@ def _row_group_starts(md: pq.FileMetaData) -> list[int]:
 def split_from_tables(images: pa.Table, ann: pa.Table, split: str, where: str = "the dataset",
                       pairing: Pairing = "other-layout") -> SplitData:
     """One split of an images table and its annotations table (both in the shard schemas)."""
+    source = images["source"][0].as_py() if "source" in images.column_names and images.num_rows else None
     images = images.filter(pc.equal(images["split"], split))
     if images.num_rows == 0:
-        raise ValueError(f"split {split!r} has no images in {where}; adjust data.split_fractions (or, for the procedural source, data.n_groups)")
+        raise ValueError(f"split {split!r} has no images in {where}; adjust data.split_fractions or {more_data(source)}")
     keep = set(images["image_id"].to_pylist())
-    out = SplitData(pairing=pairing)
+    out = SplitData(pairing=pairing, source=source)
     groups: dict[str, list[str]] = defaultdict(list)
     for r in images.to_pylist():
         out.arrays[r["image_id"]] = {"image": decode_image(r["image"])}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pd_data.config import PromptConfig
+from pd_data.config import PromptConfig, more_data
 from pd_data.dataset import SplitData
 from pd_data.shards import PROMPTS_SCHEMA, write_shard
 from pd_data.tasks import get_task
@@ -18,8 +18,8 @@ def distinct_pairs(data: SplitData, n: int, rng: np.random.Generator) -> list[tu
     total = data.pair_count()
     if n > total:
         raise ValueError(f"the {data.pairing!r} pairing of this split allows {total} distinct (example, query) pairs, "
-                         f"fewer than prompts.per_task={n}; lower prompts.per_task, add data (data.n_groups, "
-                         f"data.layouts_per_group) or change data.pairing")
+                         f"fewer than prompts.per_task={n}; lower prompts.per_task, {more_data(data.source)} "
+                         f"or change data.pairing")
     if 2 * n > total:
         pairs = data.all_pairs()
         return [pairs[int(i)] for i in rng.permutation(len(pairs))[:n]]

@@ -14,6 +14,13 @@ NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, e
 
 # The paper's sampler (Table 1): what `protocol='paper'` holds, so what is hashed is what samples.
 PAPER_SAMPLER = {"scheduler": "ddim", "steps": 100, "guidance_scale": 9.0, "pair_guidance_scale": None}
+# What the paper's protocol decides; a profile's own values of these give way to it (flows.profiles).
+PROTOCOL_KEYS = (*PAPER_SAMPLER, "map_guidance_scale")
+
+
+def _typed(v) -> str:
+    """A value as `-o eval.key=VALUE` takes it (JSON where it differs from the text: null)."""
+    return "null" if v is None else str(v)
 
 
 class EvalConfig(Frozen):
@@ -56,14 +63,15 @@ class EvalConfig(Frozen):
     def _applies(self) -> "EvalConfig":
         if self.protocol != "paper":
             return self
-        if self.map_guidance_scale is not None:
-            raise ValueError(f"eval.map_guidance_scale={self.map_guidance_scale} cannot apply under eval.protocol='paper', "
-                             f"which samples every task at guidance 9; set protocol='fast' or leave it unset")
-        for key, paper in PAPER_SAMPLER.items():  # unset ones are the paper's already: a difference was given
-            if getattr(self, key) != paper:
-                raise ValueError(f"eval.{key}={getattr(self, key)!r} cannot apply under eval.protocol='paper', which "
-                                 f"samples with DDIM 100 steps at guidance 9 over the text only; set "
-                                 f"eval.protocol='fast' or leave eval.{key} unset")
+        # Unset ones are the paper's already: a difference was given. Every one in one message, each
+        # with the value that agrees, so that one fix is one -o.
+        wrong = [(k, getattr(self, k), v) for k, v in (*PAPER_SAMPLER.items(), ("map_guidance_scale", None))
+                 if getattr(self, k) != v]
+        if wrong:
+            raise ValueError("\n".join(
+                f"eval.{k}={_typed(have)} cannot apply under eval.protocol=paper, which samples every task with DDIM "
+                f"100 steps at guidance 9 over the text only; use eval.{k}={_typed(paper)} or eval.protocol=fast"
+                for k, have, paper in wrong))
         return self
 
     def identity(self) -> dict:

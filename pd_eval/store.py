@@ -217,6 +217,29 @@ def format_table(names: list[str], rows: list[tuple], floatfmt: str = "{:.4g}") 
     return "\n".join(lines)
 
 
+BENCHMARK_MODEL_COLUMNS = ("name", "kind", "path", "steps", "final_loss")
+
+
+def benchmark_models(db: Path) -> tuple[dict | None, list[str], list[tuple]]:
+    """The latest completed benchmark run (run_id, profile, finished_at) and the models it scored: name,
+    kind, path, steps, final loss. It only reads: no database or no completed run is (None, columns, [])."""
+    if not db.exists():
+        return None, list(BENCHMARK_MODEL_COLUMNS), []
+    with connect(db, read_only=True) as con:
+        have = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+                                          " AND schema_name = 'main'").fetchall()}
+        if not {"models", "runs"} <= have:
+            return None, list(BENCHMARK_MODEL_COLUMNS), []
+        cur = con.execute("SELECT run_id, profile, finished_at, eval_id FROM runs WHERE status = 'completed' "
+                          "ORDER BY finished_at DESC LIMIT 1")
+        run = cur.fetchall()
+        if not run:
+            return None, list(BENCHMARK_MODEL_COLUMNS), []
+        cur = con.execute("SELECT model_id AS name, kind, path, train_steps AS steps, final_loss FROM models "
+                          "WHERE eval_id = ? ORDER BY kind DESC, model_id", [run[0][3]])
+        return dict(zip(("run_id", "profile", "finished_at"), run[0][:3])), [d[0] for d in cur.description], cur.fetchall()
+
+
 def write_run(db: Path, row: RunRow) -> None:
     """A run's own row of `runs`, inserted when it starts and updated as it ends."""
     with connect(db) as con:

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -97,3 +98,116 @@ def test_generate_uses_the_registrys_current_model_and_a_fresh_state_says_what_t
     assert Image.open(tmp_path / "gen.png").size == (32, 32)
     assert pd_main([*args, "--dataset", "other", "--out", str(tmp_path / "other.png")]) == 2
     assert "no current model of dataset 'other'" in capsys.readouterr().err
+
+
+def _benchmark_run(db, run_id: str, eval_id: str, finished: datetime, status: str, models: dict[str, str]) -> None:
+    from pd_data.schema import ModelRow, RunRow
+    from pd_eval.store import replace_evaluation, write_run
+
+    write_run(db, RunRow(run_id=run_id, profile="demo", eval_id=eval_id, started_at=finished, finished_at=finished,
+                         status=status, report_path=None, config={}))
+    replace_evaluation(db, eval_id, [ModelRow(model_id=name, eval_id=eval_id, kind=kind, tasks=["image->depth"],
+                                              path=f"/models/{eval_id}/{name}", train_steps=960, final_loss=0.25)
+                                     for name, kind in models.items()])
+
+
+def test_models_after_a_benchmark_lists_its_models_and_then_the_registry(state_dir, capsys):
+    """A benchmark trains models that never enter the registry: `pd models` lists the latest completed
+    run's models (not an older run's, nor a failed one's), and the registry once it has entries."""
+    db = state_dir / "results" / "pd.duckdb"
+    db.parent.mkdir(parents=True)
+    day = datetime(2026, 12, 3, 10, 0, tzinfo=timezone.utc)
+    _benchmark_run(db, "old", "e0", day, "completed", {"prompt-diffusion": "prompt-diffusion"})
+    _benchmark_run(db, "new", "e1", day.replace(hour=11), "completed",
+                   {"prompt-diffusion": "prompt-diffusion", "cn-ft-depth": "cn-ft"})
+    _benchmark_run(db, "broken", "e2", day.replace(hour=12), "failed", {"prompt-diffusion": "prompt-diffusion"})
+    assert pd_main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark models of run new (profile demo, finished 2026-12-03 11:00):" in out
+    assert "/models/e1/prompt-diffusion" in out and "/models/e1/cn-ft-depth" in out and "/models/e0/" not in out
+    assert "/models/e2/" not in out and "model registry: no models yet" in out
+    assert pd_main(["models", "--benchmark", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"name": "prompt-diffusion", "kind": "prompt-diffusion", "path": "/models/e1/prompt-diffusion", "steps": 960,
+         "final_loss": 0.25},
+        {"name": "cn-ft-depth", "kind": "cn-ft", "path": "/models/e1/cn-ft-depth", "steps": 960, "final_loss": 0.25}]
+
+    record(db, {"dataset": "default", "model_id": "r0001", "data_round": 1, "created_at": datetime.now(timezone.utc),
+                "parent_id": None, "path": "/live/r0001", "eval_id": "r", "train_steps": 1, "from_scratch": True,
+                "final_loss": 0.1}, True, "first model of this dataset")
+    assert pd_main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "/models/e1/prompt-diffusion" in out and "model registry (retraining rounds):" in out and "r0001" in out
+    assert pd_main(["models", "--dataset", "default"]) == 0  # one dataset's registry only
+    out = capsys.readouterr().out
+    assert "r0001" in out and "benchmark models" not in out
+
+
+def test_generate_reads_a_benchmark_model_recorded_under_the_old_kind_spelling(state_dir, tmp_path, capsys):
+    """Results databases written before the kinds were unified say 'prompt_diffusion' in models.kind."""
+    from flows.cli import _model_folder
+
+    db = state_dir / "results" / "pd.duckdb"
+    db.parent.mkdir(parents=True)
+    _benchmark_run(db, "old", "e0", datetime(2026, 11, 30, tzinfo=timezone.utc), "completed",
+                   {"prompt-diffusion": "prompt_diffusion", "cn-ft-depth": "cnft"})
+    assert _model_folder(argparse.Namespace(model=None, dataset="default")) == "/models/e0/prompt-diffusion"
+
+
+def test_pd_run_and_every_flow_default_to_the_profile_make_benchmark_runs():
+    """`make benchmark` runs the demo: `pd run` without --profile, and a flow run without a profile
+    parameter, run the same."""
+    import inspect
+    import re
+
+    from flows.full_benchmark import full_benchmark
+    from flows.retrain import retrain_flow, watch_source_flow
+    from flows.stages import annotate_flow, evaluate_flow, ingest_flow, report_flow, train_flow
+
+    make = re.search(r"^PROFILE \?= (\w+)$", (Path(__file__).parents[1] / "Makefile").read_text(), re.M).group(1)
+    assert make == "demo" and _parser().parse_args(["run"]).profile == make
+    for f in (full_benchmark, ingest_flow, annotate_flow, train_flow, evaluate_flow, report_flow, retrain_flow,
+              watch_source_flow):
+        assert inspect.signature(f.fn).parameters["profile"].default == make, f.name
+
+
+def test_a_pd_run_ended_by_sigterm_stops_every_process_it_started(tmp_path):
+    """Without PREFECT_API_URL, `pd run` starts Prefect's temporary server (a uvicorn child); SIGTERM
+    must take it along, not leave it running orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PD_STATE_DIR": str(tmp_path / "state"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # a file, not a pipe: an orphan holding the pipe would hang the test
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "smoke", "-o", "data.n_groups=6"],
+                                cwd=Path(__file__).parents[1], env=env, stdout=out, stderr=subprocess.STDOUT)
+    kids: list = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("uvicorn" in " ".join(k.cmdline()) for k in kids):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                kids = []
+        kids = psutil.Process(proc.pid).children(recursive=True)  # all of them, once the server is up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143
+        _, alive = psutil.wait_procs(kids, timeout=5)
+        assert alive == [], [" ".join(p.cmdline()) for p in alive]
+        assert "pd run: ended by SIGTERM; stopped" in log.read_text()
+    finally:
+        for p in [psutil.Process(proc.pid), *kids] if proc.poll() is None else kids:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass

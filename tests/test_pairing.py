@@ -73,3 +73,42 @@ def test_too_few_distinct_pairs_is_an_error_naming_both_numbers(tmp_path):
     data = _split(LAYOUT, GROUPS, "other-layout")
     with pytest.raises(ValueError, match=r"allows 24 distinct .* prompts.per_task=25"):
         materialise_prompts(data, ("image->depth",), PromptConfig(per_task=25), tmp_path / "p.parquet")
+
+
+def _png(path, color) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), color).save(path)
+
+
+@pytest.mark.parametrize("source, fix, foreign", [
+    ("procedural", "raise data.n_groups or data.layouts_per_group", "data.source_path"),
+    ("folder", "add images to the folder source at data.source_path", "data.n_groups"),
+])
+def test_too_little_data_suggests_only_settings_of_the_source_in_use(source, fix, foreign, tmp_path, mirror_annotator):
+    """A small folder cannot grow by data.n_groups (the procedural source's size): each error's fix is
+    a setting the source in use reads."""
+    from pd_data.annotate import annotate_shard
+    from pd_data.config import DataConfig
+    from pd_data.dataset import load_split
+    from pd_data.ingest import ingest
+
+    if source == "folder":
+        for g, name, color in (("g1", "a", (200, 0, 0)), ("g1", "b", (0, 200, 0)), ("g2", "c", (0, 0, 200))):
+            _png(tmp_path / "photos" / g / f"{name}.png", color)
+            (tmp_path / "photos" / g / f"{name}.txt").write_text(f"a {name} square")
+        cfg = DataConfig(source="folder", source_path=str(tmp_path / "photos"), split_fractions=(1.0, 0.0, 0.0),
+                         annotators={"mirror": "test"})
+    else:
+        cfg = DataConfig(n_groups=2, split_fractions=(1.0, 0.0, 0.0), annotators={"mirror": "test"})
+    ingest(cfg, tmp_path / "img")
+    for p in sorted((tmp_path / "img").glob("images-*.parquet")):
+        annotate_shard(p, tmp_path / "ann" / p.name.replace("images", "annotations"), cfg.annotators)
+    data = load_split(tmp_path / "img", tmp_path / "ann", "train")
+    with pytest.raises(ValueError, match=rf"prompts.per_task=500; lower prompts.per_task, {fix} or change data.pairing") as e:
+        materialise_prompts(data, ("image->depth",), PromptConfig(per_task=500), tmp_path / "p.parquet")
+    assert foreign not in str(e.value)
+    with pytest.raises(ValueError, match=rf"split 'test' has no images .*; adjust data.split_fractions or {fix}$") as e:
+        load_split(tmp_path / "img", tmp_path / "ann", "test")
+    assert foreign not in str(e.value)

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from flows.profiles import PROFILES, ConfigError, load_profile, parse_override, split_overrides
+from flows.profiles import PROFILES, ConfigError, _merge, load_profile, parse_override, split_overrides
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -55,8 +55,9 @@ def test_paper_protocol_holds_its_sampler_and_rejects_another():
     e = load_profile("paper").eval
     assert (e.scheduler, e.steps, e.guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None)
     assert load_profile("paper", {"eval": {"steps": 100, "guidance_scale": 9}}).eval == e  # the paper's own values
-    with pytest.raises(ConfigError, match=r"eval.steps=7 cannot apply under eval.protocol='paper'.*leave eval.steps unset"):
-        load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}})
+    with pytest.raises(ConfigError, match=r"^eval.steps=7 cannot apply under eval.protocol=paper.*use eval.steps=100 or "
+                                          r"eval.protocol=fast\neval.pair_guidance_scale=3.0 .*use eval.pair_guidance_scale=null"):
+        load_profile("paper", {"eval": {"pair_guidance_scale": 3.0, "steps": 7}})  # both at once, each with its fix
     assert load_profile("smoke", {"eval": {"pair_guidance_scale": 3.0}}).eval.pair_guidance_scale == 3.0
     assert load_profile("paper").eval.positive_suffix == ", best quality, extremely detailed"
 
@@ -116,3 +117,58 @@ def test_a_profile_for_one_source_takes_another_from_the_overrides():
     assert load_profile("demo", {"data": folder}).data.source == "folder"
     with pytest.raises(ConfigError, match=r"data.n_groups=3 cannot apply to data.source='folder'"):
         load_profile("demo", {"data": folder | {"n_groups": 3}})
+
+
+@pytest.mark.parametrize("name", ["demo", "smoke"])
+def test_choosing_the_paper_protocol_replaces_the_profiles_own_sampler_values(name):
+    """The demo sets guidance 3 and map guidance 1, the smoke 10 steps: under -o eval.protocol=paper they
+    give way to the protocol's sampler; only a contradicting value given with -o is an error, and its
+    fix can be typed as one -o."""
+    from pd_eval.config import NEGATIVE_PROMPT
+
+    e = load_profile(name, {"eval": {"protocol": "paper"}}).eval
+    assert (e.scheduler, e.steps, e.guidance_scale, e.map_guidance_scale, e.pair_guidance_scale) == ("ddim", 100, 9.0, None, None)
+    assert e.negative_prompt == NEGATIVE_PROMPT and e.positive_suffix == ", best quality, extremely detailed"
+    assert e.threads == load_profile(name).eval.threads  # not a sampler setting: the profile's stays
+    with pytest.raises(ConfigError, match=r"^eval.guidance_scale=3.0 cannot apply under eval.protocol=paper.*"
+                                          r"use eval.guidance_scale=9.0 or eval.protocol=fast$") as err:
+        load_profile(name, {"eval": {"protocol": "paper", "guidance_scale": 3.0}})
+    fixed = parse_override(str(err.value).rsplit("use ", 1)[1].split(" or ")[0])  # the fix, as the user types it
+    assert load_profile(name, _merge({"eval": {"protocol": "paper", "guidance_scale": 3.0}}, fixed)).eval == e
+
+
+@pytest.mark.parametrize("name, backend", [("smoke", "procedural"), ("demo", "procedural"), ("paper", "controlnet_aux")])
+def test_a_mapping_override_replaces_the_setting_and_a_dotted_one_sets_an_entry_for_every_profile(name, backend):
+    """One rule whether the annotators are the model's default (smoke, demo) or the profile's own dict
+    (paper): a value replaces the mapping whole, so an annotator can be dropped; a dotted key sets one."""
+    from flows.cli import _overrides
+
+    before = load_profile(name).data.annotators
+    assert len(before) == 6
+    only = _overrides([f'data.annotators={{"hed": "{backend}"}}', "eval.task_inference_queries=0"])
+    assert load_profile(name, only).data.annotators == {"hed": backend}
+    other = "controlnet_aux" if backend == "procedural" else "transformers"
+    one = _overrides([f"data.annotators.canny={other}"])
+    assert one == {"data": {"annotators.canny": other}}
+    assert load_profile(name, one).data.annotators == {**before, "canny": other}
+    # Given together: the whole value, then the entry on it; an entry given before a whole value is dropped.
+    both = _overrides([f'data.annotators={{"hed": "{backend}"}}', f"data.annotators.seg={backend}",
+                       "eval.task_inference_queries=0"])
+    assert load_profile(name, both).data.annotators == {"hed": backend, "seg": backend}
+    late = _overrides([f"data.annotators.seg={backend}", f'data.annotators={{"hed": "{backend}"}}',
+                       "eval.task_inference_queries=0"])
+    assert load_profile(name, late).data.annotators == {"hed": backend}
+
+
+def test_overrides_of_one_section_combine_and_a_dotted_key_needs_a_mapping():
+    from flows.cli import _overrides
+
+    over = _overrides(["train.steps=5", "train.batch_size=2"])
+    assert over == {"train": {"steps": 5, "batch_size": 2}}
+    t = load_profile("demo", over).train
+    assert (t.steps, t.batch_size, t.learning_rate) == (5, 2, load_profile("demo").train.learning_rate)
+    assert parse_override("data.annotators.hed=controlnet_aux") == {"data": {"annotators.hed": "controlnet_aux"}}
+    with pytest.raises(ConfigError, match=r"^data.resolution.x=1: data.resolution is not a mapping.*-o data.resolution="):
+        load_profile("demo", _overrides(["data.resolution.x=1"]))
+    with pytest.raises(ValueError, match="names no setting of section 'train'"):
+        parse_override("train=3")

@@ -45,11 +45,13 @@ def _call(pipe, **kw):
 
 
 # ---------------------------------------------------------------- 1. the paper protocol
-@pytest.mark.parametrize("key, value", [("scheduler", "dpm"), ("steps", 7), ("guidance_scale", 3.0),
-                                        ("pair_guidance_scale", 2.0)])
-def test_a_sampler_setting_other_than_the_papers_is_an_error_under_the_paper_protocol(key, value):
-    with pytest.raises(ValidationError, match=rf"eval.{key}={value!r} cannot apply under eval.protocol='paper'.*"
-                                              rf"set eval.protocol='fast' or leave eval.{key} unset"):
+@pytest.mark.parametrize("key, value, paper", [("scheduler", "dpm", "ddim"), ("steps", 7, "100"),
+                                               ("guidance_scale", 3.0, "9.0"), ("pair_guidance_scale", 2.0, "null"),
+                                               ("map_guidance_scale", 1.0, "null")])
+def test_a_sampler_setting_other_than_the_papers_is_an_error_under_the_paper_protocol(key, value, paper):
+    """The fix is what `-o` takes: the paper's own value (null for None) or the other protocol."""
+    with pytest.raises(ValidationError, match=rf"eval.{key}={value} cannot apply under eval.protocol=paper.*"
+                                              rf"use eval.{key}={paper} or eval.protocol=fast"):
         EvalConfig(protocol="paper", **{key: value})
 
 

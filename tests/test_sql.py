@@ -177,7 +177,8 @@ def test_a_missing_database_says_what_creates_it_and_creates_nothing(tmp_path, s
 def test_models_on_a_fresh_state_directory_lists_none_and_creates_nothing(state_dir, capsys):
     assert listing(StateDir(state_dir).db) == (list(LISTING_COLUMNS), [])
     assert pd_main(["models"]) == 0
-    assert "no models in the registry yet" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "benchmark models: none yet" in out and "model registry: no models yet" in out
     assert not state_dir.exists()
 
 
