@@ -11,7 +11,7 @@ from pd_data.dataset import load_split
 from pd_data.progress import Progress
 from pd_data.schema import ConfusionRow, MetricRow, ModelRow, SampleRow
 from pd_eval.benchmark import (baseline_requests, evaluation_prompts, models_under_test, requests, sample_rows, save_grid,
-                               score, write_baselines, write_reals)
+                               score, sensitivity_rows, write_baselines, write_reals)
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
 from pd_eval.generation import GenerationJob, missing, run_generation
@@ -61,7 +61,8 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     # 1. work list: the models' requests, then task inference
     metas = {name: read_meta(folder) for name, folder in folders.items()}
     prompts = evaluation_prompts(where.prompts, cfg)
-    reqs = requests(models_under_test({n: (m["kind"], tuple(m["tasks"])) for n, m in metas.items()}, unseen), prompts, cfg)
+    nets = {n: (m["kind"], tuple(m["tasks"])) for n, m in metas.items()}
+    reqs = requests(models_under_test(nets, unseen, sensitivity=cfg.sensitivity_per_task > 0), prompts, cfg)
     pd = [n for n, m in metas.items() if as_kind(m["kind"]) == "prompt-diffusion"]
     inference = inference_request(prompts, cfg.task_inference_queries, pd[0], cfg) \
         if task_inference and cfg.task_inference_queries > 0 and pd else None
@@ -89,6 +90,7 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     for r in base_reqs:
         metrics += score(out, r, data, extractor, cfg, cache)
         bar.advance()
+    metrics += sensitivity_rows(out, reqs, data, cfg)
     result = Evaluation(metrics, sample_rows(out, job.requests), computed=computed, total=total)
     if inference is not None:
         acc, result.confusion = score_task_inference(out, inference, data, cfg)
