@@ -161,3 +161,23 @@ def test_the_figure_draws_a_negative_kid_at_zero():
     assert _clipped(row) == {"metric": "kid", "value": 0.0, "ci_low": 0.0, "ci_high": 0.01}
     fid = {"metric": "fid", "value": -1.0, "ci_low": -2.0, "ci_high": 1.0}  # only KID is clipped
     assert _clipped(fid) == fid
+
+
+def test_sensitivity_and_paired_fidelity_tables_say_whether_the_pair_is_read(tmp_path):
+    rows = _rows()
+    rows += [_m("prompt-diffusion/other-pair", "image->depth", "paired_diff_mse", 0.02, 0.01, 0.03),   # worse: read
+             _m("prompt-diffusion/other-pair", "image->depth", "output_change", 0.15, 0.12, 0.18),
+             _m("prompt-diffusion/empty-pair", "image->depth", "paired_diff_mse", 0.001, -0.002, 0.004),  # no clear help
+             _m("prompt-diffusion/empty-pair", "image->depth", "output_change", 0.01, 0.008, 0.012),
+             _m("prompt-diffusion/other-pair", "image->hed", "paired_diff_mse", 0.0, -0.001, 0.001),     # ignored
+             _m("prompt-diffusion/other-pair", "image->hed", "output_change", 0.0, 0.0, 0.0),
+             _m("prompt-diffusion", "depth->image", "rmse", 0.162), _m("prompt-diffusion", "depth->image", "ssim", 0.41),
+             _m("baseline/mean-map", "depth->image", "rmse", 0.168), _m("baseline/mean-map", "depth->image", "ssim", 0.12)]
+    md = _report(tmp_path, rows)
+    sens = md.split("Example sensitivity")[1].split("\n## ")[0]
+    depth = next(line for line in sens.splitlines() if line.startswith("| image->depth"))
+    hed = next(line for line in sens.splitlines() if line.startswith("| image->hed"))
+    assert depth.rstrip(" |").split("|")[-3:-1] == [" no ", " yes "]  # own pair vs zeroed: no; reads its pair: yes
+    assert hed.split("|")[-3].strip() == "no"
+    fidelity = md.split("paired fidelity")[1].split("\n## ")[0]
+    assert "| prompt-diffusion | depth->image | 0.162 [" in fidelity and "| baseline/mean-map | depth->image | 0.168 [" in fidelity
