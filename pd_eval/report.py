@@ -15,7 +15,8 @@ from pd_data.state import atomic_write_bytes
 from pd_eval.claims import claims_table, verdict
 from pd_eval.provenance import where_lines
 from pd_eval.store import query
-from pd_eval.tables import OUTSIDE_NOTE, mark_outside, paired_fidelity_table, sensitivity_table, table1_by_direction
+from pd_eval.tables import (OUTSIDE_NOTE, controllability_table, mark_outside, paired_fidelity_table, reader_table,
+                            sensitivity_table, table1_by_direction)
 
 
 def _md_table(names: list[str], rows: list[tuple]) -> str:
@@ -147,6 +148,20 @@ def _study_sections(rows: list[dict]) -> list[tuple[str, list[Block]]]:
                      "follows its query (a real picture in another layout wins it); these can, but pixel RMSE also "
                      "rewards blur: compare with the baselines' rows (copy-example, and mean-map: the mean image)."),
             *_marked(fidelity)]))
+    ctrl = controllability_table(rows)
+    if ctrl[1]:
+        (quality, weak) = reader_table(rows)
+        out.append(("Controllability: do map->image outputs follow their query map?", [
+            ("text", "Each output is read back into its query's modality by a re-annotator and compared with the query "
+                     "map (ControlNet++'s test): depth RMSE, SSIM of soft edges (MS-SSIM at 176 px and above), mIoU and "
+                     "pixel accuracy of segmentation, F1 of Canny edges, angular error of normals. baseline/true-image is "
+                     "the ceiling: the query's own picture read back. The map->image claims use these numbers."),
+            *_marked(ctrl),
+            *([("text", "The re-annotator's own error on this split's real images, beside the mean map answering "
+                        "every image:"), ("table", quality)] if quality[1] else []),
+            *([("text", f"NOT INFORMATIVE for {', '.join(weak)}: the re-annotator does not beat the mean map by a "
+                        f"wide margin there, so its controllability numbers cannot tell a model that follows its "
+                        f"query from one that does not.")] if weak else [])]))
     sens = sensitivity_table(rows)
     if sens[1]:
         out.append(("Example sensitivity: does the output depend on the example pair?", [
@@ -177,7 +192,7 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
                           "the features named in their row, on this run's data: compare rows of one extractor only.")]
         sections.append((heading, (intro if "FID" in heading else []) + [("table", table)]))
     claims = claims_table(rows)
-    sections.append(("Do the models beat the trivial baselines? (RMSE / FID, lower is better)", [
+    sections.append(("Do the models beat the trivial baselines?", [
         ("text", "Baselines: copy-example answers with the example pair's target (for map->image, a real image of "
                  "the query's group); for image->map also copy-query (the query image) and mean-map (the per-pixel "
                  "mean train map of the task). A model that does not beat copy-example may be copying its example. "

@@ -96,3 +96,32 @@ def paired_fidelity_table(rows: list[dict]) -> tuple[list[str], list[tuple]]:
                 body.append((m, t, with_interval(rm["value"], rm["ci_low"], rm["ci_high"]),
                              with_interval(ss["value"], ss["ci_low"], ss["ci_high"]), rm["n"]))
     return (["model", "task", "RMSE (lower is better)", "SSIM (higher is better)", "n"], body)
+
+
+def controllability_table(rows: list[dict]) -> tuple[list[str], list[tuple]]:
+    """map->image outputs read back into their query's modality (`pd_eval.reannotate`): task x model,
+    every controllability metric with its interval; `baseline/true-image` is the ceiling (the query's
+    own picture read back), the re-annotator named in the last column."""
+    ctrl = [r for r in rows if r["metric"].startswith("ctrl_") and not r["task"].startswith("read:")]
+    order = lambda m: (m == "baseline/true-image", m.startswith("baseline/"), m)  # noqa: E731
+    body = [(r["task"], r["model_id"], r["metric"].removeprefix("ctrl_"), with_interval(r["value"], r["ci_low"], r["ci_high"]),
+             r["n"], r["feature_extractor"]) for r in sorted(ctrl, key=lambda r: (r["task"], r["metric"], order(r["model_id"])))]
+    return ["task", "model", "metric", "value [95% interval]", "n", "re-annotator"], body
+
+
+def reader_table(rows: list[dict]) -> tuple[tuple[list[str], list[tuple]], list[str]]:
+    """The re-annotator's own test error beside the mean map's, per modality, and the modalities where
+    it is not informative (it does not beat the mean map by the margin of `pd_eval.reader.reader_quality`)."""
+    by = {(r["model_id"], r["task"], r["metric"]): r for r in rows if r["task"].startswith("read:")}
+    body, weak = [], []
+    for (m, task, metric), r in sorted(by.items()):
+        if m != "re-annotator" or metric == "informative":
+            continue
+        mean = by.get(("re-annotator/mean-map", task, metric))
+        ok = by.get(("re-annotator", task, "informative"))
+        informative = bool(ok and ok["value"] >= 0.5)
+        if not informative:
+            weak.append(task.removeprefix("read:"))
+        body.append((task.removeprefix("read:"), metric.removeprefix("ctrl_"), f"{r['value']:.3f}",
+                     f"{mean['value']:.3f}" if mean else "", "yes" if informative else "NO", r["n"], r["feature_extractor"]))
+    return (["modality", "metric", "re-annotator", "mean map", "informative", "n", "re-annotator id"], body), weak

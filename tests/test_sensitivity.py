@@ -104,3 +104,24 @@ def test_an_evaluation_scores_sensitivity_and_paired_fidelity(world, tmp_path):
             assert by[(cond, task, "output_change")].value > 0, (cond, task)  # a live ControlNet reads its pair
     for task in ("depth->image", "hed->image"):  # paired fidelity beside FID
         assert {"fid", "kid", "rmse", "ssim", "psnr"} <= {m for (mid, t, m) in by if mid == "prompt-diffusion" and t == task}
+
+
+def test_controllability_reads_outputs_back_with_the_re_annotators_id_and_scores_the_ceiling(world, tmp_path):
+    from pd_data.config import DataConfig
+    from pd_eval.reannotate import READER, READER_MEAN_MAP, TRUE_IMAGE
+
+    cfg = EvalConfig(steps=2, bootstrap=20, sensitivity_per_task=0, task_inference_queries=0, reader_steps=30)
+    where = Split(world["tw"] / "img", world["tw"] / "ann", "train", world["root"] / "prompts.parquet", baselines=True,
+                  annotators=DataConfig().annotators)
+    cache = tmp_path / "cache" / "reference-features"
+    result = evaluate_folders(world["tw"] / "base", {"pd": world["root"] / "pd"}, (), where, cfg, tmp_path / "ev", cache=cache)
+    by = {(r.model_id, r.task, r.metric): r for r in result.metrics}
+    for model in ("prompt-diffusion", "baseline/copy-example", "baseline/mean-map", TRUE_IMAGE):
+        assert (model, "depth->image", "ctrl_rmse") in by and (model, "hed->image", "ctrl_ssim") in by, model
+    ids = {r.feature_extractor for r in result.metrics if r.metric.startswith("ctrl_")}
+    assert len(ids) == 1 and next(iter(ids)).startswith("demo-reader-v1@")  # every row names its re-annotator
+    assert {(READER, "read:depth", "ctrl_rmse"), (READER_MEAN_MAP, "read:depth", "ctrl_rmse"),
+            (READER, "read:depth", "informative")} <= set(by)
+    assert len(list((cache.parent / "readers").glob("*/DONE"))) == 1  # trained once, cached by its data
+    again = evaluate_folders(world["tw"] / "base", {"pd": world["root"] / "pd"}, (), where, cfg, tmp_path / "ev", cache=cache)
+    assert {r.feature_extractor for r in again.metrics if r.metric.startswith("ctrl_")} == ids  # the cached reader
