@@ -60,7 +60,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         # 480 images, as before layouts: 80 themes x 3 layouts x (a picture and its edited twin).
         "data": {"n_groups": 80, "layouts_per_group": 3, "resolution": 32},
-        "prompts": {"per_task": 16},
+        # 64 prompts per trained task and 32 per unseen one, so that a comparison can separate; the
+        # example-sensitivity study re-samples the first 16 of each trained task twice (zeroed pair, another task's).
+        "prompts": {"per_task": 64},
         # Random-conv FID of held-out-caption samples at equal cost (README): EMA 3.33 -> 2.12; then
         # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
         # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
@@ -83,7 +85,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # over the example pair changed nothing (scripts/bench_maps.py --split val).
         # One process at two threads generated 1.41 samples/s here, two processes at one thread 1.21
         # (scripts/bench_eval.py throughput).
-        "eval": {"guidance_scale": 3.0, "map_guidance_scale": 1.0, "threads": 2},
+        "eval": {"guidance_scale": 3.0, "map_guidance_scale": 1.0, "threads": 2, "unseen_per_task": 32,
+                 "sensitivity_per_task": 16},
     },
     # The paper's run: InstructPix2Pix, the ControlNet annotators, Stable Diffusion 1.5, Inception FID.
     # Every input is read from PAPER_INPUTS (`pd check --profile paper` lists what is missing there).

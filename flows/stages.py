@@ -355,8 +355,9 @@ def evaluate_task(plan: Plan) -> dict:
     from pd_eval.evaluate import Split, evaluate_folders, store
 
     models = read_done(plan.dir("train"))["models"]
+    data = plan.profile.data
     where = Split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split, plan.dir("prompts") / "prompts.parquet",
-                  plan.profile.data.pairing)
+                  data.pairing, annotators=data.annotators, annotator_weights=data.annotator_weights)
     result = evaluate_folders(base_path(plan), {m["name"]: Path(m["path"]) for m in models}, plan.unseen_tasks, where,
                               plan.profile.eval, plan.dir("evaluate"), cache=features_cache(plan))
     rows = [ModelRow(model_id=m["name"], eval_id="", kind=m["kind"], tasks=m["tasks"], path=m["path"], train_steps=m["steps"],

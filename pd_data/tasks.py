@@ -55,6 +55,24 @@ FORWARD_TASKS: tuple[str, ...] = ("image->depth", "image->hed", "image->seg")
 UNSEEN_TASKS: tuple[str, ...] = tuple(n for n, t in TASKS.items() if not t.trained)
 
 
+def other_pair_task(name: str, available: tuple[str, ...] = TRAINING_TASKS) -> str | None:
+    """The task whose example pair stands in for `name`'s in the example-sensitivity study: another
+    task of the same direction (image->map or map->image) among the trained ones in `available`, so
+    the text and the query stay those of `name` and only what the pair shows changes. A trained task
+    takes the next in registry order (depth -> hed -> seg -> depth); an unseen one the first that is
+    not its `nearest` (a canny query shown a hed pair would show nearly its own task). None when no
+    other task of that direction is available."""
+    spec = get_task(name)
+    same = [t for t in TRAINING_TASKS if t in available and t != name
+            and (TASKS[t].source == "image") == (spec.source == "image")]
+    if not same:
+        return None
+    if spec.trained:
+        order = [t for t in TRAINING_TASKS if t in available and (TASKS[t].source == "image") == (spec.source == "image")]
+        return order[(order.index(name) + 1) % len(order)] if len(order) > 1 else None
+    return next((t for t in same if t != spec.nearest), same[0])
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")

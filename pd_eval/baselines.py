@@ -2,9 +2,10 @@
 
 `baseline/copy-example` answers with the example pair's target (the answer if in-context learning
 were copying; for map->image, a real image of the query's group, so FID/KID see real pictures);
-for image->map tasks also `baseline/copy-query` (the query image itself) and `baseline/mean-map`
-(the per-pixel mean of the task's target maps over the train split: the best constant answer in
-mean squared error, rounded to 8 bits like every answer scored from its PNG). A trained model that
+`baseline/mean-map` with the per-pixel mean of the task's targets over the train split (the mean map
+of an image->map task, the mean image of a map->image one: the best constant answer in mean squared
+error, rounded to 8 bits like every answer scored from its PNG); for image->map tasks also
+`baseline/copy-query` (the query image itself). A trained model that
 does not beat every baseline of its task has not shown that it learnt the task.
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ BASELINES: tuple[str, ...] = ("baseline/copy-query", MEAN_MAP, COPY_EXAMPLE)
 
 
 def baselines_for(spec: TaskSpec) -> tuple[str, ...]:
-    """The baselines that answer `spec`: all three for image->map, copy-example for map->image."""
-    return BASELINES if spec.metric == "rmse" else (COPY_EXAMPLE,)
+    """The baselines that answer `spec`: all three for image->map; copy-example and the mean image for
+    map->image (the mean image is the bar of the pixel-wise paired scores, which reward blur)."""
+    return BASELINES if spec.metric == "rmse" else (MEAN_MAP, COPY_EXAMPLE)
 
 
 def mean_map(train: SplitData, modality: str) -> np.ndarray:
@@ -41,7 +43,7 @@ def baseline_outputs(name: str, spec: TaskSpec, prompts: list[Prompt], train: Sp
     if name not in baselines_for(spec):
         known = "" if name in BASELINES else f"unknown baseline {name!r}; "
         raise ValueError(f"{known}{spec.name} ({spec.metric}) is answered by {baselines_for(spec)}; "
-                         f"copy-query and mean-map answer image->map tasks only")
+                         f"copy-query answers image->map tasks only")
     if name == COPY_EXAMPLE:
         return np.stack([p.example_target for p in prompts])
     if name == "baseline/copy-query":

@@ -8,6 +8,14 @@ model_id: `prompt-diffusion` (zero-shot, with the example pair), `prompt-diffusi
 trains one). The trivial baselines of `pd_eval.baselines` answer the same prompts and are scored
 from their PNGs the same way.
 
+Example sensitivity (does the model read its pair?): on every task, the same queries and seeds with
+the pair zeroed (`prompt-diffusion/empty-pair`) and with the pair of another task
+(`prompt-diffusion/other-pair`, `other_pair_task`), on the first `eval.sensitivity_per_task` prompts of
+a trained task and every prompt of an unseen one. `sensitivity_rows` scores the paired differences.
+
+A map->image output is also scored against the query's own true image (the picture its map was made
+from: the task's target), pixel by pixel: RMSE, SSIM and PSNR (paired fidelity), beside FID and KID.
+
 Layout of an evaluation folder: `samples/<model>/<task>/<name>.png`, `real/<task>/<name>.png` (the
 map->image targets FID compares with), `grids/<model>__<task>.png`.
 """
@@ -25,7 +33,7 @@ import pyarrow.parquet as pq
 from pd_data.dataset import SplitData
 from pd_data.schema import MetricRow
 from pd_data.state import atomic_write_bytes
-from pd_data.tasks import TaskSpec, get_task
+from pd_data.tasks import TaskSpec, get_task, other_pair_task
 from pd_eval.baselines import MEAN_MAP, baseline_outputs, baselines_for, mean_map
 from pd_eval.config import EvalConfig
 from pd_eval.features import load_extractor
@@ -45,19 +53,34 @@ class ModelUnderTest:
     checkpoint: str           # which trained network: "prompt-diffusion", "cn-ft_depth-to-image", ...
     tasks: tuple[str, ...]    # the tasks it is benchmarked on
     empty_pair: bool = False  # Prompt Diffusion with its example pair zeroed
+    other_pair: bool = False  # Prompt Diffusion shown the example pair of another task (`other_pair_task`)
+
+    @property
+    def sensitivity(self) -> bool:
+        """A condition of the example-sensitivity study: on the first `eval.sensitivity_per_task` prompts
+        of a trained task only."""
+        return self.empty_pair or self.other_pair
 
 
-def models_under_test(nets: dict[str, tuple[str, tuple[str, ...]]], unseen: tuple[str, ...]) -> list[ModelUnderTest]:
+EMPTY_PAIR, OTHER_PAIR = "prompt-diffusion/empty-pair", "prompt-diffusion/other-pair"
+
+
+def models_under_test(nets: dict[str, tuple[str, tuple[str, ...]]], unseen: tuple[str, ...],
+                      sensitivity: bool = False) -> list[ModelUnderTest]:
     """Checkpoint name -> (kind, trained tasks) to every (model_id, tasks) benchmarked.
 
     A CN(FT) trained on an unseen task is that task's oracle; the CN(FT) of a trained task also
-    answers the unseen tasks that name it as nearest."""
+    answers the unseen tasks that name it as nearest. Prompt Diffusion runs with its pair zeroed on
+    every task (trained ones only with `sensitivity`) and, with `sensitivity`, with another task's pair
+    on every task that has one."""
     out = []
     for name, (kind, tasks) in nets.items():
         if as_kind(kind) == "prompt-diffusion":
             out.append(ModelUnderTest("prompt-diffusion", name, tasks + unseen))
-            if unseen:
-                out.append(ModelUnderTest("prompt-diffusion/empty-pair", name, unseen, empty_pair=True))
+            if zeroed := (tasks if sensitivity else ()) + unseen:
+                out.append(ModelUnderTest(EMPTY_PAIR, name, zeroed, empty_pair=True))
+            if sensitivity and (others := tuple(t for t in tasks + unseen if other_pair_task(t, tasks))):
+                out.append(ModelUnderTest(OTHER_PAIR, name, others, other_pair=True))
         elif set(tasks) <= set(unseen):
             out.append(ModelUnderTest("cn-ft/oracle", name, tasks))
         else:
@@ -83,9 +106,10 @@ def slug(name: str) -> str:
     return name.replace("->", "-to-").replace("/", "_")
 
 
-def items(rows: list[dict]) -> tuple[Item, ...]:
+def items(rows: list[dict], pair_task: str = "") -> tuple[Item, ...]:
     return tuple(Item(name=r["prompt_id"].split("/")[-1], prompt_id=r["prompt_id"], task=r["task"],
-                      example_id=r["example_id"], query_id=r["query_id"], seed=int(r["seed"])) for r in rows)
+                      example_id=r["example_id"], query_id=r["query_id"], seed=int(r["seed"]), pair_task=pair_task)
+                 for r in rows)
 
 
 def requests(models: list[ModelUnderTest], prompts: list[dict], cfg: EvalConfig) -> list[Request]:
@@ -94,10 +118,13 @@ def requests(models: list[ModelUnderTest], prompts: list[dict], cfg: EvalConfig)
     for m in models:
         for task in m.tasks:
             rows = [r for r in prompts if r["task"] == task]
-            if rows:
+            if m.sensitivity and get_task(task).trained:
+                rows = rows[:cfg.sensitivity_per_task]
+            shown = other_pair_task(task, tuple(t for t in m.tasks if get_task(t).trained)) if m.other_pair else ""
+            if rows and shown is not None:
                 out.append(Request(model_id=m.model_id, checkpoint=m.checkpoint, task=task,
                                    guidance=cfg.guidance_for(get_task(task)), folder=f"samples/{slug(m.model_id)}/{slug(task)}",
-                                   items=items(rows), empty_pair=m.empty_pair))
+                                   items=items(rows, shown), empty_pair=m.empty_pair))
     return out
 
 
@@ -176,22 +203,52 @@ def score(out: Path, r: Request, data: SplitData, extractor: tuple[str, Callable
     """The request's metric rows, from its PNGs: RMSE (Table 1), SSIM and PSNR for image->map; FID and
     KID against the real targets under real/ for map->image."""
     spec, files = get_task(r.task), paths(out, r)
+    per = paired_scores(out, r, data)
+    paired = [metric_row(r.model_id, r.task, "rmse", rmse_of(per["mse"], cfg.bootstrap, cfg.seed), "", cfg)] + \
+        [metric_row(r.model_id, r.task, k, mean_of(per[k], cfg.bootstrap, cfg.seed), "", cfg) for k in ("ssim", "psnr")]
     if spec.metric == "rmse":
-        per: dict[str, list[np.ndarray]] = {"mse": [], "ssim": [], "psnr": []}
-        for chunk in _chunked(list(zip(files, r.items))):
-            outputs, targets = read_pngs([p for p, _ in chunk]), _targets(data, spec, [it for _, it in chunk])
-            per["mse"].append(per_image_mse(outputs, targets))
-            for k, v in per_image_similarity(outputs, targets).items():
-                per[k].append(v)
-        mse, sim = np.concatenate(per["mse"]), {k: np.concatenate(per[k]) for k in ("ssim", "psnr")}
-        return [metric_row(r.model_id, r.task, "rmse", rmse_of(mse, cfg.bootstrap, cfg.seed), "", cfg)] + \
-            [metric_row(r.model_id, r.task, k, mean_of(v, cfg.bootstrap, cfg.seed), "", cfg) for k, v in sim.items()]
+        return paired
     real = [Path(out) / "real" / slug(r.task) / f"{it.name}.png" for it in r.items]
     f_gen = np.concatenate([image_features(read_pngs(c), extractor[1]) for c in _chunked(files)])
     f_real = reference_features(real, extractor, cache)
     return [metric_row(r.model_id, r.task, "fid", frechet(f_gen, f_real, cfg.bootstrap, cfg.seed), extractor[0], cfg),
             metric_row(r.model_id, r.task, "kid", kernel_distance(f_gen, f_real, cfg.bootstrap, cfg.seed, cfg.kid_subsets,
-                                                                  cfg.kid_subset_size), extractor[0], cfg)]
+                                                                  cfg.kid_subset_size), extractor[0], cfg)] + paired
+
+
+def paired_scores(out: Path, r: Request, data: SplitData) -> dict[str, np.ndarray]:
+    """Per-image scores of the request's outputs against each prompt's own target (the true map of an
+    image->map task; for map->image, the query's own true image: paired fidelity): mse, ssim, psnr, (N,) each."""
+    spec, per = get_task(r.task), {"mse": [], "ssim": [], "psnr": []}
+    for chunk in _chunked(list(zip(paths(out, r), r.items))):
+        outputs, targets = read_pngs([p for p, _ in chunk]), _targets(data, spec, [it for _, it in chunk])
+        per["mse"].append(per_image_mse(outputs, targets))
+        for k, v in per_image_similarity(outputs, targets).items():
+            per[k].append(v)
+    return {k: np.concatenate(v) for k, v in per.items()}
+
+
+def sensitivity_rows(out: Path, reqs: list[Request], data: SplitData, cfg: EvalConfig) -> list[MetricRow]:
+    """Example sensitivity, paired per prompt (same query, seed and text): for each condition request
+    (pair zeroed, another task's pair) and the `prompt-diffusion` request of its task, on the prompts
+    they share,
+    - `paired_diff_mse`: the mean over prompts of the condition's per-image MSE against the target minus
+      the own pair's (> 0: its own pair does better), BCa interval;
+    - `output_change`: the RMSE between the two outputs of each prompt (0: the pair changed nothing).
+    A model that reads its pair changes its answer when the pair changes."""
+    own = {r.task: r for r in reqs if r.model_id == "prompt-diffusion"}
+    rows = []
+    for r in reqs:
+        if r.model_id not in (EMPTY_PAIR, OTHER_PAIR) or r.task not in own:
+            continue
+        names = {it.name for it in r.items}
+        base = own[r.task].model_copy(update={"items": tuple(it for it in own[r.task].items if it.name in names)})
+        mine, theirs = paired_scores(out, base, data)["mse"], paired_scores(out, r, data)["mse"]
+        rows.append(metric_row(r.model_id, r.task, "paired_diff_mse", mean_of(theirs - mine, cfg.bootstrap, cfg.seed), "", cfg))
+        change = np.concatenate([per_image_mse(read_pngs(a), read_pngs(b)) for a, b in
+                                 zip(_chunked(paths(out, base)), _chunked(paths(out, r)))])
+        rows.append(metric_row(r.model_id, r.task, "output_change", rmse_of(change, cfg.bootstrap, cfg.seed), "", cfg))
+    return rows
 
 
 def save_grid(out: Path, r: Request, data: SplitData, name: str | None = None) -> None:

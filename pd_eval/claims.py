@@ -1,6 +1,8 @@
-"""Who beats whom in Table 1's metrics (RMSE for image->map, FID for map->image; lower is better), by
-one rule: a model beats a bar when its value is below it, and clearly when the upper end of its 95%
-interval is below it too. The report's verdict and its claims table both come from here."""
+"""Who beats whom, by one rule: a model beats a bar when its value is better than it, and clearly when
+the far end of its 95% interval is better too. The metric of a task is its verdict metric: RMSE for
+image->map; for map->image the controllability headline when the outputs were read back
+(`pd_eval.reannotate`: FID cannot see whether an output follows its query), else FID. The report's
+verdict and its claims table both come from here."""
 from __future__ import annotations
 
 import math
@@ -33,10 +35,32 @@ class Outcome:
         return not self.lost_to
 
 
-def outcome(row: dict, bars: dict[str, float]) -> Outcome:
-    lost = tuple(b for b, v in bars.items() if row["value"] >= v)
-    hi = row["ci_high"]
-    return Outcome(row, lost, not lost and hi is not None and math.isfinite(hi) and hi < min(bars.values()))
+def outcome(row: dict, bars: dict[str, float], higher: bool = False) -> Outcome:
+    """`row` against `bars`; `higher`: its metric is better when higher (SSIM, mIoU, F1)."""
+    lost = tuple(b for b, v in bars.items() if (row["value"] <= v if higher else row["value"] >= v))
+    far = row["ci_low"] if higher else row["ci_high"]
+    clear = far is not None and math.isfinite(far) and (far > max(bars.values()) if higher else far < min(bars.values()))
+    return Outcome(row, lost, not lost and clear)
+
+
+# map->image verdict metrics, the first present wins: the controllability headlines (`pd_eval.control`).
+CONTROL_HEADLINES = ("ctrl_dataset_miou", "ctrl_msssim", "ctrl_ssim", "ctrl_rmse", "ctrl_f1", "ctrl_angle")
+HIGHER = {"ctrl_dataset_miou", "ctrl_msssim", "ctrl_ssim", "ctrl_f1", "ctrl_miou", "ctrl_pixel_acc"}
+
+
+def verdict_metric(task: str, keys) -> tuple[str, bool]:
+    """(metric, higher is better) that decides `task`'s claims, given the (model, task, metric) keys present."""
+    if TASKS[task].target == "image":
+        present = {k for m, t, k in keys if t == task and m == "prompt-diffusion"}
+        for k in CONTROL_HEADLINES:
+            if k in present:
+                return k, k in HIGHER
+    return TASKS[task].metric, False
+
+
+def _is_model(model_id: str) -> bool:
+    """A trained model or one of its conditions; not a baseline, the ceiling or the re-annotator."""
+    return not model_id.startswith(("baseline/", "re-annotator"))
 
 
 @dataclass(frozen=True)
@@ -47,10 +71,11 @@ class TaskClaim:
     metric: str
     baselines: dict[str, float]
     outcomes: dict[str, Outcome]  # model_id -> outcome
+    higher: bool = False  # the metric is better when higher
 
     @property
     def best(self) -> tuple[str, float]:
-        return min(self.baselines.items(), key=lambda kv: kv[1])
+        return (max if self.higher else min)(self.baselines.items(), key=lambda kv: kv[1])
 
 
 def _by_key(rows: list[dict]) -> dict[tuple[str, str, str], dict]:
@@ -64,25 +89,28 @@ def task_claims(rows: list[dict]) -> list[TaskClaim]:
     out = []
     order = lambda t: (not TASKS[t].trained, TASKS[t].metric != "rmse", t)  # noqa: E731  (Table 1's: image->map first)
     for task in sorted({t for m, t, _ in by if m in BASELINES and t in TASKS}, key=order):
-        metric = TASKS[task].metric
+        metric, higher = verdict_metric(task, by)
         base = {b.split("/")[1]: by[(b, task, metric)]["value"] for b in BASELINES if (b, task, metric) in by}
-        models = sorted((m for m, t, k in by if t == task and k == metric and m not in BASELINES),
+        models = sorted((m for m, t, k in by if t == task and k == metric and _is_model(m)),
                         key=lambda m: (not m.startswith("prompt-diffusion"), m))
         if base and models:
-            out.append(TaskClaim(task, metric, base, {m: outcome(by[(m, task, metric)], base) for m in models}))
+            out.append(TaskClaim(task, metric, base, {m: outcome(by[(m, task, metric)], base, higher) for m in models}, higher))
     return out
 
 
 def head_to_head(rows: list[dict], model: str = "prompt-diffusion", other: str = "cn-ft") -> dict[str, Outcome]:
     """task -> `model` against `other` on every trained task both were scored on, by the same rule."""
-    by = _by_key(rows)
-    return {t: outcome(by[(model, t, s.metric)], {other: by[(other, t, s.metric)]["value"]})
-            for t, s in TASKS.items() if s.trained and (model, t, s.metric) in by and (other, t, s.metric) in by}
+    by, out = _by_key(rows), {}
+    for t, s in TASKS.items():
+        metric, higher = verdict_metric(t, by)
+        if s.trained and (model, t, metric) in by and (other, t, metric) in by:
+            out[t] = outcome(by[(model, t, metric)], {other: by[(other, t, metric)]["value"]}, higher)
+    return out
 
 
-def _tally(claims: list[TaskClaim], model: str, metric: str) -> tuple[int, int, int]:
-    """(tasks where `model` beats every baseline, tasks, of which clearly)."""
-    mine = [c.outcomes[model] for c in claims if c.metric == metric and model in c.outcomes]
+def _tally(claims: list[TaskClaim], model: str, forward: bool) -> tuple[int, int, int]:
+    """(tasks of a direction where `model` beats every baseline, tasks, of which clearly)."""
+    mine = [c.outcomes[model] for c in claims if (TASKS[c.task].source == "image") == forward and model in c.outcomes]
     return sum(o.beats for o in mine), len(mine), sum(o.clear for o in mine)
 
 
@@ -99,7 +127,7 @@ def verdict(rows: list[dict]) -> list[str]:
     trained = [c for c in claims if TASKS[c.task].trained]
     parts = []
     for model in ("prompt-diffusion", "cn-ft"):
-        counts = {d: _tally(trained, model, m) for m, d in (("rmse", "image->map"), ("fid", "map->image"))}
+        counts = {d: _tally(trained, model, f) for f, d in ((True, "image->map"), (False, "map->image"))}
         if said := [f"{w} of {n} {d}" for d, (w, n, _) in counts.items() if n]:
             parts.append(f"{NAMES[model]} on {' and '.join(said)} tasks (interval clear on {sum(c for *_, c in counts.values())})")
     if parts:
@@ -129,5 +157,7 @@ def claims_table(rows: list[dict]) -> tuple[list[str], list[tuple]]:
         pd = c.outcomes.get("prompt-diffusion")
         cell = with_interval(pd.row["value"], pd.row["ci_low"], pd.row["ci_high"]) if pd else ""
         said = "; ".join(_said(m, o, c.best, m != "prompt-diffusion") for m, o in c.outcomes.items())
-        out.append((f"{c.task} ({c.metric.upper()})", cell, f"{c.best[0]} {c.best[1]:.3f}", said))
+        label = (f"control {c.metric[5:].replace('_', ' ')}, {'higher' if c.higher else 'lower'} is better"
+                 if c.metric.startswith("ctrl_") else c.metric.upper())
+        out.append((f"{c.task} ({label})", cell, f"{c.best[0]} {c.best[1]:.3f}", said))
     return ["task", "Prompt Diffusion [95% interval]", "best baseline", "verdict"], out

@@ -46,7 +46,12 @@ class EvalConfig(Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible")
     bootstrap: int = Field(200, ge=0, description="bootstrap resamples for 95% intervals")
     unseen_per_task: int = Field(8, ge=2, description="prompts per unseen task (the first materialised ones)")
+    sensitivity_per_task: int = Field(16, ge=0, description="example sensitivity: the first prompts of each trained task "
+                                      "sampled again with the pair zeroed and with another task's pair (every unseen "
+                                      "prompt is); 0 runs it on the unseen tasks only, with the pair zeroed")
     task_inference_queries: int = Field(8, ge=0, description="queries x 3 forward tasks for in-context task inference; 0 is off")
+    reader_steps: int = Field(600, ge=1, description="training steps of the demo's re-annotator (pd_eval.reader), which "
+                                                     "reads map->image outputs back for controllability")
     kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged (torchmetrics)")
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset, clamped to the set size")
     seed: int = 0

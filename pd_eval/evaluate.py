@@ -11,8 +11,10 @@ from pd_data.dataset import load_split
 from pd_data.progress import Progress
 from pd_data.schema import ConfusionRow, MetricRow, ModelRow, SampleRow
 from pd_eval.benchmark import (baseline_requests, evaluation_prompts, models_under_test, requests, sample_rows, save_grid,
-                               score, write_baselines, write_reals)
+                               score, sensitivity_rows, write_baselines, write_reals)
+from pd_data.tasks import get_task
 from pd_eval.config import EvalConfig
+from pd_eval.reannotate import ReAnnotators, controllability_rows, reader_rows
 from pd_eval.features import load_extractor
 from pd_eval.generation import GenerationJob, missing, run_generation
 from pd_eval.store import replace_evaluation
@@ -30,6 +32,10 @@ class Split:
     prompts: Path
     pairing: str = "other-layout"
     baselines: bool = True  # score the trivial baselines too (the mean map needs the train split in the same folders)
+    # modality -> annotator backend that made the maps (`data.annotators`), and their weights: what reads
+    # a map->image output back for controllability (`pd_eval.reannotate`); None scores no controllability.
+    annotators: dict[str, str] | None = None
+    annotator_weights: str | None = None
 
 
 @dataclass
@@ -61,7 +67,8 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     # 1. work list: the models' requests, then task inference
     metas = {name: read_meta(folder) for name, folder in folders.items()}
     prompts = evaluation_prompts(where.prompts, cfg)
-    reqs = requests(models_under_test({n: (m["kind"], tuple(m["tasks"])) for n, m in metas.items()}, unseen), prompts, cfg)
+    nets = {n: (m["kind"], tuple(m["tasks"])) for n, m in metas.items()}
+    reqs = requests(models_under_test(nets, unseen, sensitivity=cfg.sensitivity_per_task > 0), prompts, cfg)
     pd = [n for n, m in metas.items() if as_kind(m["kind"]) == "prompt-diffusion"]
     inference = inference_request(prompts, cfg.task_inference_queries, pd[0], cfg) \
         if task_inference and cfg.task_inference_queries > 0 and pd else None
@@ -72,8 +79,9 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     data = load_split(where.images, where.annotations, where.split, where.pairing)
     write_reals(data, out, prompts)
     base_reqs = baseline_requests(prompts) if where.baselines else []
+    train = load_split(where.images, where.annotations, "train") if base_reqs or where.annotators else None
     if base_reqs:  # the mean map needs the train split in the same folders
-        write_baselines(data, load_split(where.images, where.annotations, "train"), out, base_reqs)
+        write_baselines(data, train, out, base_reqs)
     # 3. generation
     total = sum(len(r.items) for r in job.requests)
     bar = Progress("evaluate-samples", "evaluate: generated samples", total, "sample", done=total - missing(job))
@@ -89,6 +97,11 @@ def evaluate_folders(base_path: str | Path, folders: dict[str, Path], unseen: tu
     for r in base_reqs:
         metrics += score(out, r, data, extractor, cfg, cache)
         bar.advance()
+    metrics += sensitivity_rows(out, reqs, data, cfg)
+    if where.annotators and any(get_task(r.task).target == "image" for r in reqs):
+        readers = ReAnnotators(where.annotators, where.annotator_weights, train, cache.parent if cache is not None else None,
+                               cfg.reader_steps, cfg.seed)
+        metrics += controllability_rows(out, reqs + base_reqs, data, readers, cfg) + reader_rows(readers, data, train, cfg)
     result = Evaluation(metrics, sample_rows(out, job.requests), computed=computed, total=total)
     if inference is not None:
         acc, result.confusion = score_task_inference(out, inference, data, cfg)

@@ -44,6 +44,7 @@ class Item(Frozen):
     example_id: str
     query_id: str
     seed: int
+    pair_task: str = ""  # the example pair shows this task instead (example sensitivity: `other_pair_task`)
 
 
 class Request(Frozen):
@@ -205,7 +206,12 @@ def generate_shard(job: GenerationJob, rank: int = 0, world: int = 1,
 
 
 def _prompt(data, it: Item, no_text: bool) -> Prompt:
+    """The item's prompt: its task's query, target and text; the example pair of `it.pair_task` when set
+    (the same example image, another task's maps); the text removed with `no_text`."""
     p = data.prompt(get_task(it.task), it.example_id, it.query_id)
+    if it.pair_task:
+        shown = data.prompt(get_task(it.pair_task), it.example_id, it.query_id)
+        p = Prompt(p.task, shown.example_source, shown.example_target, p.query, p.target, p.text)
     return Prompt(p.task, p.example_source, p.example_target, p.query, p.target, "") if no_text else p
 
 

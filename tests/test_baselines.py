@@ -51,13 +51,14 @@ def test_baseline_rows_score_every_task_with_an_interval(tmp_path):
     rows = baseline_rows(test, train, prompts, EvalConfig(bootstrap=50), tmp_path)
     assert sorted((r.model_id, r.task, r.metric) for r in rows) == sorted(
         [(b, "image->depth", m) for b in BASELINES for m in ("psnr", "rmse", "ssim")]
-        + [("baseline/copy-example", "depth->image", m) for m in ("fid", "kid")])
+        + [(b, "depth->image", m) for b in ("baseline/copy-example", "baseline/mean-map")
+           for m in ("fid", "kid", "psnr", "rmse", "ssim")])  # map->image: FID and the paired scores
     outs = {b: np.stack(o).astype(float) for b, o in {
         "baseline/copy-query": [test.arrays[f"i{k}"]["image"] for k in (1, 2, 3)],
         "baseline/copy-example": [test.arrays["i0"]["depth"]] * 3}.items()}
     tgts = np.stack([test.arrays[f"i{k}"]["depth"] for k in (1, 2, 3)]).astype(float)
     for b, o in outs.items():
-        r = next(r for r in rows if r.model_id == b and r.metric == "rmse")
+        r = next(r for r in rows if r.model_id == b and r.metric == "rmse" and r.task == "image->depth")
         assert np.isclose(r.value, np.sqrt(np.mean(((o - tgts) / 255) ** 2)))
         assert r.ci_low <= r.value <= r.ci_high and r.n == 3
     fid = next(r for r in rows if r.metric == "fid")

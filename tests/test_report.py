@@ -161,3 +161,43 @@ def test_the_figure_draws_a_negative_kid_at_zero():
     assert _clipped(row) == {"metric": "kid", "value": 0.0, "ci_low": 0.0, "ci_high": 0.01}
     fid = {"metric": "fid", "value": -1.0, "ci_low": -2.0, "ci_high": 1.0}  # only KID is clipped
     assert _clipped(fid) == fid
+
+
+def test_sensitivity_and_paired_fidelity_tables_say_whether_the_pair_is_read(tmp_path):
+    rows = _rows()
+    rows += [_m("prompt-diffusion/other-pair", "image->depth", "paired_diff_mse", 0.02, 0.01, 0.03),   # worse: read
+             _m("prompt-diffusion/other-pair", "image->depth", "output_change", 0.15, 0.12, 0.18),
+             _m("prompt-diffusion/empty-pair", "image->depth", "paired_diff_mse", 0.001, -0.002, 0.004),  # no clear help
+             _m("prompt-diffusion/empty-pair", "image->depth", "output_change", 0.01, 0.008, 0.012),
+             _m("prompt-diffusion/other-pair", "image->hed", "paired_diff_mse", 0.0, -0.001, 0.001),     # ignored
+             _m("prompt-diffusion/other-pair", "image->hed", "output_change", 0.0, 0.0, 0.0),
+             _m("prompt-diffusion", "depth->image", "rmse", 0.162), _m("prompt-diffusion", "depth->image", "ssim", 0.41),
+             _m("baseline/mean-map", "depth->image", "rmse", 0.168), _m("baseline/mean-map", "depth->image", "ssim", 0.12)]
+    md = _report(tmp_path, rows)
+    sens = md.split("Example sensitivity")[1].split("\n## ")[0]
+    depth = next(line for line in sens.splitlines() if line.startswith("| image->depth"))
+    hed = next(line for line in sens.splitlines() if line.startswith("| image->hed"))
+    assert depth.rstrip(" |").split("|")[-3:-1] == [" no ", " yes "]  # own pair vs zeroed: no; reads its pair: yes
+    assert hed.split("|")[-3].strip() == "no"
+    fidelity = md.split("paired fidelity")[1].split("\n## ")[0]
+    assert "| prompt-diffusion | depth->image | 0.162 [" in fidelity and "| baseline/mean-map | depth->image | 0.168 [" in fidelity
+
+
+def test_map_to_image_claims_use_controllability_and_a_weak_re_annotator_is_said(tmp_path):
+    rid = "demo-reader-v1@abc"
+    ctrl = lambda model, v, lo, hi: MetricRow("e1", model, "hed->image", "ctrl_ssim", v, lo, hi, 16, rid, "fast",  # noqa: E731
+                                              datetime.now(timezone.utc))
+    rows = _rows() + [ctrl("prompt-diffusion", 0.60, 0.55, 0.65), ctrl("cn-ft", 0.50, 0.45, 0.55),
+                      ctrl("baseline/copy-example", 0.20, 0.15, 0.25), ctrl("baseline/mean-map", 0.30, 0.28, 0.32),
+                      ctrl("baseline/true-image", 0.90, 0.88, 0.92)]
+    rows += [MetricRow("e1", "re-annotator", "read:hed", "ctrl_ssim", 0.5, float("nan"), float("nan"), 48, rid, "fast", None),
+             MetricRow("e1", "re-annotator/mean-map", "read:hed", "ctrl_ssim", 0.2, float("nan"), float("nan"), 48, rid, "fast", None),
+             MetricRow("e1", "re-annotator", "read:hed", "informative", 0.0, float("nan"), float("nan"), 48, rid, "fast", None)]
+    md = _report(tmp_path, rows)
+    claim = next(line for line in md.splitlines() if line.startswith("| hed->image (control ssim, higher is better)"))
+    assert "0.600 [0.550, 0.650]" in claim and "beats all (interval clear)" in claim  # PD, by controllability, not FID
+    assert "true-image" not in claim  # the ceiling is not a bar to beat, nor a model
+    section = md.split("Controllability:")[1].split("\n## ")[0]
+    assert "| hed->image | baseline/true-image | ssim | 0.900 [0.880, 0.920] | 16 | demo-reader-v1@abc |" in section
+    assert "NOT INFORMATIVE for hed" in section
+    assert md.splitlines()[2].startswith("Verdict: Prompt Diffusion beats CN(FT) on")
