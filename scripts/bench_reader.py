@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=80, help="data.n_groups (demo: 80)")
     ap.add_argument("--layouts", type=int, default=3, help="data.layouts_per_group (demo: 3)")
     ap.add_argument("--resolution", type=int, default=32, help="data.resolution (demo: 32)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
