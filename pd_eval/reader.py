@@ -10,7 +10,9 @@ head per modality. Why shared: every map is a function of the same scene (edges 
 steps, normals are depth's gradient), so one trunk learns the geometry once and a training step
 backpropagates all six losses through one forward pass, about a sixth of six separate nets' cost on a
 2-core CPU. Heads: gray maps (all channels equal in training) regress one channel, colour maps three,
-both as tanh in [-1, 1] with a squared error; seg classifies each pixel over the palette (cross
+both as tanh in [-1, 1] with an absolute error (sharper edges and
+normals than a squared one: on the demo at 1000 steps, normal angle 7.8 against 9.9 degrees, hed SSIM
+0.91 against 0.87); seg classifies each pixel over the palette (cross
 entropy), so a read is always a palette colour and never a blend of two labels.
 
 A reader is named `demo-reader-v1@<version>`, the version a short hash of its config and weights:
@@ -49,7 +51,7 @@ class ReaderConfig:
     resolution: int
     width: int = 16
     palette: tuple[tuple[int, int, int], ...] = ()  # seg's label colours
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
@@ -241,7 +243,7 @@ def _check_pairs(pairs: Pairs, palette: Palette | None) -> int:
     return sizes.pop()
 
 
-def train_reader(pairs: Pairs, steps: int = 600, seed: int = 0, palette: Palette | None = None, width: int = 16,
+def train_reader(pairs: Pairs, steps: int = 1000, seed: int = 0, palette: Palette | None = None, width: int = 16,
                  batch_size: int = 32, lr: float = 3e-3) -> Reader:
     """Train a reader on `pairs` (modality -> (images, maps), (N, S, S, 3) uint8), deterministic from `seed`:
     initial weights from torch's seeded global generator inside `fork_rng` (the caller's stream is left
@@ -279,7 +281,7 @@ def training_loss(net: ReaderNet, pool: _Pool, idx: torch.Tensor) -> torch.Tenso
             continue
         target = pool.targets[m][idx[have] - start]
         y = out[m][have]
-        loss = loss + (F.cross_entropy(y, target) if m == "seg" else F.mse_loss(y, target))
+        loss = loss + (F.cross_entropy(y, target) if m == "seg" else F.l1_loss(y, target))
     return loss
 
 

@@ -7,6 +7,12 @@ group 0.8 / 0.1 / 0.1) in a temporary folder with the ingest and annotate stages
     .venv/bin/python scripts/bench_reader.py                    # the demo's data, default reader
     .venv/bin/python scripts/bench_reader.py --steps 300 --width 8 --json
     .venv/bin/python scripts/bench_reader.py --save .pd/reader   # keep the trained reader
+
+Measured (AMD EPYC, 2 cores, 360 train / 66 test images, width 16, batch 32): 1000 steps, test split,
+reader vs mean map: depth RMSE 0.050 / 0.182, hed SSIM 0.906 / 0.091, scribble SSIM 0.927 / 0.076,
+canny F1 0.896 / 0.000, seg dataset mIoU 0.769 / 0.232, normal angle 7.76 / 21.76 degrees: every
+modality informative (600 steps too; at 300 with a squared error, seg and normal were not). A step is
+~0.07 s on an idle machine (1000 steps in 81 s); with other jobs on the cores it took 4-7x longer.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=80, help="data.n_groups (demo: 80)")
     ap.add_argument("--layouts", type=int, default=3, help="data.layouts_per_group (demo: 3)")
     ap.add_argument("--resolution", type=int, default=32, help="data.resolution (demo: 32)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
