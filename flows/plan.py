@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import hashlib
 import importlib.util
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -66,11 +67,21 @@ def _is_module(name: str) -> bool:
         return False
 
 
+# CPython 3.11's parser is not safe to enter from two threads at once ("SystemError: AST constructor
+# recursion depth mismatch"), and Prefect runs stage tasks in threads that each build a plan.
+_PARSE = threading.Lock()
+
+
+def _parse(text: str) -> ast.AST:
+    with _PARSE:
+        return ast.parse(text)
+
+
 @lru_cache(maxsize=256)
 def _project_imports(text: str) -> frozenset[str]:
     """The project modules a module's source imports (`from pd_data import tasks` counts as pd_data.tasks)."""
     found = set()
-    for node in ast.walk(ast.parse(text)):
+    for node in ast.walk(_parse(text)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] in PROJECT:
@@ -93,7 +104,7 @@ def stage_modules(stage: str) -> tuple[str, ...]:
 @lru_cache(maxsize=256)
 def _tree_hash(text: str) -> str:
     """A hash of the module's syntax tree without docstrings: code changes count, prose does not."""
-    tree = ast.parse(text)
+    tree = _parse(text)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \

@@ -55,7 +55,7 @@ PAPER_ANNOTATORS = {"depth": "transformers", "hed": "controlnet_aux", "seg": "tr
 
 # Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50, "steps": 10},
+    "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50, "steps": 10, "reader_steps": 40},
               "base": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25}},
     "demo": {
         # 480 images, as before layouts: 80 themes x 3 layouts x (a picture and its edited twin).

@@ -22,7 +22,7 @@ TINY = {
     "prompts": {"per_task": 3},
     "base": {"train_steps": 8, "batch_size": 4},
     "train": {"steps": 4, "batch_size": 4, "baseline_steps_per_task": 2},
-    "eval": {"steps": 3, "bootstrap": 20},
+    "eval": {"steps": 3, "bootstrap": 20, "reader_steps": 10},
 }
 
 
