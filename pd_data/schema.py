@@ -232,6 +232,7 @@ SELECT r.run_id, r.profile, m.model_id AS model, max(NULLIF(m.feature_extractor,
     {picked}
 FROM runs r JOIN metrics m USING (eval_id)
 WHERE (m.metric, m.task) IN ({", ".join(f"('{m}', '{t}')" for m, t in TABLE1)})
+  AND (m.model_id NOT LIKE '%/%' OR m.model_id LIKE 'baseline/%')  -- a model's study conditions are not Table 1 rows
 GROUP BY r.run_id, r.profile, m.model_id
 UNION ALL BY NAME
 SELECT NULL AS run_id, 'paper' AS profile, model, 'inception-v3' AS feature_extractor, * EXCLUDE (model)

@@ -77,14 +77,26 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", f"{evaluation}/image->depth/rmse",
             f"{evaluation}/canny->image/fid/empty-pair"} <= {t.replace("-to-", "->") for t in tags}, tags
 
-    # 3. DuckDB: FID + KID for 3 map->image tasks x (2 model families + copy-example) and 3 unseen ones
-    #    x (4 conditions + copy-example); RMSE + SSIM + PSNR for 3 image->map tasks x (2 families + 3
-    #    baselines) and image->canny x (4 conditions + 3 baselines); one completed run pointing at the report.
+    # 3. DuckDB. Who answers each task: trained image->map x (PD, CN(FT), PD with the pair zeroed and with
+    #    another task's pair, 3 baselines) = 7; trained map->image x (the 4 models, copy-example, mean image)
+    #    = 6; unseen map->image x (PD and its 2 pair conditions, CN(FT) nearest and oracle, 2 baselines) = 7;
+    #    image->canny x (those 5 + 3 baselines) = 8. FID + KID on map->image; RMSE + SSIM + PSNR everywhere
+    #    (map->image: against the query's own true image); controllability on the 6 map->image tasks (and the
+    #    true image as ceiling: +1 answer each) with depth 1, hed 2, seg 3, canny 1, scribble 2, normal 1
+    #    metrics, plus the re-annotator's and the mean map's headline per modality and its `informative` row;
+    #    example sensitivity: 2 conditions x 10 tasks, 2 rows each.
     db = plan.state.db
     _, per_metric = query(db, "SELECT metric, count(*) FROM metrics GROUP BY ALL ORDER BY 1")
-    assert per_metric == [("accuracy", 2), ("fid", 24), ("kid", 24), ("psnr", 22), ("rmse", 22), ("ssim", 22)]
+    fid = 3 * 6 + 3 * 7
+    paired = 3 * 7 + fid + 8
+    assert per_metric == [("accuracy", 2), ("ctrl_angle", 8 + 2), ("ctrl_dataset_miou", 7 + 2), ("ctrl_f1", 8 + 2),
+                          ("ctrl_miou", 7), ("ctrl_pixel_acc", 7), ("ctrl_rmse", 7 + 7 + 8 + 2), ("ctrl_ssim", 7 + 8 + 2 + 2),
+                          ("fid", fid), ("informative", 6), ("kid", fid), ("output_change", 20), ("paired_diff_mse", 20),
+                          ("psnr", paired), ("rmse", paired), ("ssim", paired)]
     _, base = query(db, "SELECT model_id, count(*) FROM metrics WHERE model_id LIKE 'baseline/%' GROUP BY ALL ORDER BY 1")
-    assert base == [("baseline/copy-example", 6 * 2 + 4 * 3 + 1), ("baseline/copy-query", 12), ("baseline/mean-map", 12)]
+    ctrl = 1 + 2 + 3 + 1 + 2 + 1
+    assert base == [("baseline/copy-example", 4 * 3 + 6 * 5 + ctrl + 1), ("baseline/copy-query", 12),
+                    ("baseline/mean-map", 4 * 3 + 6 * 5 + ctrl), ("baseline/true-image", ctrl)]
     # 3a. In-context task inference: 3 queries x 3 example tasks, a 3 x 4 confusion matrix (the fourth
     #     column: the example copied) for the model and for the copy-example baseline, which earns nothing.
     _, acc = query(db, "SELECT model_id, task, n, value BETWEEN 0 AND 1 FROM metrics WHERE metric = 'accuracy' ORDER BY 1")
@@ -94,9 +106,10 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert cells == [("baseline/copy-example", 12, 9, 3), ("prompt-diffusion/no-text", 12, 9, 3)]
     _, gen = query(db, "SELECT task, list(DISTINCT condition ORDER BY condition), count(*), min(n) FROM generalization "
                        "WHERE metric IN ('fid', 'rmse') GROUP BY task ORDER BY task")
-    conditions = ["baseline/copy-example", "cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion", "prompt-diffusion/empty-pair"]
-    assert gen == [(t, sorted(conditions + (["baseline/copy-query", "baseline/mean-map"] if t == "image->canny" else [])),
-                    7 if t == "image->canny" else 5, 3) for t in sorted(plan.unseen_tasks)]
+    conditions = ["baseline/copy-example", "baseline/mean-map", "cn-ft/nearest", "cn-ft/oracle", "prompt-diffusion",
+                  "prompt-diffusion/empty-pair", "prompt-diffusion/other-pair"]
+    assert gen == [(t, sorted(conditions + (["baseline/copy-query"] if t == "image->canny" else [])),
+                    8 if t == "image->canny" else 7 * 2, 3) for t in sorted(plan.unseen_tasks)]  # map->image: FID and paired RMSE
     _, kids = query(db, "SELECT DISTINCT feature_extractor FROM metrics WHERE metric IN ('fid', 'kid')")
     assert kids == [("random-conv-v1",)]
     names, rows = query(db, "SELECT model, \"rmse_image->depth\", \"fid_seg->image\" FROM latest_paper_table "
@@ -129,7 +142,9 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     md = open(report).read()
     assert "Table 1" in md and "prompt-diffusion" in md and "Prompt Diffusion [paper]" in md
     grids = {p.name for p in plan.state.reports.glob("*/*__*.png")}
-    assert (plan.state.reports.glob("*/report.html")) and len(grids) == 12 + 4 * 4 + 1
+    # a grid per model request: Prompt Diffusion and its two pair conditions on 10 tasks, 6 CN(FT), CN(FT) nearest
+    # and oracle on 4 unseen tasks, task inference
+    assert (plan.state.reports.glob("*/report.html")) and len(grids) == 10 * 3 + 6 + 4 * 2 + 1
     assert {"prompt-diffusion__canny-to-image.png", "cn-ft_oracle__image-to-canny.png"} <= grids
     assert "losses.png" in md and "base-samples.png" in md
     assert "CN(FT) budget: equal steps: each of the 6 CN(FT) models 2 steps" in md  # the rule the run used
@@ -137,7 +152,7 @@ def test_smoke_flow_end_to_end_then_cached_then_partial_rerun(prefect_engine, st
     assert md.index("## Where this ran") < md.index("## Table 1, image->map") < md.index("## Table 1, map->image")
     assert f"- trained on: {machine_facts()['cpu']}" in md and "- evaluated on: " in md
     assert "beat the trivial baselines" in md and md.count(" (RMSE) | ") == 4  # a claims row per image->map task
-    assert md.count(" (FID) | ") == 6 and "pairing: other-layout" in md
+    assert md.count("->image (control ") == 6 and "pairing: other-layout" in md  # map->image claims by controllability
     assert "## Unseen tasks: zero-shot generalisation" in md and "## In-context task inference (text removed)" in md
     folder = plan.state.reports / report.split("/")[-2]
     for png in ("bars.png", "generalization.png", "task-inference.png"):

@@ -31,8 +31,13 @@ def test_a_flat_folder_of_photos_runs_end_to_end(prefect_engine, state_dir, phot
     assert query(db, "SELECT image_id, reason FROM rejects")[1] == [("broken.jpg", "not-an-image")]
     _, rows = query(db, "SELECT task, list(DISTINCT model_id ORDER BY model_id) FROM metrics WHERE metric IN ('fid', 'rmse') "
                         "AND task LIKE '%hed%' GROUP BY task ORDER BY task")
-    assert rows == [("hed->image", ["baseline/copy-example", "cn-ft", "prompt-diffusion"]),
-                    ("image->hed", ["baseline/copy-example", "baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion"])]
+    assert rows == [("hed->image", ["baseline/copy-example", "baseline/mean-map", "cn-ft", "prompt-diffusion",
+                                    "prompt-diffusion/empty-pair"]),
+                    ("image->hed", ["baseline/copy-example", "baseline/copy-query", "baseline/mean-map", "cn-ft", "prompt-diffusion",
+                                    "prompt-diffusion/empty-pair"])]  # one trained task a direction: no other task's pair
+    # Controllability reads hed->image outputs back with the annotator that made the maps, named in its rows.
+    _, readers = query(db, "SELECT DISTINCT feature_extractor FROM metrics WHERE metric LIKE 'ctrl_%' AND task = 'hed->image'")
+    assert len(readers) == 1 and "hed" in readers[0][0].lower() and "demo-reader" not in readers[0][0]
     assert report.endswith(".md") and "image->hed" in open(report).read()
 
 

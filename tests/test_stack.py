@@ -78,8 +78,8 @@ def test_deployment_runs_through_server_and_worker(stack):
     assert "Completed" in ok.stdout
 
     sql = subprocess.run([BIN / "pd", "sql", "SELECT count(*) AS n FROM metrics JOIN runs USING (eval_id)"], env=stack, capture_output=True, text=True)
-    # FID + KID x 24, RMSE + SSIM + PSNR x 22 (baselines included) + 2 task-inference accuracies: the breakdown is in test_e2e.py
-    assert sql.returncode == 0 and int(sql.stdout.split()[-1]) == 116
+    # Table 1's, the baselines', controllability, sensitivity and task-inference rows: the breakdown is in test_e2e.py
+    assert sql.returncode == 0 and int(sql.stdout.split()[-1]) == 416
     res = subprocess.run([BIN / "pd", "results"], env=stack, capture_output=True, text=True)
     assert "prompt-diffusion" in res.stdout and "report:" in res.stdout
 
