@@ -53,7 +53,7 @@ PAPER_INPUTS = "~/pd-inputs"
 PAPER_ANNOTATORS = {"depth": "transformers", "hed": "controlnet_aux", "seg": "transformers",
                     "canny": "controlnet_aux", "scribble": "controlnet_aux", "normal": "controlnet_aux"}
 
-# Sizes chosen for the 2-core CPU; measured durations are in the README ("Durations").
+# Sizes chosen for the 2-core CPU; measured durations are in docs/benchmarks.md.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50, "steps": 10, "reader_steps": 40},
               "base": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25}},
@@ -63,7 +63,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # 64 prompts per trained task and 32 per unseen one, so that a comparison can separate; the
         # example-sensitivity study re-samples the first 16 of each trained task twice (zeroed pair, another task's).
         "prompts": {"per_task": 64},
-        # Random-conv FID of held-out-caption samples at equal cost (README): EMA 3.33 -> 2.12; then
+        # Random-conv FID of held-out-caption samples at equal cost (docs/results.md): EMA 3.33 -> 2.12; then
         # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
         # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
         "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999,
@@ -81,7 +81,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "mixed_precision": "bf16"},
         # Text guidance 3 for map->image, the conditional model alone (1) for image->map: on validation
         # prompts paired across layouts, guidance 3 cost image->depth 0.153 -> 0.196 and image->hed
-        # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (README, 2026-12-01 runs); guidance
+        # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (docs/results.md, 2026-12-01 runs); guidance
         # over the example pair changed nothing (scripts/bench_maps.py --split val).
         # One process at two threads generated 1.41 samples/s here, two processes at one thread 1.21
         # (scripts/bench_eval.py throughput).

@@ -29,7 +29,7 @@ class EvalConfig(Frozen):
     protocol: Literal["paper", "fast"] = "fast"
     scheduler: Literal["ddim", "dpm", "unipc"] = "ddim"
     steps: int = Field(20, ge=1, description="the fastest count no worse than DDIM 100 on any demo task "
-                                              "(scripts/bench_eval.py samplers; README)")
+                                              "(scripts/bench_eval.py samplers; docs/results.md)")
     guidance_scale: float = Field(3.0, ge=1.0)
     map_guidance_scale: float | None = Field(
         None, ge=1.0, description="text guidance of the image->map tasks (task inference included); None is "

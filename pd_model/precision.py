@@ -16,7 +16,7 @@ bitwise. Under autocast (`"bf16"`, or `"fp16"` with a gradient scaler for GPUs w
 
 `fast_layout` applies the last two for the duration of a training and puts everything back
 (contiguous weights, the original attention processors) before the models are saved or evaluated.
-Measured on this machine by `scripts/bench_train.py` (README, "Training speed").
+Measured on this machine by `scripts/bench_train.py` (docs/benchmarks.md, "Training step").
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ like copies of the answers.
 
 `time`: `pd_eval.evaluate.evaluate_folders` on that folder as the evaluate stage calls it (the demo's
 EvalConfig, a fresh reference-features cache), every sample on disk: what is timed is what the
-README calls "metrics read back from the PNGs" (reals and baselines written once by the first run,
+docs/benchmarks.md calls "metrics read back from the PNGs" (reals and baselines written once by the first run,
 then read; grids; task inference). Prints the seconds and a SHA-256 of every metric row's numbers
 (their float hex), so runs of two code versions can be compared bit for bit.
 

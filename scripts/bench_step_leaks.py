@@ -17,7 +17,7 @@ by `fast_layout`). Three measurements, each printed in one JSON object:
   freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ large), the two
   processes run one after the other.
 
-Neither fix is in the pipeline: at the demo size they were a few percent each (README, "Training
+Neither fix is in the pipeline: at the demo size they were a few percent each (docs/benchmarks.md, "Training
 speed").
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """How far diffusers' `compute_snr` is from the hand-written SNR ratio the loss used before, on the demo
-base's scheduler (README, "Training noise is wider than these intervals").
+base's scheduler (docs/results.md, "Training noise").
 
     .venv/bin/python scripts/snr_rounding.py
 """
