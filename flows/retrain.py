@@ -129,7 +129,7 @@ def retrain_flow(profile: ProfileName = "demo", overrides: Overrides = None, sta
     current model, promoted only if the rule says so (`pd models` lists the decisions).
 
     Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        profile: Configuration profile: smoke (minutes: trials and tests), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
         overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
             {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
         state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
@@ -199,7 +199,7 @@ def watch_source_flow(profile: ProfileName = "demo", overrides: Overrides = None
     so new data is picked up between the weekly scheduled runs.
 
     Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
+        profile: Configuration profile: smoke (minutes: trials and tests), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
         overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
             {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
         state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).

@@ -463,6 +463,32 @@ def report(plan: Plan) -> str:
 
 
 # ---------------------------------------------------------------- flows
+
+# The help of every flow parameter, shown in the UI's run form (Prefect reads a Google-style "Args:"
+# section of the flow's docstring): written once, added to each flow by `with_parameter_help`.
+PARAMETER_HELP = {
+    "profile": "Configuration profile: smoke (minutes: trials and tests), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).",
+    "overrides": 'Values over the profile\'s, by section, e.g. {"train": {"steps": 50}} or {"eval": {"guidance_scale": 1.5}}; '
+                 "`pd profile NAME` prints every key. Unknown keys are errors.",
+    "state_dir": "Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).",
+    "upstream": "Run the stages before this one that are not done yet; if false, they must be done.",
+    "force": 'Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].',
+}
+
+
+def with_parameter_help(fn):
+    """`fn` with an "Args:" section for each of its parameters that `PARAMETER_HELP` describes (apply
+    it under `@flow`, which reads the docstring when it wraps the function)."""
+    import inspect
+    import textwrap
+
+    names = [n for n in inspect.signature(fn).parameters if n in PARAMETER_HELP]
+    lines = [textwrap.fill(f"{n}: {PARAMETER_HELP[n]}", 100, initial_indent="    ", subsequent_indent="        ")
+             for n in names]
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+    return fn
+
+
 CHAIN = {"ingest": ingest, "annotate": annotate, "train": train, "evaluate": evaluate}
 LAST_STAGE = {"ingest": "ingest", "annotate": "prompts", "train": "train", "evaluate": "evaluate"}
 
@@ -481,81 +507,47 @@ def through(plan: Plan, last: str, upstream: bool) -> Any:
 
 
 @flow(name="ingest", log_prints=True)
+@with_parameter_help
 def ingest_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 force: Force = None) -> dict:
     """Ingest the profile's source into Parquet shards (one task per shard); returns the stage's summary.
-
-    Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
-        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
-            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
-        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
-        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
     """
     return ingest(make_plan(profile, overrides, state_dir, trains=False, force=force))
 
 
 @flow(name="annotate", log_prints=True)
+@with_parameter_help
 def annotate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     """Annotate the ingested images (one task per shard) and materialise the evaluation prompts;
     returns the annotation summary.
-
-    Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
-        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
-            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
-        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
-        upstream: Run the stages before this one that are not done yet; if false, they must be done.
-        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
     """
     return through(make_plan(profile, overrides, state_dir, trains=False, force=force), "annotate", upstream)
 
 
 @flow(name="train", log_prints=True)
+@with_parameter_help
 def train_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                upstream: bool = True, force: Force = None) -> dict:
     """Train the tiny base (if the profile has one), Prompt Diffusion and the CN(FT) baselines;
     returns the models trained.
-
-    Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
-        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
-            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
-        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
-        upstream: Run the stages before this one that are not done yet; if false, they must be done.
-        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
     """
     return through(make_plan(profile, overrides, state_dir, force=force), "train", upstream)
 
 
 @flow(name="evaluate", log_prints=True)
+@with_parameter_help
 def evaluate_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                   upstream: bool = True, force: Force = None) -> dict:
     """Benchmark every trained model on the materialised prompts; the metrics go into DuckDB.
-
-    Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
-        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
-            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
-        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
-        upstream: Run the stages before this one that are not done yet; if false, they must be done.
-        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
     """
     return through(make_plan(profile, overrides, state_dir, force=force), "evaluate", upstream)
 
 
 @flow(name="report", log_prints=True)
+@with_parameter_help
 def report_flow(profile: ProfileName = "demo", overrides: Overrides = None, state_dir: str | None = None,
                 upstream: bool = True, force: Force = None) -> str:
     """Evaluate (if needed), record this run in DuckDB, and write its report; returns the report's path.
-
-    Args:
-        profile: Configuration profile: smoke (a minute), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).
-        overrides: Values over the profile's, by section, e.g. {"train": {"steps": 50}} or
-            {"eval": {"guidance_scale": 1.5}}; `pd profile NAME` prints every key. Unknown keys are errors.
-        state_dir: Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).
-        upstream: Run the stages before this one that are not done yet; if false, they must be done.
-        force: Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].
     """
     return through(make_plan(profile, overrides, state_dir, force=force), "report", upstream)
