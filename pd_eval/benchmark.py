@@ -243,11 +243,15 @@ def sensitivity_rows(out: Path, reqs: list[Request], data: SplitData, cfg: EvalC
             continue
         names = {it.name for it in r.items}
         base = own[r.task].model_copy(update={"items": tuple(it for it in own[r.task].items if it.name in names)})
-        mine, theirs = paired_scores(out, base, data)["mse"], paired_scores(out, r, data)["mse"]
-        rows.append(metric_row(r.model_id, r.task, "paired_diff_mse", mean_of(theirs - mine, cfg.bootstrap, cfg.seed), "", cfg))
-        change = np.concatenate([per_image_mse(read_pngs(a), read_pngs(b)) for a, b in
-                                 zip(_chunked(paths(out, base)), _chunked(paths(out, r)))])
-        rows.append(metric_row(r.model_id, r.task, "output_change", rmse_of(change, cfg.bootstrap, cfg.seed), "", cfg))
+        spec, diff, change = get_task(r.task), [], []
+        for mine, theirs, its in zip(_chunked(paths(out, base)), _chunked(paths(out, r)), _chunked(list(r.items))):
+            a, b, targets = read_pngs(mine), read_pngs(theirs), _targets(data, spec, its)  # each PNG read once
+            diff.append(per_image_mse(b, targets) - per_image_mse(a, targets))
+            change.append(per_image_mse(a, b))
+        rows.append(metric_row(r.model_id, r.task, "paired_diff_mse", mean_of(np.concatenate(diff), cfg.bootstrap, cfg.seed),
+                               "", cfg))
+        rows.append(metric_row(r.model_id, r.task, "output_change", rmse_of(np.concatenate(change), cfg.bootstrap, cfg.seed),
+                               "", cfg))
     return rows
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pd_data.tasks import TASKS
 from pd_eval.baselines import BASELINES
+from pd_eval.control import METRICS
 from pd_eval.tables import with_interval
 
 NAMES = {"prompt-diffusion": "Prompt Diffusion", "cn-ft": "CN(FT)"}
@@ -45,7 +46,7 @@ def outcome(row: dict, bars: dict[str, float], higher: bool = False) -> Outcome:
 
 # map->image verdict metrics, the first present wins: the controllability headlines (`pd_eval.control`).
 CONTROL_HEADLINES = ("ctrl_dataset_miou", "ctrl_msssim", "ctrl_ssim", "ctrl_rmse", "ctrl_f1", "ctrl_angle")
-HIGHER = {"ctrl_dataset_miou", "ctrl_msssim", "ctrl_ssim", "ctrl_f1", "ctrl_miou", "ctrl_pixel_acc"}
+HIGHER = {name for name, m in METRICS.items() if m.higher_is_better}
 
 
 def verdict_metric(task: str, keys) -> tuple[str, bool]:
