@@ -68,6 +68,12 @@ class TrainConfig(Frozen):
     drop_text: float = 0.05
     drop_text_and_pair: float = 0.05
     drop_pair: float = 0.05
+    pair_context: bool = Field(False, description="Prompt Diffusion also adds a pooled vector of the example pair to "
+                               "the ControlNet's time embedding, so that every block sees the task the pair shows "
+                               "(not in the paper: pd_model.controlnet)")
+    timesteps: Literal["uniform", "cubic"] = Field(
+        "uniform", description="training timesteps: uniform (the paper's) or cubic, t = (1 - u^3) T, most at high noise "
+        "where the task is decided (T2I-Adapter's sampling; not in the paper)")
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
     baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT) steps each under equal_steps; 0 skips baselines")
     baseline_budget: Literal["equal_steps", "equal_compute"] = Field(
@@ -95,7 +101,16 @@ class TrainConfig(Frozen):
     report_to: ReportTo = Field("tensorboard", description="experiment tracker of every training (loss, lr, grad norm, "
                                 "samples/s, validation grids, config): tensorboard (event files in the model folder's "
                                 "logs/), wandb (offline), mlflow, or none")
+    replicates: int = Field(1, ge=1, description="independent trainings of Prompt Diffusion on the same data and "
+                            "prompts, each from its own seed; every metric is stored per replicate and Table 1 gives "
+                            "their mean with an interval over replicates and prompts")
+    baseline_replicates: int = Field(1, ge=1, description="the same for every CN(FT) (and oracle)")
     seed: int = 0
+
+    # Seeds of replicate r: the model's own seed offset plus r times this (far from the offsets of the models).
+    REPLICATE_SEED_STRIDE: ClassVar[int] = 1000
+    # How many replicates there are: not what one model's weights depend on (`model_identity`).
+    REPLICATE_COUNTS: ClassVar[frozenset[str]] = frozenset({"replicates", "baseline_replicates"})
 
     # Settings that change how a training goes, never its weights: left out of the train stage's key.
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_last", "validate_every",
@@ -104,6 +119,21 @@ class TrainConfig(Frozen):
     def identity(self) -> dict:
         """The settings the trained weights depend on (the train stage's key): all but `NOT_IN_KEY`."""
         return self.model_dump(exclude=set(self.NOT_IN_KEY))
+
+    def model_identity(self) -> dict:
+        """What one model's weights depend on: `identity` less the replicate counts (a model is the same
+        whether 3 or 5 replicates are asked for; its own replicate index and seed are in its spec)."""
+        return {k: v for k, v in self.identity().items() if k not in self.REPLICATE_COUNTS}
+
+    # The training recipe's settings whose paper values are the defaults; `NOT_IN_PAPER` were added here.
+    RECIPE: ClassVar[tuple[str, ...]] = ("drop_text", "drop_text_and_pair", "drop_pair", "pair_context", "timesteps",
+                                         "snr_gamma", "ema_decay", "train_unet_decoder", "warmup_steps")
+    NOT_IN_PAPER: ClassVar[tuple[str, ...]] = ("pair_context", "timesteps")
+
+    def departures(self) -> dict[str, object]:
+        """The recipe settings that differ from the paper's (setting -> value), in `RECIPE` order."""
+        paper = type(self)()
+        return {k: getattr(self, k) for k in self.RECIPE if getattr(self, k) != getattr(paper, k)}
 
     def baseline_steps(self, n_tasks: int) -> int:
         """Steps of each CN(FT) model under the budget rule (batch size is the joint model's)."""
@@ -130,6 +160,9 @@ class TrainConfig(Frozen):
             raise ValueError(f"train.batch_size={self.batch_size} does not split into train.processes={self.processes} x "
                              f"train.grad_accum_steps={self.grad_accum_steps} equal micro-batches; use a batch_size that "
                              f"is a multiple of {split} (e.g. {-(-self.batch_size // split) * split})")
+        if self.baseline_replicates > 1 and self.baseline_steps_per_task == 0:
+            raise ValueError(f"train.baseline_replicates={self.baseline_replicates} replicates CN(FT) models, but "
+                             f"train.baseline_steps_per_task=0 trains none; set baseline_replicates=1 or train baselines")
         if self.oracles and self.baseline_steps_per_task == 0:
             raise ValueError("train.oracles trains CN(FT) oracles at train.baseline_steps_per_task steps, which is 0; "
                              "set baseline_steps_per_task > 0 or oracles=false")

@@ -4,6 +4,13 @@ The example pair (6 channels) goes through the usual conditioning stack (`contro
 the query (3 channels) through an identical, freshly initialised one
 (`controlnet_query_cond_embedding`, the diffusers research port's name); the two are summed and
 added to the first feature map. Everything else is the upstream `ControlNetModel`, untouched.
+
+With `pair_context=True` (a departure from the paper's architecture, off by default) the pair also
+reaches every block as one vector: a small strided encoder, mean-pooled and projected to the time
+embedding (`controlnet_pair_context`, its projection zero-initialised), added to the ControlNet's
+time embedding. The first-map injection sums the pair's features pixel by pixel into those of a
+query of another layout, so the task the pair shows is a property of the whole pair that no pixel
+holds; the pooled vector carries it to every block, as the text's cross-attention carries "depth map".
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import torch
 from diffusers import ControlNetModel, ModelMixin, UNet2DConditionModel  # noqa: F401 - ModelMixin: see below
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from torch import nn
 
 # `DiffusionPipeline.from_pretrained` loads a component declared ["pd_model.controlnet", "PromptDiffusionControlNet"]
 # in model_index.json by looking its loadable base classes (ModelMixin) up in this module: keep the import.
@@ -41,8 +49,43 @@ class PairQueryConditioningEmbedding(ControlNetConditioningEmbedding):
         return super().forward(pair) + self._query_embedding(query)
 
 
-def _init(self, query_conditioning_channels: int = 3, hint_range: HintRange = "-1,1", **kwargs):
+class PairContext(nn.Module):
+    """(B, 6, H, W) example pair -> (B, D) vector: strided convolutions, a mean over positions, a linear
+    projection that starts at zero (so a fresh model is the one without it)."""
+
+    def __init__(self, out_dim: int, widths: tuple[int, ...] = (32, 64)):
+        super().__init__()
+        layers, c = [], PAIR_CHANNELS
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.SiLU()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(c, out_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(pair).mean(dim=(2, 3)))
+
+
+def _add_context(net: "PromptDiffusionControlNet", module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the time embedding: adds the pair vector of the call in progress."""
+    ctx = net._pair_ctx
+    return output if ctx is None else output + ctx.to(output.dtype)
+
+
+def _attach_pair_context(net: "PromptDiffusionControlNet") -> None:
+    """The pair-context encoder as a submodule (saved with the weights) and the hook that adds its
+    vector to the time embedding."""
+    net.controlnet_pair_context = PairContext(net.time_embedding.linear_2.out_features)
+    net.time_embedding.register_forward_hook(lambda m, i, o: _add_context(net, m, i, o))
+
+
+def _init(self, query_conditioning_channels: int = 3, hint_range: HintRange = "-1,1", pair_context: bool = False, **kwargs):
     super(PromptDiffusionControlNet, self).__init__(**kwargs)
+    object.__setattr__(self, "_pair_ctx", None)
+    if pair_context:
+        _attach_pair_context(self)
     out_channels = self.config.conditioning_embedding_out_channels
     emb_channels = self.config.block_out_channels[0]
     self.controlnet_cond_embedding = PairQueryConditioningEmbedding(
@@ -59,6 +102,7 @@ _init.__signature__ = inspect.Signature([
     *(p for p in _parent.values()),
     inspect.Parameter("query_conditioning_channels", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=3),
     inspect.Parameter("hint_range", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="-1,1"),
+    inspect.Parameter("pair_context", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False),
 ])
 
 
@@ -73,11 +117,14 @@ class PromptDiffusionControlNet(ControlNetModel):
 
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
-                  hint_range: HintRange = "-1,1", **kwargs) -> "PromptDiffusionControlNet":
-        """Copy the UNet's encoder, as ControlNet does; the pair stack takes 6 channels."""
+                  hint_range: HintRange = "-1,1", pair_context: bool = False, **kwargs) -> "PromptDiffusionControlNet":
+        """Copy the UNet's encoder, as ControlNet does; the pair stack takes 6 channels. `pair_context`:
+        add the pooled pair vector to the time embedding (see the module's docstring)."""
         net = super().from_unet(unet, conditioning_embedding_out_channels=conditioning_embedding_out_channels,
                                 conditioning_channels=PAIR_CHANNELS, **kwargs)
-        net.register_to_config(hint_range=hint_range)
+        net.register_to_config(hint_range=hint_range, pair_context=pair_context)
+        if pair_context:
+            _attach_pair_context(net)
         return net
 
     @classmethod
@@ -95,7 +142,13 @@ class PromptDiffusionControlNet(ControlNetModel):
         if controlnet_query_cond is None:
             raise ValueError("PromptDiffusionControlNet needs controlnet_query_cond (the query image, B x 3 x H x W)")
         hint = torch.cat([controlnet_cond, controlnet_query_cond], dim=1)  # (B, 6 + 3, H, W)
-        return super().forward(sample, timestep, encoder_hidden_states, hint, **kwargs)
+        if not getattr(self.config, "pair_context", False):
+            return super().forward(sample, timestep, encoder_hidden_states, hint, **kwargs)
+        object.__setattr__(self, "_pair_ctx", self.controlnet_pair_context(controlnet_cond))
+        try:
+            return super().forward(sample, timestep, encoder_hidden_states, hint, **kwargs)
+        finally:
+            object.__setattr__(self, "_pair_ctx", None)
 
 
 def as_kind(kind: str) -> Kind:

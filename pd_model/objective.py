@@ -70,10 +70,19 @@ def sample_generators(key: tuple[int, ...], indices: range) -> list[torch.Genera
     return [torch.Generator().manual_seed(int(np.random.default_rng([*key, i]).integers(2**63))) for i in indices]
 
 
-def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, *shape) noise and (B,) timesteps, sample i's from gens[i] only."""
+def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timesteps: int,
+               timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, *shape) noise and (B,) timesteps, sample i's from gens[i] only. `timesteps`: "uniform" over
+    [0, T), or "cubic", t = floor((1 - u^3) T) for uniform u (T2I-Adapter's sampling): most draws at
+    high noise, where a sample's global look (a map or a picture, which map) is decided."""
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in gens])
+    if timesteps == "uniform":
+        t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in gens])
+    elif timesteps == "cubic":
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+        t = ((1 - u ** 3) * num_timesteps).long().clamp_(0, num_timesteps - 1)
+    else:
+        raise ValueError(f"unknown timestep sampling {timesteps!r}; choose 'uniform' or 'cubic'")
     return noise, t
 
 
@@ -103,8 +112,9 @@ def prediction_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: t
 
 
 def denoising_loss(base: BaseModel, batch: Batch, emb: torch.Tensor, gens: list[torch.Generator],
-                   controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
-    """`prediction_loss` with each sample's latent, noise and timestep drawn from its own generator."""
+                   controlnet: ControlNetModel | None = None, snr_gamma: float = 0.0,
+                   timesteps: str = "uniform") -> torch.Tensor:
+    """`prediction_loss` with each sample's latent, noise and timestep (`draw_noise`) drawn from its own generator."""
     x0 = base.to_model_space(batch.target.to(base.unet.device), gens)
-    noise, t = draw_noise(gens, tuple(x0.shape[1:]), base.scheduler.config.num_train_timesteps)
+    noise, t = draw_noise(gens, tuple(x0.shape[1:]), base.scheduler.config.num_train_timesteps, timesteps)
     return prediction_loss(base, x0, noise, t, emb, batch, controlnet, snr_gamma)

@@ -20,7 +20,7 @@ from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
 from pd_model.config import TrainConfig
-from pd_model.controlnet import Kind, controlnet_class
+from pd_model.controlnet import Kind, as_kind, controlnet_class
 from pd_model.names import label
 from pd_model.loop import Checkpointing, Optim, micro_batches, run, world
 from pd_model.precision import describe, fast_layout, resolve
@@ -33,20 +33,24 @@ VAL_KEY = 1_000_003  # seeds of validation prompts and their noise, apart from e
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model a train stage trains: its folder name, kind, tasks, steps and seed offset."""
+    """One model a train stage trains: its folder name, kind, tasks, steps, seed offset and replicate
+    (replicate r > 0 is the same model trained again from another seed: `train.replicates`)."""
 
     name: str
     kind: Kind
     tasks: tuple[str, ...]
     steps: int
     seed_offset: int = 0
+    replicate: int = 0
 
 
-def build_controlnet(base: BaseModel, kind: str) -> ControlNetModel:
-    """A ControlNet of `kind` copied from the base's UNet encoder (zero convolutions at zero)."""
+def build_controlnet(base: BaseModel, kind: str, pair_context: bool = False) -> ControlNetModel:
+    """A ControlNet of `kind` copied from the base's UNet encoder (zero convolutions at zero);
+    `pair_context` (Prompt Diffusion only): the pooled pair vector in every block (pd_model.controlnet)."""
     # Pixel space: one conditioning level (no downsampling); latent space: SD's default 8x stack.
     emb_channels = (16,) if base.vae is None else (16, 32, 96, 256)
-    return controlnet_class(kind).from_unet(base.unet, conditioning_embedding_out_channels=emb_channels)
+    extra = {"pair_context": True} if pair_context and as_kind(kind) == "prompt-diffusion" else {}
+    return controlnet_class(kind).from_unet(base.unet, conditioning_embedding_out_channels=emb_channels, **extra)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -152,7 +156,7 @@ def _loss_fn(base: BaseModel, controlnet: ControlNetModel, cfg: TrainConfig, loa
         emb[torch.from_numpy(drop_text)] = empty  # dropped text = embedding of ""
         batch.pair[torch.from_numpy(drop_pair)] = 0.0  # dropped pair = zeros; the query is never dropped
         gens = [torch.Generator().manual_seed(int(g)) for g in b["gen_seeds"]]
-        return denoising_loss(base, batch, emb, gens, controlnet, cfg.snr_gamma)
+        return denoising_loss(base, batch, emb, gens, controlnet, cfg.snr_gamma, cfg.timesteps)
     return step_loss
 
 
@@ -192,7 +196,7 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
     base.unet.to(device)
     if base.vae is not None:
         base.vae.to(device)
-    controlnet = build_controlnet(base, spec.kind) if init is None else controlnet_class(spec.kind).from_pretrained(init)
+    controlnet = build_controlnet(base, spec.kind, cfg.pair_context) if init is None else controlnet_class(spec.kind).from_pretrained(init)
     controlnet = controlnet.to(device).train()
     modules = _trainable(base, controlnet, cfg)
     params = [p for m in modules.values() for p in m.parameters()]
