@@ -26,7 +26,7 @@ from flows.profiles import ConfigError, Profile
 from pd_data.sources import make_source
 from pd_data.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
-from pd_model.names import model_id
+from pd_model.names import model_id, replicate_id
 from pd_model.train import ModelSpec
 
 STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
@@ -137,14 +137,27 @@ def _config_parts(p: Profile, stage: str) -> object:
 
 def model_specs(cfg, tasks: tuple[str, ...], unseen: tuple[str, ...]) -> tuple[ModelSpec, ...]:
     """The models the train stage trains (`train` config `cfg`): the joint model, one CN(FT) per task and,
-    with train.oracles, one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle)."""
+    with train.oracles, one oracle CN(FT) per unseen task (a CN(FT) whose task is unseen is an oracle);
+    then replicates 1.. of each (`train.replicates`, `train.baseline_replicates`), each from its own seeds."""
     specs = [("prompt-diffusion", "prompt-diffusion", tasks, cfg.steps)]
     if cfg.baseline_steps_per_task > 0:
         each = cfg.baseline_steps(len(tasks))
         specs += [(model_id("cn-ft", t), "cn-ft", (t,), each) for t in tasks]
         if cfg.oracles:
             specs += [(model_id("cn-ft", t, oracle=True), "cn-ft", (t,), each) for t in unseen]
-    return tuple(ModelSpec(name, kind, ts, steps, i) for i, (name, kind, ts, steps) in enumerate(specs))
+    first = [ModelSpec(name, kind, ts, steps, i) for i, (name, kind, ts, steps) in enumerate(specs)]
+    more = [ModelSpec(replicate_id(m.name, r), m.kind, m.tasks, m.steps, m.seed_offset + r * cfg.REPLICATE_SEED_STRIDE, r)
+            for r in range(1, max(cfg.replicates, cfg.baseline_replicates))
+            for m in first if r < (cfg.replicates if m.kind == "prompt-diffusion" else cfg.baseline_replicates)]
+    return tuple(first + more)
+
+
+def model_key(plan_keys: Mapping[str, str], profile: Profile, spec: ModelSpec) -> str:
+    """One trained model's own key: the train stage's code, the settings its weights depend on, the
+    stages it reads, and its spec (its seed and replicate). Two train stages that differ only in which
+    other models they train (more replicates, another baseline budget) share the models they both have."""
+    return fingerprint("model", code_version("train"), profile.train.model_identity(), profile.data.pairing,
+                       [plan_keys[u] for u in UPSTREAM["train"]], dataclasses.asdict(spec))
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,9 @@ class Plan:
 
     def key(self, stage: str) -> str:
         return self.keys[stage]
+
+    def model_key(self, spec: ModelSpec) -> str:
+        return model_key(self.keys, self.profile, spec)
 
     def dir(self, stage: str) -> Path:
         return self.state.stage_dir(stage, self.keys[stage])

@@ -39,6 +39,11 @@ class Profile(Frozen):
             raise ValueError(f"eval.task_inference_queries={self.eval.task_inference_queries} shows depth, hed and seg "
                              f"examples, but data.annotators lacks {sorted(need - have)}; annotate them or set "
                              f"eval.task_inference_queries=0")
+        if self.name == "paper" and (new := {k: v for k, v in self.train.departures().items()
+                                             if k in self.train.NOT_IN_PAPER}):
+            said = ", ".join(f"train.{k}={v!r}" for k, v in new.items())
+            raise ValueError(f"{said}: not in the paper's recipe, which the paper profile keeps; try it with the demo "
+                             f"profile (or a profile of your own), or leave it at its default")
         t, n = self.train, len(trained)
         if t.baseline_steps_per_task and t.baseline_steps(n) == 0:
             raise ValueError(f"train.baseline_budget='equal_compute' splits train.steps={t.steps} over {n} CN(FT) models: "
@@ -119,6 +124,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
                     del cur[stale]
             cur[key] = v
     return out
+
+
+# The demo with three training replicates of Prompt Diffusion: claims that hold across retrainings.
+# After a demo run it trains the two new replicates only (the rest are copied by model key) and
+# evaluates all three; its deployment's weekly schedule is registered paused.
+PROFILES["replicated"] = _merge(PROFILES["demo"], {"train": {"replicates": 3}})
 
 
 def _set_entries(resolved: dict[str, Any]) -> dict[str, Any]:

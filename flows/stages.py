@@ -28,7 +28,7 @@ from pd_data.progress import Progress, Report, set_sink
 from flows.follow import progress_logger
 from pd_model import names
 from pd_model.names import label
-from pd_data.state import StateDir, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
+from pd_data.state import StateDir, atomic_write_bytes, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
 # Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
 Overrides = dict[str, Any] | None
@@ -282,14 +282,42 @@ def train_controlnet_task(plan: Plan, spec) -> dict:
 
     out = plan.dir("train") / spec.name
     resumed = (out / "losses.json").exists()  # finished in an earlier, interrupted run of this stage
-    if not resumed:
+    key = plan.model_key(spec)
+    reused = None if resumed or "train" in plan.force else reuse_model(plan, key, out)
+    if not resumed and reused is None:
         job = TrainJob(base=base_path(plan), images=str(plan.dir("ingest")), annotations=str(plan.dir("annotate")),
                        cfg=plan.profile.train, spec=spec, out=str(out), validation_guidance=plan.profile.eval.guidance_scale,
                        pairing=plan.profile.data.pairing)
         train_job(job, lambda path, step: publish_grid(path, step, spec.name))
+        atomic_write_bytes(out / MODEL_KEY, key.encode())
+    elif resumed and not (out / MODEL_KEY).exists():
+        atomic_write_bytes(out / MODEL_KEY, key.encode())  # killed between its last weights and its key
+    elif reused is not None:
+        get_run_logger().info("%s: trained already under the same model key %s (%s); copied, not retrained",
+                              label(spec.name), key, reused)
     losses = json.loads((out / "losses.json").read_text())["loss"]
     return {"name": spec.name, "kind": spec.kind, "tasks": list(spec.tasks), "path": str(out), "steps": spec.steps,
-            "final_loss": losses[-1], "resumed": resumed}
+            "final_loss": losses[-1], "resumed": resumed, "replicate": spec.replicate, "model_key": key,
+            "reused_from": str(reused) if reused else None}
+
+
+MODEL_KEY = "MODEL_KEY"  # a finished model folder's own key (`flows.plan.model_key`), written last
+
+
+def reuse_model(plan: Plan, key: str, out: Path) -> Path | None:
+    """A finished model folder of another train stage with the same model key, copied to `out` (through
+    a temporary folder: a copy cut short is never taken for a model); None when there is none."""
+    for marker in sorted(plan.dir("train").parent.glob(f"*/*/{MODEL_KEY}")):
+        found = marker.parent
+        if found.parent == out.parent or marker.read_text().strip() != key or not (found / "losses.json").exists():
+            continue
+        tmp = out.parent / f".{out.name}.copy.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(found, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.rmtree(out, ignore_errors=True)  # a half-trained folder of an interrupted run: superseded
+        tmp.rename(out)
+        return found
+    return None
 
 
 def train_job(job, publish: Callable[[Path, int], None]) -> None:
@@ -352,34 +380,35 @@ def evaluate_task(plan: Plan) -> dict:
     from dataclasses import asdict
 
     from pd_data.schema import ModelRow
-    from pd_eval.evaluate import Split, evaluate_folders, store
+    from pd_eval.evaluate import Split, evaluate_replicates, store
 
     models = read_done(plan.dir("train"))["models"]
     data = plan.profile.data
     where = Split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split, plan.dir("prompts") / "prompts.parquet",
                   data.pairing, annotators=data.annotators, annotator_weights=data.annotator_weights)
-    result = evaluate_folders(base_path(plan), {m["name"]: Path(m["path"]) for m in models}, plan.unseen_tasks, where,
-                              plan.profile.eval, plan.dir("evaluate"), cache=features_cache(plan))
+    result, per_replicate = evaluate_replicates(base_path(plan), models, plan.unseen_tasks, where, plan.profile.eval,
+                                                plan.dir("evaluate"), cache=features_cache(plan))
     rows = [ModelRow(model_id=m["name"], eval_id="", kind=m["kind"], tasks=m["tasks"], path=m["path"], train_steps=m["steps"],
                      final_loss=m["final_loss"]) for m in models]
     n = store(plan.state.db, plan.key("evaluate"), rows, result)
-    track_metrics(models, result.metrics, plan.key("evaluate"))
+    track_metrics(models, per_replicate, plan.key("evaluate"))
     table = [asdict(r) | {"eval_id": plan.key("evaluate"), "created_at": None} for r in result.metrics]
-    create_table_artifact(key="benchmark-metrics", table=table, description="Every metric of this evaluation")
+    create_table_artifact(key="benchmark-metrics", table=[{k: _jsonable(v) for k, v in r.items()} for r in table],
+                          description="Every metric of this evaluation (replicates pooled)")
     get_run_logger().info("evaluate: %d of %d samples generated by this run (the rest were on disk); %d metric rows stored",
                           result.computed, result.total, n)
     return {"eval_id": plan.key("evaluate"), "metrics": table, "rows_stored": n, "samples_computed": result.computed,
-            "samples": result.total, **provenance(None, None)}
+            "samples": result.total, "replicates": sorted(per_replicate), **provenance(None, None)}
 
 
-def track_metrics(models: list[dict], metrics, eval_id: str) -> None:
+def track_metrics(models: list[dict], per_replicate: dict, eval_id: str) -> None:
     """Each trained model's metrics into the tracker run that trained it (`train.report_to`), as
     `eval-<key>/<task>/<metric>[/<condition>]`: Prompt Diffusion's rows and its conditions
-    (prompt-diffusion/empty-pair, ...), a CN(FT)'s rows of its own task."""
+    (prompt-diffusion/empty-pair, ...), a CN(FT)'s rows of its own task; each replicate its own rows."""
     from pd_model.tracking import log_metrics
 
     for m in models:
-        family = m["kind"]
+        family, metrics = m["kind"], per_replicate.get(m.get("replicate", 0), [])
         own = [(r.metric if r.model_id == family else f"{r.metric}/{r.model_id.split('/', 1)[1]}", r.task, r.value)
                for r in metrics if (r.model_id == family or r.model_id.startswith(family + "/"))
                and (family == "prompt-diffusion" or r.task in m["tasks"])]

@@ -2,7 +2,7 @@
 whose fields are its columns (DDL derived from the annotations), and `ensure_schema` makes them all,
 with the views over them. The task lists in the paper tables come from the task registry.
 
-Results: `RunRow`, `ModelRow`, `MetricRow`, `SampleRow`, `ConfusionRow`, and the paper's own Table 1
+Results: `RunRow`, `ModelRow`, `MetricRow`, `ReplicateMetricRow`, `SampleRow`, `ConfusionRow`, and the paper's own Table 1
 (`paper_reference`). Live datasets: `SourceItemRow`, `DataRoundRow`. Model registry: `CandidateRow`,
 `RegistryEventRow` (append-only).
 """
@@ -121,6 +121,16 @@ class MetricRow(Row):
 
 
 @dataclass(frozen=True)
+class ReplicateMetricRow(MetricRow):
+    """A metric of one training replicate (`train.replicates`): the rows `metrics` pools (mean over
+    replicates, interval over replicates and prompts: `pd_eval.replicates`). Models that were not
+    replicated and the baselines have replicate 0 only."""
+
+    TABLE, KEY = "replicate_metrics", ("eval_id", "model_id", "task", "metric", "replicate")
+    replicate: int = 0
+
+
+@dataclass(frozen=True)
 class SampleRow(Row):
     TABLE, KEY = "samples", ("eval_id", "model_id", "prompt_id")
     eval_id: str
@@ -208,7 +218,7 @@ class RegistryEventRow(Row):
     detail: str
 
 
-TABLES: tuple[type[Row], ...] = (RunRow, ModelRow, MetricRow, SampleRow, ConfusionRow, SourceItemRow, DataRoundRow,
+TABLES: tuple[type[Row], ...] = (RunRow, ModelRow, MetricRow, ReplicateMetricRow, SampleRow, ConfusionRow, SourceItemRow, DataRoundRow,
                                  CandidateRow, RegistryEventRow)
 
 # Table 1: FID of the map->image tasks, then RMSE of the image->map tasks, in the registry's order.
@@ -245,7 +255,20 @@ SELECT * FROM paper_table
 WHERE run_id IS NULL OR run_id = (SELECT run_id FROM runs WHERE status = 'completed'
                                   ORDER BY finished_at DESC LIMIT 1)""", """CREATE OR REPLACE VIEW current_models AS
 SELECT dataset, arg_max(model_id, seq) AS model_id, arg_max(action, seq) AS via, max(event_time) AS since
-FROM registry_events WHERE action IN ('promote', 'rollback') GROUP BY dataset"""]
+FROM registry_events WHERE action IN ('promote', 'rollback') GROUP BY dataset""", """CREATE OR REPLACE VIEW controllability AS
+SELECT r.run_id, r.profile, m.task, m.model_id AS model, m.metric, m.value, m.ci_low, m.ci_high, m.n,
+    m.feature_extractor AS re_annotator
+FROM runs r JOIN metrics m USING (eval_id)
+WHERE m.metric LIKE 'ctrl_%' AND m.task NOT LIKE 'read:%'""", """CREATE OR REPLACE VIEW sensitivity AS
+SELECT r.run_id, r.profile, m.task, split_part(m.model_id, '/', 2) AS pair, m.metric, m.value, m.ci_low, m.ci_high, m.n
+FROM runs r JOIN metrics m USING (eval_id)
+WHERE m.model_id IN ('prompt-diffusion/empty-pair', 'prompt-diffusion/other-pair')
+  AND m.metric IN ('output_change', 'paired_diff_mse')""", """CREATE OR REPLACE VIEW replicate_spread AS
+SELECT r.run_id, r.profile, m.model_id AS model, m.task, m.metric, count(*) AS replicates,
+    avg(m.value) AS mean, stddev_samp(m.value) AS sd, min(m.value) AS min, max(m.value) AS max,
+    list(m.value ORDER BY m.replicate) AS "values"
+FROM runs r JOIN replicate_metrics m USING (eval_id)
+GROUP BY ALL HAVING count(*) > 1"""]
 
 
 def ensure_schema(con) -> None:

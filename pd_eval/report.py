@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pd_data.state import atomic_write_bytes
-from pd_eval.claims import claims_table, verdict
+from pd_eval.claims import CONTROL_HEADLINES, HIGHER, claims_table, verdict
 from pd_eval.provenance import where_lines
 from pd_eval.store import query
 from pd_eval.tables import (OUTSIDE_NOTE, controllability_table, mark_outside, paired_fidelity_table, reader_table,
@@ -138,7 +138,7 @@ def _where(db: Path, run_id: str) -> list[Block]:
     return [("list", where_lines(precision, json.loads(machine) if machine else None))]
 
 
-def _study_sections(rows: list[dict]) -> list[tuple[str, list[Block]]]:
+def _study_sections(rows: list[dict], out_dir: Path) -> list[tuple[str, list[Block]]]:
     """Paired fidelity of the map->image outputs and the example-sensitivity study, where measured."""
     out = []
     fidelity = paired_fidelity_table(rows)
@@ -149,6 +149,13 @@ def _study_sections(rows: list[dict]) -> list[tuple[str, list[Block]]]:
                      "rewards blur: compare with the baselines' rows (copy-example, and mean-map: the mean image)."),
             *_marked(fidelity)]))
     ctrl = controllability_table(rows)
+    headlines = {r["metric"] for r in rows if r["metric"] in CONTROL_HEADLINES and r["model_id"] == "prompt-diffusion"
+                 and not r["task"].startswith("read:")}
+    ctrl_bars = _panel_bars({f"control {m.removeprefix('ctrl_').replace('_', ' ')}, "
+                             f"{'higher' if m in HIGHER else 'lower'} is better":
+                             [r for r in rows if r["metric"] == m and not r["task"].startswith("read:")]
+                             for m in sorted(headlines)}, out_dir, "controllability.png",
+                            "controllability of map->image outputs: 95% intervals as error bars")
     if ctrl[1]:
         (quality, weak) = reader_table(rows)
         out.append(("Controllability: do map->image outputs follow their query map?", [
@@ -156,7 +163,7 @@ def _study_sections(rows: list[dict]) -> list[tuple[str, list[Block]]]:
                      "map (ControlNet++'s test): depth RMSE, SSIM of soft edges (MS-SSIM at 176 px and above), mIoU and "
                      "pixel accuracy of segmentation, F1 of Canny edges, angular error of normals. baseline/true-image is "
                      "the ceiling: the query's own picture read back. The map->image claims use these numbers."),
-            *_marked(ctrl),
+            *_marked(ctrl), *ctrl_bars,
             *([("text", "The re-annotator's own error on this split's real images, beside the mean map answering "
                         "every image:"), ("table", quality)] if quality[1] else []),
             *([("text", f"NOT INFORMATIVE for {', '.join(weak)}: the re-annotator does not beat the mean map by a "
@@ -169,8 +176,48 @@ def _study_sections(rows: list[dict]) -> list[tuple[str, list[Block]]]:
                      "of another task of the same direction. Output change: RMSE between the two outputs (0: the pair "
                      "changed nothing). MSE differences are against each prompt's target, paired per prompt, with "
                      "BCa 95% intervals; above 0, the model's own pair does better."),
-            ("table", sens)]))
+            ("table", sens),
+            *_panel_bars({"output change (RMSE between outputs, 0..1)": [r for r in rows if r["metric"] == "output_change"],
+                          "MSE under the changed pair - own pair (> 0: own pair better)":
+                          [r for r in rows if r["metric"] == "paired_diff_mse"]},
+                         out_dir, "sensitivity.png", "example sensitivity: 95% intervals as error bars")]))
     return out
+
+
+def _panel_bars(panels: dict[str, list[dict]], out_dir: Path, name: str, title: str) -> list[Block]:
+    """A figure of metric rows by panel title (`pd_eval.visuals.metric_bars`), or nothing without rows."""
+    from pd_eval.visuals import metric_bars
+
+    drawn = {k: [{"task": r["task"], "model": r["model_id"], **{c: r[c] for c in ("value", "ci_low", "ci_high")}}
+                 for r in v] for k, v in panels.items() if v}
+    if not drawn:
+        return []
+    metric_bars(drawn, out_dir / name, title)
+    return [("image", ("", name))]
+
+
+def _replicate_section(rows: list[dict], reps: list[dict], out_dir: Path) -> list[tuple[str, list[Block]]]:
+    """The spread of the replicated models across training replicates, in each task's verdict metric."""
+    from pd_data.tasks import TASKS
+    from pd_eval.claims import verdict_metric
+    from pd_eval.replicates import spread_table
+
+    keys = {(r["model_id"], r["task"], r["metric"]) for r in rows}
+    metrics = {t: verdict_metric(t, keys)[0] for t in {r["task"] for r in reps} if t in TASKS}
+    table = spread_table(reps, metrics)
+    if not table[1]:
+        return []
+    picked = [r for r in reps if metrics.get(r["task"]) == r["metric"] and (r["model_id"], r["task"]) in
+              {(row[0], row[1]) for row in table[1]}]
+    bars = _panel_bars({m: [r | {"model_id": f"{r['model_id']} r{r['replicate']}"} for r in picked if r["metric"] == m]
+                        for m in sorted({r["metric"] for r in picked})}, out_dir, "replicates.png",
+                       "each training replicate with its 95% prompt interval")
+    return [("Training replicates: how much does a retraining move each number?", [
+        ("text", "Each replicate is the same model trained again on the same data and prompts from another seed, and "
+                 "scored on the same prompts with the same sampling seeds. Table 1 and the claims above give the mean "
+                 "over replicates with an interval over replicates and prompts (a two-level bootstrap, "
+                 "pd_eval.replicates); a claim is made only where every replicate agrees."),
+        ("table", table), *bars])]
 
 
 def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Path, loss_png: Path | None,
@@ -183,15 +230,17 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
     tables = report_tables(db, run_id, eval_id)
     cols, raw = query(db, "SELECT * FROM metrics WHERE eval_id = ?", [eval_id])
     rows = [dict(zip(cols, r)) for r in raw]
+    cols, raw = query(db, "SELECT * FROM replicate_metrics WHERE eval_id = ?", [eval_id])
+    reps = [dict(zip(cols, r)) for r in raw]
     trained = {n for n, t in TASKS.items() if t.trained}
     unseen = {r["task"] for r in rows if r["task"] in TASKS and not TASKS[r["task"]].trained}
-    sections: list[tuple[str, list[Block]]] = [("", [("text", line) for line in verdict(rows)]),
+    sections: list[tuple[str, list[Block]]] = [("", [("text", line) for line in verdict(rows, reps)]),
                                                 ("Where this ran", _where(db, run_id)), ("Settings", [("list", notes)])]
     for heading, table in table1_by_direction(*tables["paper-table"]):
         intro = [("text", "The paper's rows use Inception-v3 FID on InstructPix2Pix at 256 px; rows of this run use "
                           "the features named in their row, on this run's data: compare rows of one extractor only.")]
         sections.append((heading, (intro if "FID" in heading else []) + [("table", table)]))
-    claims = claims_table(rows)
+    claims = claims_table(rows, reps)
     sections.append(("Do the models beat the trivial baselines?", [
         ("text", "Baselines: copy-example answers with the example pair's target (for map->image, a real image of "
                  "the query's group); for image->map also copy-query (the query image) and mean-map (the per-pixel "
@@ -200,7 +249,8 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
                  "upper end."),
         *(_marked(claims) if claims[1] else [("text", "no task with both a model and a baseline in this evaluation")])]))
     sections.append(("Trained tasks: every model side by side", _bars(rows, trained, out_dir, "bars.png", "trained tasks")))
-    sections += _study_sections(rows)
+    sections += _study_sections(rows, out_dir)
+    sections += _replicate_section(rows, reps, out_dir)
     if unseen:
         sections.append(("Unseen tasks: zero-shot generalisation", [
             ("text", "Conditions: prompt-diffusion (zero-shot, with the example pair), prompt-diffusion/empty-pair "
@@ -246,6 +296,13 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
     return md_path
 
 
+def recipe_line(train) -> str:
+    """"recipe: the paper's" or "recipe (departs from the paper's): drop_text=0.5, ..." (`TrainConfig.departures`)."""
+    off = train.departures()
+    return "recipe: the paper's" if not off else \
+        "recipe (departs from the paper's): " + ", ".join(f"{k}={v}" for k, v in off.items())
+
+
 def run_notes(profile, keys: dict[str, str], budget_rule: str) -> list[str]:
     """The settings a reader needs to interpret a run's numbers, one line each."""
     ev, tr = profile.eval, profile.train
@@ -257,6 +314,8 @@ def run_notes(profile, keys: dict[str, str], budget_rule: str) -> list[str]:
             f"guidance {ev.guidance_scale}{pair})",
             f"trained: {trained}; CN(FT) budget: {budget_rule}",
             f"pairing: {profile.data.pairing} (where each training and evaluation prompt takes its example pair from)",
+            recipe_line(tr),
+            f"training replicates: Prompt Diffusion {tr.replicates}, each CN(FT) {tr.baseline_replicates}",
             "stage keys: " + ", ".join(f"{s}={k}" for s, k in keys.items())]
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import duckdb
 
 from pd_data.db import _sql_text, _searchable, connect, connect_confined, state_root
-from pd_data.schema import ConfusionRow, MetricRow, ModelRow, Row, RunRow, SampleRow, ensure_schema as _ensure_schema
+from pd_data.schema import (ConfusionRow, MetricRow, ModelRow, ReplicateMetricRow, Row, RunRow, SampleRow,
+                             ensure_schema as _ensure_schema)
 
 DATA_VIEWS = ("images", "annotations", "rejects", "prompts", "splits")
 
@@ -247,7 +248,7 @@ def write_run(db: Path, row: RunRow) -> None:
         con.execute(row.insert_sql(replace=True), row.values())
 
 
-EVALUATION_TABLES = (ModelRow, MetricRow, SampleRow, ConfusionRow)
+EVALUATION_TABLES = (ModelRow, MetricRow, ReplicateMetricRow, SampleRow, ConfusionRow)
 
 
 def replace_evaluation(db: Path, eval_id: str, rows: list[Row]) -> None:
