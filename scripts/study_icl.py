@@ -193,8 +193,9 @@ def ablation_table(rows: list[dict]) -> str:
     another task's pair changes the output beyond its interval and whether the own pair beats the zeroed
     one; unseen tasks where the pair helps. Then the mean over seeds of each variant."""
     trained = ["image->depth", "image->hed", "image->seg", "depth->image", "hed->image", "seg->image"]
-    head = ("| variant | seed | task inference | RMSE depth / hed / seg | pair changes output (of 6) | own pair beats "
-            "zeroed (of 6) | unseen: pair helps (of 4) | train s |\n|---|---|---|---|---|---|---|---|")
+    head = ("| variant | seed | task inference | RMSE depth / hed / seg | control: depth MSE / hed SSIM / seg pixel acc "
+            "| pair changes output (of 6) | own pair beats zeroed (of 6) | unseen: pair helps (of 4) | train s |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines, agg = [head], {}
     for r in rows:
         unseen = [t for t, v in r.items() if isinstance(v, dict) and "metric" in v and t not in trained]
@@ -203,16 +204,17 @@ def ablation_table(rows: list[dict]) -> str:
         beats = sum(r[t]["own_minus_zero"][2] < 0 for t in trained)
         helps = sum(r[t]["own_minus_zero"][2] < 0 for t in unseen)
         rmse = " / ".join(f"{r[t]['own'][0]:.3f}" for t in trained[:3])
-        lines.append(f"| {r['variant']} | {r['seed']} | {_cell(r['task_inference'], digits=2)} | {rmse} | {changes} | "
-                     f"{beats} | {helps} | {r.get('train_s') or ''} |")
+        ctrl = [abs(r[t]["own"][0]) for t in trained[3:]]  # stored lower-is-better: similarities negated
+        lines.append(f"| {r['variant']} | {r['seed']} | {_cell(r['task_inference'], digits=2)} | {rmse} | "
+                     f"{ctrl[0]:.3f} / {ctrl[1]:.3f} / {ctrl[2]:.3f} | {changes} | {beats} | {helps} | {r.get('train_s') or ''} |")
         a = agg.setdefault(r["variant"], [])
-        a.append([r["task_inference"][0], *[r[t]["own"][0] for t in trained[:3]], changes, beats, helps])
-    lines += ["", "| variant | seeds | task inference | RMSE depth / hed / seg | pair changes output | own beats zeroed | "
-                  "unseen: pair helps |", "|---|---|---|---|---|---|---|"]
+        a.append([r["task_inference"][0], *[r[t]["own"][0] for t in trained[:3]], changes, beats, helps, *ctrl])
+    lines += ["", "| variant | seeds | task inference | RMSE depth / hed / seg | control: depth MSE / hed SSIM / seg pixel "
+                  "acc | pair changes output | own beats zeroed | unseen: pair helps |", "|---|---|---|---|---|---|---|---|"]
     for v, a in agg.items():
         m = np.mean(np.array(a), axis=0)
         lines.append(f"| {v} | {len(a)} | {m[0]:.2f} (min {min(x[0] for x in a):.2f}) | {m[1]:.3f} / {m[2]:.3f} / {m[3]:.3f} "
-                     f"| {m[4]:.1f} | {m[5]:.1f} | {m[6]:.1f} |")
+                     f"| {m[7]:.3f} / {m[8]:.3f} / {m[9]:.3f} | {m[4]:.1f} | {m[5]:.1f} | {m[6]:.1f} |")
     return "\n".join(lines)
 
 
