@@ -137,6 +137,12 @@ def retrain_flow(profile: ProfileName = "demo", overrides: Overrides = None, sta
         from_scratch: Train the candidate from the base, not continued from the current model.
     """
     plan = make_plan(profile, overrides, state_dir)
+    if (t := plan.profile.train).replicates > 1 or t.baseline_replicates > 1:
+        from flows.profiles import ConfigError
+
+        raise ConfigError(f"train.replicates={t.replicates} / train.baseline_replicates={t.baseline_replicates}: a "
+                          f"retraining round trains one candidate; replicate with the full benchmark "
+                          f"(`pd run --profile {plan.profile.name}`), or set both to 1 here")
     log = get_run_logger()
     # One round of a dataset at a time: a scheduled and a triggered round wait for each other.
     with stage_lock(live_dir(plan, dataset), on_wait=lambda: log.info("another round of %s is running; waiting", dataset)):

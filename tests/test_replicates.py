@@ -156,3 +156,11 @@ def test_replicated_benchmark_stores_each_replicate_and_reuses_trained_ones(pref
     old = plan.dir("train") / "prompt-diffusion" / "controlnet" / "diffusion_pytorch_model.safetensors"
     new = replace(plan, keys={**plan.keys, "train": Plan.build(load_profile("smoke", three), StateDir.resolve()).key("train")})
     assert (new.dir("train") / "prompt-diffusion" / "controlnet" / "diffusion_pytorch_model.safetensors").read_bytes() == old.read_bytes()
+
+
+def test_a_retraining_round_refuses_replicates(prefect_engine, state_dir):
+    from flows.profiles import ConfigError
+    from flows.retrain import retrain_flow
+
+    with pytest.raises(ConfigError, match="a retraining round trains one candidate"):
+        retrain_flow("smoke", {**TINY, "train": {**TINY["train"], "replicates": 2}}, dataset="x")
