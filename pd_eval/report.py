@@ -112,17 +112,11 @@ def _negative_kid(rows: list[dict], tasks: set[str] | None = None) -> bool:
 def _bars(rows: list[dict], tasks: set[str], out_dir: Path, name: str, what: str) -> list[Block]:
     """One figure over `tasks`, a panel per metric, models side by side with their 95% intervals; KID
     clipped at 0, said in its panel's title and under the figure."""
-    from pd_eval.visuals import metric_bars
-
     clip = _negative_kid(rows, tasks)
     notes = METRIC_NOTES | ({"kid": "KID, lower is better (below 0 drawn at 0)"} if clip else {})
-    panels = {notes[m]: [{"task": r["task"], "model": r["model_id"], **{k: r[k] for k in ("value", "ci_low", "ci_high")}}
-                         for r in map(_clipped, rows) if r["metric"] == m and r["task"] in tasks] for m in METRIC_NOTES}
-    panels = {k: v for k, v in panels.items() if v}
-    if not panels:
-        return []
-    metric_bars(panels, out_dir / name, f"{what}: 95% bootstrap intervals as error bars")
-    return [("image", ("", name))] + ([("text", KID_NOTE)] if clip else [])
+    blocks = _panel_bars({notes[m]: [r for r in map(_clipped, rows) if r["metric"] == m and r["task"] in tasks]
+                          for m in METRIC_NOTES}, out_dir, name, f"{what}: 95% bootstrap intervals as error bars")
+    return blocks + ([("text", KID_NOTE)] if blocks and clip else [])
 
 
 def _marked(table: tuple[list[str], list[tuple]]) -> list[Block]:
@@ -149,14 +143,14 @@ def _study_sections(rows: list[dict], out_dir: Path) -> list[tuple[str, list[Blo
                      "rewards blur: compare with the baselines' rows (copy-example, and mean-map: the mean image)."),
             *_marked(fidelity)]))
     ctrl = controllability_table(rows)
-    headlines = {r["metric"] for r in rows if r["metric"] in CONTROL_HEADLINES and r["model_id"] == "prompt-diffusion"
-                 and not r["task"].startswith("read:")}
-    ctrl_bars = _panel_bars({f"control {m.removeprefix('ctrl_').replace('_', ' ')}, "
-                             f"{'higher' if m in HIGHER else 'lower'} is better":
-                             [r for r in rows if r["metric"] == m and not r["task"].startswith("read:")]
-                             for m in sorted(headlines)}, out_dir, "controllability.png",
-                            "controllability of map->image outputs: 95% intervals as error bars")
     if ctrl[1]:
+        headlines = {r["metric"] for r in rows if r["metric"] in CONTROL_HEADLINES and r["model_id"] == "prompt-diffusion"
+                     and not r["task"].startswith("read:")}
+        ctrl_bars = _panel_bars({f"control {m.removeprefix('ctrl_').replace('_', ' ')}, "
+                                 f"{'higher' if m in HIGHER else 'lower'} is better":
+                                 [r for r in rows if r["metric"] == m and not r["task"].startswith("read:")]
+                                 for m in sorted(headlines)}, out_dir, "controllability.png",
+                                "controllability of map->image outputs: 95% intervals as error bars")
         (quality, weak) = reader_table(rows)
         out.append(("Controllability: do map->image outputs follow their query map?", [
             ("text", "Each output is read back into its query's modality by a re-annotator and compared with the query "

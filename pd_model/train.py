@@ -197,6 +197,11 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
     if base.vae is not None:
         base.vae.to(device)
     controlnet = build_controlnet(base, spec.kind, cfg.pair_context) if init is None else controlnet_class(spec.kind).from_pretrained(init)
+    if init is not None and as_kind(spec.kind) == "prompt-diffusion" \
+            and getattr(controlnet.config, "pair_context", False) != cfg.pair_context:
+        raise ValueError(f"train.pair_context={cfg.pair_context} cannot apply when continuing from {init}, which was "
+                         f"trained with pair_context={getattr(controlnet.config, 'pair_context', False)}; match it, "
+                         f"or train from scratch")
     controlnet = controlnet.to(device).train()
     modules = _trainable(base, controlnet, cfg)
     params = [p for m in modules.values() for p in m.parameters()]

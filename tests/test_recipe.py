@@ -103,3 +103,15 @@ def test_training_samples_carry_their_task_in_the_pair(train_world):
     drop_text, drop_pair = cfg_dropout(u, cfg)
     assert abs((drop_text & ~drop_pair).mean() - 0.5) < 0.01 and abs((drop_pair & ~drop_text).mean() - 0.05) < 0.01
     assert abs((drop_pair & drop_text).mean() - 0.05) < 0.01 and abs((~drop_pair).mean() - 0.9) < 0.01
+
+
+def test_continuing_a_model_under_another_pair_context_is_an_error(train_world, tmp_path):
+    from pd_model.base import load_base
+    from pd_model.train import ModelSpec, train_controlnet
+
+    base = load_base(train_world / "base")
+    build_controlnet(base, "prompt-diffusion").save_pretrained(tmp_path / "cn")
+    data = load_split(train_world / "img", train_world / "ann", "train")
+    spec = ModelSpec("prompt-diffusion", "prompt-diffusion", TRAINING_TASKS, 1)
+    with pytest.raises(ValueError, match=r"train.pair_context=True cannot apply when continuing from .* pair_context=False"):
+        train_controlnet(base, data, TrainConfig(steps=1, batch_size=2, pair_context=True), spec, init=tmp_path / "cn")
