@@ -68,7 +68,7 @@ def _print_rows(names: list[str], rows: list[tuple], fmt: str) -> None:
 
 def _prepare_env() -> "StateDir":  # noqa: F821
     """Prefect's home inside the state directory, analytics off; must run before Prefect is imported."""
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
 
     state = StateDir.resolve()
     state.require_writable()  # one line, not Prefect's tracebacks, when it cannot be written
@@ -180,7 +180,7 @@ def cmd_retrain(args) -> int:
 def cmd_models(args) -> int:
     """The registry (retraining rounds) and, in a table or with --benchmark, the latest benchmark's models:
     a benchmark trains its own models and never enters the registry."""
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.registry import listing
     from pd_eval.store import benchmark_models
 
@@ -210,7 +210,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.registry import rollback
 
     to = rollback(StateDir.resolve().db, args.dataset, args.to)
@@ -219,7 +219,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.store import query
 
     names, rows = query(StateDir.resolve().db, args.query)
@@ -228,7 +228,7 @@ def cmd_sql(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.store import query
 
     db = StateDir.resolve().db
@@ -243,7 +243,7 @@ def cmd_results(args) -> int:
 def _model_folder(args) -> str:
     """`--model DIR`; else the registry's current model of `--dataset`; else the latest benchmark's
     Prompt Diffusion model; else an error that says how to get one."""
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.store import query
 
     if args.model is not None:

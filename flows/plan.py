@@ -24,7 +24,7 @@ from typing import Mapping
 
 from flows.profiles import ConfigError, Profile
 from pd_data.sources import make_source
-from pd_data.state import StateDir, fingerprint
+from pd_core.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 from pd_model.names import model_id, replicate_id
 from pd_model.train import ModelSpec
@@ -49,7 +49,7 @@ def descendants(stages) -> tuple[str, ...]:
 STAGE_ENTRY = {"ingest": ("pd_data.ingest",), "annotate": ("pd_data.annotate", "pd_data.annotators_ext"),
                "prompts": ("pd_data.prompts", "pd_data.dataset"), "base": ("pd_model.train_base",),
                "train": ("pd_model.train_dist",), "evaluate": ("pd_eval.evaluate",)}
-PROJECT = ("pd_data", "pd_model", "pd_eval")
+PROJECT = ("pd_core", "pd_data", "pd_model", "pd_eval")
 
 
 def _source(module: str) -> str:

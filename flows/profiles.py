@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import ValidationError, model_validator
 
-from pd_data.config import DataConfig, Frozen, PromptConfig
+from pd_core.config import Frozen
+from pd_data.config import DataConfig, PromptConfig
 from pd_data.tasks import FORWARD_TASKS, TASKS, TRAINING_TASKS
 from pd_eval.config import EvalConfig
 from pd_model.config import BaseModelConfig, TrainConfig, resolution_multiple

@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.stages import Overrides, ProfileName, features_cache, make_plan, publish_grid, train_job
-from pd_data.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
+from pd_core.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
 from pd_data.tasks import TRAINING_TASKS
 
 

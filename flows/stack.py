@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 
 HOST, PORT = "127.0.0.1", int(os.environ.get("PD_PREFECT_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"

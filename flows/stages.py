@@ -3,7 +3,7 @@
 Every flow builds one frozen `Plan` and runs stages from it; each stage is one Prefect task (named
 after it) that calls into pd_* with paths and ids, computed at most once per key. Its cache policy
 is the plan's key (`PlanKey`): a finished stage shows as Cached in the UI and returns its persisted
-summary; a stage another run is computing is waited for (`pd_data.state.stage_lock`), then read; a
+summary; a stage another run is computing is waited for (`pd_core.state.stage_lock`), then read; a
 forced stage (`pd run --force STAGE`) and those that read it are recomputed from scratch."""
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from prefect.runtime import flow_run
 
 from flows.plan import STAGES, Plan
 from flows.profiles import PROFILES, load_profile
-from pd_data.progress import Progress, Report, set_sink
+from pd_core.progress import Progress, Report, set_sink
 from flows.follow import progress_logger
 from pd_model import names
 from pd_model.names import label
-from pd_data.state import StateDir, atomic_write_bytes, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
+from pd_core.state import StateDir, atomic_write_bytes, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
 
 # Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
 Overrides = dict[str, Any] | None
@@ -379,7 +379,7 @@ def train(plan: Plan) -> dict:
 def evaluate_task(plan: Plan) -> dict:
     from dataclasses import asdict
 
-    from pd_data.schema import ModelRow
+    from pd_eval.schema import ModelRow
     from pd_eval.evaluate import Split, evaluate_replicates, store
 
     models = read_done(plan.dir("train"))["models"]
@@ -461,7 +461,7 @@ def report(plan: Plan) -> str:
     from dataclasses import replace
     from datetime import datetime, timezone
 
-    from pd_data.schema import RunRow
+    from pd_eval.schema import RunRow
     from pd_eval.provenance import run_provenance
     from pd_eval.report import report_tables
     from pd_eval.store import write_run

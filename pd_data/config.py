@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from pd_core.config import Frozen
 
 Pairing = Literal["other-layout", "any", "other-group"]
 PROCEDURAL_ONLY = ("n_groups", "layouts_per_group", "images_per_layout")  # no other source reads them
@@ -24,12 +26,6 @@ def check_parquet_views(views: list[dict[str, str]]) -> None:
     if len(set(groups)) > 1:
         raise ValueError(f"data.parquet_columns views name the group columns {groups}; a row's images are one layout, "
                          f"so one group: name the same group column in every view or in none")
-
-
-class Frozen(BaseModel):
-    """Base of every config: immutable, and an unknown key is an error, not a silent no-op."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # Settings read by some sources only: set for another, they are errors.

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from pd_data.annotate import annotate_shard
 from pd_data.config import DataConfig, Pairing
 from pd_data.dataset import SplitData, split_from_tables
-from pd_data.db import connect
+from pd_core.db import connect
 from pd_data.ingest import duplicate_check, listing, prepare, record_row, reject_row
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, REJECTS_SCHEMA, with_image_structs, write_shard
 from pd_data.sources import RawRecord, make_source
 from pd_data.schema import DataRoundRow, ensure_schema
-from pd_data.state import fingerprint
+from pd_core.state import fingerprint
 
 _ROUND_FILE = re.compile(r"-r(\d{4})-\d{5}\.parquet$")
 # What may change between rounds without invalidating earlier rounds: how much data and how it is read.

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pd_data.state import atomic_write_bytes
+from pd_core.state import atomic_write_bytes
 
 # Hugging Face's `datasets.Image()` feature in Arrow: the PNG's bytes and a file name (null: ours are
 # encoded in memory, the row's image_id names them).

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pd_data.dataset import SplitData
-from pd_data.schema import MetricRow
-from pd_data.state import atomic_write_bytes
+from pd_eval.schema import MetricRow
+from pd_core.state import atomic_write_bytes
 from pd_data.tasks import TaskSpec, get_task, other_pair_task
 from pd_eval.baselines import MEAN_MAP, baseline_outputs, baselines_for, mean_map
 from pd_eval.config import EvalConfig

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pd_data.config import Frozen
+from pd_core.config import Frozen
 
 POSITIVE_SUFFIX = ", best quality, extremely detailed"
 NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "

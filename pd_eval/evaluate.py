@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pd_data.dataset import load_split
-from pd_data.progress import Progress
-from pd_data.schema import ConfusionRow, MetricRow, ModelRow, ReplicateMetricRow, SampleRow
+from pd_core.progress import Progress
+from pd_eval.schema import ConfusionRow, MetricRow, ModelRow, ReplicateMetricRow, SampleRow
 from pd_eval.benchmark import (baseline_requests, evaluation_prompts, models_under_test, requests, sample_rows, save_grid,
                                score, sensitivity_rows, write_baselines, write_reals)
 from pd_data.tasks import get_task

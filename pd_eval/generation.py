@@ -8,7 +8,7 @@ in a fixed order, and batch j of the whole evaluation goes to process j mod N: a
 its PNG, is the same whatever the number of processes (a batch's composition matters: batched
 convolutions sum in another order, which can move a pixel by one level; `eval.batch_size` is part of
 the evaluation's key). A batch whose PNGs all exist is skipped, so a killed evaluation resumes where it
-stopped; each PNG appears whole or not at all (`pd_data.state.atomic_write_bytes`), so a kill at any
+stopped; each PNG appears whole or not at all (`pd_core.state.atomic_write_bytes`), so a kill at any
 moment leaves nothing that blocks a rerun. The evaluate stage runs this in process when
 `eval.processes` is 1, else through torchrun, one GPU per process on CUDA.
 """
@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from pd_data.config import Frozen, Pairing
-from pd_data.state import atomic_write_bytes
+from pd_core.config import Frozen
+from pd_data.config import Pairing
+from pd_core.state import atomic_write_bytes
 from pd_data.tasks import Prompt, get_task
 from pd_eval.config import EvalConfig
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from pd_data.dataset import SplitData
 from pd_data.procedural import SEG_PALETTE
-from pd_data.schema import MetricRow
-from pd_data.state import atomic_write_bytes
+from pd_eval.schema import MetricRow
+from pd_core.state import atomic_write_bytes
 from pd_data.tasks import get_task
 from pd_eval.config import EvalConfig
 from pd_eval.control import CONTROL_METRICS, summarise

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pd_data.db import connect
-from pd_data.schema import CandidateRow, RegistryEventRow, ensure_schema
+from pd_core.db import connect
+from pd_eval.schema import CandidateRow, RegistryEventRow, ensure_schema
 
 RULE = ("promote when no Table-1 metric (FID, RMSE: lower is better) is worse than the current model's "
         "beyond its 95% interval, and the mean relative change over those metrics is an improvement")
@@ -154,7 +154,7 @@ def retrain_eval_id(dataset: str, model_id: str, cfg, prompts: Path) -> tuple[st
     """(eval_id, settings key) of one registry model scored on a frozen benchmark's prompts."""
     import hashlib
 
-    from pd_data.state import fingerprint
+    from pd_core.state import fingerprint
 
     key = fingerprint("retrain-eval", cfg.identity(), hashlib.sha256(prompts.read_bytes()).hexdigest())
     return f"retrain:{dataset}:{model_id}:{key}", key

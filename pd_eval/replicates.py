@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from pd_data.schema import MetricRow, ReplicateMetricRow
+from pd_eval.schema import MetricRow, ReplicateMetricRow
 
 RESAMPLES = 2000
 _Z95 = 1.959963984540054

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pd_data.state import atomic_write_bytes
+from pd_core.state import atomic_write_bytes
 from pd_eval.claims import CONTROL_HEADLINES, HIGHER, claims_table, verdict
 from pd_eval.provenance import where_lines
 from pd_eval.store import query

@@ -1,8 +1,8 @@
-"""Results in DuckDB: writing runs and evaluations (tables and views: `pd_data.schema`), querying,
+"""Results in DuckDB: writing runs and evaluations (tables and views: `pd_eval.schema`), querying,
 and the views over the Parquet files: `images`, `annotations`, `rejects`, `splits` and `prompts`.
 
 The data views name their shards relative to the state directory the database file sits in
-(`<root>/results/pd.duckdb`, see `pd_data.state.StateDir`), and `connect` puts that directory on
+(`<root>/results/pd.duckdb`, see `pd_core.state.StateDir`), and `connect` puts that directory on
 DuckDB's `file_search_path`: a copied or moved state directory reads its own shards. Through
 `connect`, a relative glob in any query resolves under the state directory. Through `query` (and so
 `pd sql`) DuckDB first checks a relative path against the working directory: the views' own globs are
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import duckdb
 
-from pd_data.db import _sql_text, _searchable, connect, connect_confined, state_root
-from pd_data.schema import (ConfusionRow, MetricRow, ModelRow, ReplicateMetricRow, Row, RunRow, SampleRow,
-                             ensure_schema as _ensure_schema)
+from pd_core.db import sql_text, searchable, connect, connect_confined, state_root
+from pd_core.rows import Row
+from pd_eval.schema import (ConfusionRow, MetricRow, ModelRow, ReplicateMetricRow, RunRow, SampleRow,
+                             ensure_schema)
 
 DATA_VIEWS = ("images", "annotations", "rejects", "prompts", "splits")
 
@@ -54,7 +55,7 @@ def data_views_sql(data_root: Path | str, reject_globs: tuple[str, ...] = VIEW_G
     `images` and `annotations` leave out the pixels (`image`, `map`): shards of older versions store
     them as raw bytes, newer ones as the Hugging Face Image struct, and DuckDB cannot union the two;
     read the pixels from the shards (`read_parquet` on one key's files, or `datasets`)."""
-    d = _sql_text(Path(data_root).as_posix())
+    d = sql_text(Path(data_root).as_posix())
     rejects = ", ".join(f"'{d}/{g}'" for g in reject_globs)
     return {
         "images": f"""CREATE OR REPLACE VIEW images AS
@@ -79,7 +80,7 @@ SELECT dataset, split, count(*) AS images, count(DISTINCT group_id) AS groups FR
 def _view_data_root(db: Path, data_root: Path) -> str:
     """`data_root` relative to the state directory of `db` where it lies inside it, else absolute."""
     data, root = Path(os.path.abspath(data_root)), state_root(db)
-    if _searchable(root):
+    if searchable(root):
         for r in (root, root.resolve()):
             if data.is_relative_to(r):
                 return data.relative_to(r).as_posix()
@@ -95,7 +96,7 @@ def register_data_views(db: Path, data_root: Path) -> list[str]:
     made = [v for v in DATA_VIEWS if (reject_globs if v == "rejects" else set(VIEW_GLOBS[v]) <= present)]
     statements = data_views_sql(_view_data_root(db, data_root), reject_globs)
     with connect(db) as con:
-        _ensure_schema(con)
+        ensure_schema(con)
         for v in made:
             con.execute(statements[v])
     return made
@@ -103,7 +104,7 @@ def register_data_views(db: Path, data_root: Path) -> list[str]:
 
 def init_db(db: Path) -> None:
     with connect(db) as con:
-        _ensure_schema(con)
+        ensure_schema(con)
 
 
 class ReadOnlyError(ValueError):
@@ -244,7 +245,7 @@ def benchmark_models(db: Path) -> tuple[dict | None, list[str], list[tuple]]:
 def write_run(db: Path, row: RunRow) -> None:
     """A run's own row of `runs`, inserted when it starts and updated as it ends."""
     with connect(db) as con:
-        _ensure_schema(con)
+        ensure_schema(con)
         con.execute(row.insert_sql(replace=True), row.values())
 
 
@@ -258,7 +259,7 @@ def replace_evaluation(db: Path, eval_id: str, rows: list[Row]) -> None:
     if stray := [r for r in rows if type(r) not in EVALUATION_TABLES or r.eval_id != eval_id]:
         raise ValueError(f"{len(stray)} row(s) are not evaluation rows of {eval_id}: {stray[:2]}")
     with connect(db) as con:
-        _ensure_schema(con)
+        ensure_schema(con)
         con.execute("BEGIN")
         try:
             for table in EVALUATION_TABLES:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pd_data.dataset import SplitData
-from pd_data.schema import MetricRow
+from pd_eval.schema import MetricRow
 from pd_data.tasks import FORWARD_TASKS, get_task
 from pd_eval.baselines import COPY_EXAMPLE
 from pd_eval.benchmark import metric_row, save_grid, slug

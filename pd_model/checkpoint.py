@@ -65,6 +65,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[int, list[float
 
 def save_losses(path: Path, losses: list[float]) -> None:
     """A finished model's losses; written last, it marks the model folder complete."""
-    from pd_data.state import atomic_write_bytes
+    from pd_core.state import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps({"loss": losses}).encode())

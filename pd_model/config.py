@@ -5,7 +5,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pd_data.config import Frozen
+from pd_core.config import Frozen
 from pd_model.tracking import ReportTo, check_installed
 
 # How training steps compute (pd_model.precision): fp32, bf16 or fp16 autocast, or by device.

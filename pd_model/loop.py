@@ -22,7 +22,7 @@ import torch.distributed as dist
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from pd_data.progress import Progress
+from pd_core.progress import Progress
 from pd_model import names
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from pd_model.tracking import Tracking, open_tracker

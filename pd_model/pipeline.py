@@ -259,7 +259,7 @@ def save_trained(out: Path, controlnet: ControlNetModel, base: BaseModel, base_r
 
     The frozen components are hard links to the base folder's files where `base_ref` is one on this file
     system (no disk for SD 1.5's 4 GB per model), else copies, else saved from `base`."""
-    from pd_data.state import atomic_write_json
+    from pd_core.state import atomic_write_json
     from pd_model.base import local_base_folder
 
     kind = as_kind(kind)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pd_data.state import atomic_write_json
+from pd_core.state import atomic_write_json
 
 ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
 PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to -> what pip installs

@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from pd_data.config import Frozen, Pairing
-from pd_data.state import atomic_write_bytes
+from pd_core.config import Frozen
+from pd_data.config import Pairing
+from pd_core.state import atomic_write_bytes
 from pd_model.config import TrainConfig
 from pd_model.loop import world
 from pd_model.train import ModelSpec

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
-from pd_data.state import atomic_write_bytes
+from pd_core.state import atomic_write_bytes
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
 from pd_model.sampling import generate

@@ -167,7 +167,7 @@ def study(args) -> dict:
     from pd_data.config import PromptConfig
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_data.tasks import TRAINING_TASKS
     from pd_eval.config import EvalConfig
     from pd_eval.evaluate import Split, evaluate_folders
@@ -232,7 +232,7 @@ def main() -> int:
     s.add_argument("--bootstrap", type=int, default=200)
     s.add_argument("--out", default=None, help="keep the samples here (default: a temporary folder)")
     args = ap.parse_args()
-    from pd_data.progress import set_sink
+    from pd_core.progress import set_sink
 
     set_sink(lambda r: print(r.line, file=sys.stderr, flush=True))  # stdout holds the JSON only
     if args.mode == "throughput":

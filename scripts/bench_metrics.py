@@ -45,7 +45,7 @@ def build(d: Path) -> dict:
     from pd_data.dataset import load_split
     from pd_data.ingest import ingest
     from pd_data.prompts import materialise_prompts
-    from pd_data.state import atomic_write_json
+    from pd_core.state import atomic_write_json
     from pd_data.tasks import TRAINING_TASKS, UNSEEN_TASKS, get_task
     from pd_eval.benchmark import evaluation_prompts, models_under_test, requests, slug
     from pd_eval.generation import paths, save_png
@@ -141,7 +141,7 @@ def main() -> int:
             s.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     sys.path.append(str(ROOT))  # after PYTHONPATH: `compare` puts the old pd_eval first
-    from pd_data.progress import set_sink
+    from pd_core.progress import set_sink
 
     set_sink(lambda r: None)  # stdout holds the JSON only
     if args.mode == "build":

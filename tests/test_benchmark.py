@@ -132,7 +132,7 @@ def test_a_broken_real_image_of_an_older_run_is_rewritten_and_reference_features
 def test_the_process_count_is_not_part_of_the_evaluation_key_but_threads_and_batch_are(tmp_path):
     from flows.plan import Plan
     from flows.profiles import load_profile
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
     from pd_eval.generation import check_devices
 
     state = StateDir.resolve(tmp_path)

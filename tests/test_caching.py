@@ -8,7 +8,7 @@ from conftest import TINY
 from flows.plan import Plan, descendants
 from flows.profiles import ConfigError, load_profile
 from flows.stages import annotate_flow
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from test_e2e import _mtimes, stage_states
 
 

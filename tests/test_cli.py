@@ -101,7 +101,7 @@ def test_generate_uses_the_registrys_current_model_and_a_fresh_state_says_what_t
 
 
 def _benchmark_run(db, run_id: str, eval_id: str, finished: datetime, status: str, models: dict[str, str]) -> None:
-    from pd_data.schema import ModelRow, RunRow
+    from pd_eval.schema import ModelRow, RunRow
     from pd_eval.store import replace_evaluation, write_run
 
     write_run(db, RunRow(run_id=run_id, profile="demo", eval_id=eval_id, started_at=finished, finished_at=finished,

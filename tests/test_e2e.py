@@ -10,7 +10,7 @@ from conftest import TINY
 from flows.full_benchmark import full_benchmark
 from flows.plan import STAGES, Plan
 from flows.profiles import load_profile
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from pd_eval.store import query
 
 

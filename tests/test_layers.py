@@ -1,4 +1,4 @@
-"""Layers import downward only: pd_data < pd_model < pd_eval < flows, at top level and inside functions.
+"""Layers import downward only: pd_core < pd_data < pd_model < pd_eval < flows, at top level and inside functions.
 
 A lower layer that reaches up (even lazily, to dodge an import cycle) couples code that is meant to
 be reusable to the code that uses it; the graph is read from the source, so nothing is imported.
@@ -12,7 +12,7 @@ import pytest
 
 from pd_data import annotate
 
-LAYERS = {"pd_data": 0, "pd_model": 1, "pd_eval": 2, "flows": 3}
+LAYERS = {"pd_core": 0, "pd_data": 1, "pd_model": 2, "pd_eval": 3, "flows": 4}
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -5,7 +5,7 @@ from flows.plan import Plan
 from flows.profiles import load_profile
 from flows.stages import annotate_flow
 from pd_data.shards import read_shards
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 
 OVER = {"data": {"n_groups": 8, "shard_size": 8}}
 

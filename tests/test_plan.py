@@ -13,14 +13,14 @@ from conftest import TINY
 from flows import plan as plan_mod
 from flows.plan import STAGES, Plan
 from flows.profiles import load_profile
-from pd_data.state import StateDir, is_done
+from pd_core.state import StateDir, is_done
 
 # What an edit of each module reruns. The smoke profile's base learns maps (base.map_fraction), and every
 # base reads the annotated split, so it follows annotate.
 AFTER_ANNOTATE = {"annotate", "prompts", "base", "train", "evaluate"}
 RERUNS = {"pd_data.sources": set(STAGES), "pd_data.annotate": AFTER_ANNOTATE, "pd_data.tasks": {"prompts", "base", "train", "evaluate"},
           "pd_model.train_base": {"base", "train", "evaluate"}, "pd_model.train": {"train", "evaluate"},
-          "pd_eval.benchmark": {"evaluate"}, "pd_data.schema": {"evaluate"}}
+          "pd_eval.benchmark": {"evaluate"}, "pd_eval.schema": {"evaluate"}}
 
 
 def _edited(monkeypatch, module: str, edit) -> None:

@@ -97,7 +97,7 @@ def test_baseline_budget_rule_sets_cnft_steps_and_says_so():
 
 def test_the_pairing_changes_the_prompts_and_the_models_not_the_data(tmp_path):
     from flows.plan import Plan
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
 
     def keys(over):
         plan = Plan.build(load_profile("smoke", over), StateDir(tmp_path))

@@ -1,6 +1,6 @@
 """Progress lines: done / total, rate and ETA every few percent, for every long stage."""
-from pd_data import progress
-from pd_data.progress import Progress
+from pd_core import progress
+from pd_core.progress import Progress
 
 
 def test_progress_reports_every_few_percent_with_rate_and_eta(monkeypatch):

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import duckdb
 
-from pd_data.schema import RunRow
+from pd_eval.schema import RunRow
 from pd_eval.provenance import (_cpuinfo, cpu_flags, cpu_model, describe_machine, machine_facts, run_provenance,
                                 training_precision)
 from pd_eval.store import query, write_run

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY, folder_overrides
 from flows.plan import Plan
 from flows.profiles import load_profile
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from pd_eval.store import query
 
 

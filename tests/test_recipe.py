@@ -7,7 +7,7 @@ from conftest import TINY, live_controlnet
 from flows.plan import Plan
 from flows.profiles import ConfigError, load_profile
 from pd_data.dataset import load_split
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from pd_data.tasks import TRAINING_TASKS, get_task
 from pd_model.base import build_tiny_base
 from pd_model.config import BaseModelConfig, TrainConfig

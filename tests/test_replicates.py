@@ -7,8 +7,8 @@ import pytest
 from conftest import TINY
 from flows.plan import Plan, model_specs
 from flows.profiles import load_profile
-from pd_data.schema import MetricRow
-from pd_data.state import StateDir
+from pd_eval.schema import MetricRow
+from pd_core.state import StateDir
 from pd_data.tasks import TRAINING_TASKS
 from pd_eval.claims import claims_table, head_to_head, task_claims, verdict
 from pd_eval.replicates import pool, pooled_interval, replicate_rows, spread_table

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pd_data.schema import MetricRow, RunRow
-from pd_data.state import StateDir
+from pd_eval.schema import MetricRow, RunRow
+from pd_core.state import StateDir
 from pd_eval.report import build_report
 from pd_eval.store import replace_evaluation, write_run
 from pd_eval.tables import DAGGER

@@ -13,7 +13,7 @@ from flows.profiles import _merge, load_profile
 from flows.retrain import retrain_flow
 from pd_data.config import DataConfig
 from pd_data.incremental import load_live_split, update_live
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from pd_eval.registry import Score, current, decide
 from pd_eval.store import query
 

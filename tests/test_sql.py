@@ -7,9 +7,9 @@ import duckdb
 import pytest
 
 from flows.cli import main as pd_main
-from pd_data.db import connect_confined
+from pd_core.db import connect_confined
 from pd_data.shards import IMAGES_SCHEMA, write_shard
-from pd_data.state import StateDir
+from pd_core.state import StateDir
 from pd_eval.registry import LISTING_COLUMNS, listing
 from pd_eval.store import ReadOnlyError, init_db, query, register_data_views
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from pd_data.shards import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA, PROMPTS_SCHEMA, REJECTS_SCHEMA, write_shard
-from pd_data.state import StateDir
-from pd_data.schema import MetricRow, RunRow
+from pd_core.state import StateDir
+from pd_eval.schema import MetricRow, RunRow
 from pd_eval.store import connect, format_table, init_db, query, register_data_views, replace_evaluation, write_run
 
 TABLE1_COLUMNS = ["run_id", "profile", "model", "feature_extractor", "fid_depth->image", "fid_hed->image",

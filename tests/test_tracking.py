@@ -146,7 +146,7 @@ def test_wandb_without_wandb_is_refused_before_training():
 
 def test_report_to_is_not_part_of_the_train_key(tmp_path):
     from flows.plan import Plan
-    from pd_data.state import StateDir
+    from pd_core.state import StateDir
 
     def key(train: dict) -> str:
         return Plan.build(load_profile("smoke", {**TINY, "train": {**TINY["train"], **train}}), StateDir(tmp_path)).key("train")

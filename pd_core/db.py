@@ -1,5 +1,5 @@
-"""Connections to the state directory's DuckDB file, shared by the data layer (live datasets) and the
-results store (`pd_eval.store`): it lives here so that pd_data never imports pd_eval.
+"""Connections to the state directory's DuckDB file, shared by every layer that keeps rows there (live
+datasets in `pd_data`, results and the model registry in `pd_eval`).
 
 DuckDB lets one process write a file at a time, so `connect` waits and retries while another holds
 the lock; within one process (two flow runs in threads) connections take turns on a lock too, since
@@ -21,16 +21,16 @@ import duckdb
 
 
 def state_root(db: Path) -> Path:
-    """The state directory of a database file: `<root>/results/pd.duckdb` (`pd_data.state.StateDir`)."""
+    """The state directory of a database file: `<root>/results/pd.duckdb` (`pd_core.state.StateDir`)."""
     return Path(os.path.abspath(db)).parent.parent
 
 
-def _sql_text(s: str) -> str:
+def sql_text(s: str) -> str:
     """`s` for use inside a single-quoted SQL string."""
     return s.replace("'", "''")
 
 
-def _searchable(root: Path) -> bool:
+def searchable(root: Path) -> bool:
     return "," not in str(root)  # file_search_path is a comma-separated list, with no quoting
 
 
@@ -83,7 +83,7 @@ def connect_confined(db: Path, allowed_paths: Iterable[str] = (),
 
 
 def _sql_list(items: Iterable[str]) -> str:
-    return "[" + ", ".join(f"'{_sql_text(i)}'" for i in items) + "]::VARCHAR[]"
+    return "[" + ", ".join(f"'{sql_text(i)}'" for i in items) + "]::VARCHAR[]"
 
 
 @contextlib.contextmanager
@@ -104,8 +104,8 @@ def _connect(db: Path, read_only: bool, timeout_s: float,
             time.sleep(delay + random.random() * delay)
             delay = min(delay * 2, 2.0)
     try:
-        if _searchable(root := state_root(db)):
-            con.execute(f"SET file_search_path = '{_sql_text(str(root))}'")
+        if searchable(root := state_root(db)):
+            con.execute(f"SET file_search_path = '{sql_text(str(root))}'")
         yield con
     finally:
         con.close()
