@@ -81,11 +81,11 @@ def _prepare_env() -> "StateDir":  # noqa: F821
 
 
 def _overrides(items: list[str]) -> dict:
-    from flows.profiles import _merge, parse_override
+    from flows.profiles import merge_settings, parse_override
 
     out: dict = {}
     for item in items:
-        out = _merge(out, parse_override(item))
+        out = merge_settings(out, parse_override(item))
     return out
 
 
@@ -371,7 +371,7 @@ def cmd_profile(args) -> int:
 
 def cmd_follow(args) -> int:
     """A deployment run through the server (`pd up`), followed to its end: exit 0 when it completed, 1 when not."""
-    from flows.profiles import _merge
+    from flows.profiles import merge_settings
 
     state = _prepare_env()
     from flows import stack
@@ -381,7 +381,7 @@ def cmd_follow(args) -> int:
     if not isinstance(params, dict):
         raise ValueError(f"--params {args.params!r}: give a JSON object, e.g. '{{\"force\": [\"evaluate\"]}}'")
     if args.override:
-        params["overrides"] = _merge(params.get("overrides") or {}, _overrides(args.override))
+        params["overrides"] = merge_settings(params.get("overrides") or {}, _overrides(args.override))
     from flows.follow import follow
 
     return follow(args.deployment, params, state.root / "logs" / "worker.log")

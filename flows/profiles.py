@@ -108,7 +108,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` on `base`, both `{section: {setting: value}}` (a profile, overrides): sections combine, a
     setting's value replaces it whole, a mapping too, and a dotted key `setting.entry` (as
     `parse_override("data.annotators.hed=x")` makes) sets one entry; a whole value given later drops
@@ -130,11 +130,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # The demo with three training replicates of Prompt Diffusion: claims that hold across retrainings.
 # After a demo run it trains the two new replicates only (the rest are copied by model key) and
 # evaluates all three; its deployment's weekly schedule is registered paused.
-PROFILES["replicated"] = _merge(PROFILES["demo"], {"train": {"replicates": 3}})
+PROFILES["replicated"] = merge_settings(PROFILES["demo"], {"train": {"replicates": 3}})
 
 
 def _set_entries(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The dotted keys of `_merge`'s result written into their settings: into the value the profile
+    """The dotted keys of `merge_settings`'s result written into their settings: into the value the profile
     gives, else into the model's default (so `-o data.annotators.hed=x` adds to the default annotators
     as it adds to the paper profile's)."""
     out = dict(resolved)
@@ -218,7 +218,7 @@ def load_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
         raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     try:
         own = _for_protocol(_for_source(PROFILES[name], overrides or {}), overrides or {})
-        return Profile.model_validate(_set_entries(_merge(own | {"name": name}, overrides or {})))
+        return Profile.model_validate(_set_entries(merge_settings(own | {"name": name}, overrides or {})))
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err) for err in e.errors(include_url=False))) from None
 

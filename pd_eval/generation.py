@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextvars
 import io
 import os
-import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from pd_core import launch
 from pd_core.config import Frozen
 from pd_data.config import Pairing
 from pd_core.state import atomic_write_bytes
@@ -118,12 +118,7 @@ def missing(job: GenerationJob) -> int:
 
 def check_devices(cfg: EvalConfig) -> None:
     """Reject a process count this machine cannot place (one GPU each on CUDA) before any work."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("eval.device='cuda' but no CUDA device is visible; set eval.device=cpu (or auto)")
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
-    if gpus and cfg.processes > gpus:
-        raise ValueError(f"eval.processes={cfg.processes} but this machine has {gpus} GPU(s), one per process; "
-                         f"set eval.processes<={gpus}, or eval.device=cpu")
+    launch.check_devices("eval", cfg.device, cfg.processes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,11 +220,7 @@ def run_generation(job: GenerationJob, processes: int, on_written: Callable[[int
     path = Path(job.out) / "generation-job.json"
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
     before = missing(job)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "pd_eval.generation", str(path)]
-    from pd_model.train_dist import _die_with_parent
-
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(job.cfg.threads)}, preexec_fn=_die_with_parent)
+    proc, cmd = launch.start_torchrun("pd_eval.generation", path, processes, job.cfg.threads)
     stop = threading.Event()
     ctx = contextvars.copy_context()  # the caller's run context: its log and artifacts receive the reports
     watcher = threading.Thread(target=ctx.run, args=(_watch, job, before, stop, on_written), daemon=True) \
@@ -237,11 +228,8 @@ def run_generation(job: GenerationJob, processes: int, on_written: Callable[[int
     if watcher is not None:
         watcher.start()
     try:
-        code = proc.wait()
+        code = launch.wait(proc)
     finally:
-        if proc.poll() is None:  # interrupted here: the workers go too
-            proc.kill()
-            proc.wait()
         stop.set()
         if watcher is not None:
             watcher.join()

@@ -44,7 +44,7 @@ import inspect
 import json
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,6 +146,25 @@ def _fixed_map(config: Mapping) -> dict[str, str]:
     return out
 
 
+def _resnet(part: str) -> str:
+    return _RESNET_TO_LDM.get(part, part)
+
+
+# diffusers key pattern -> its original name, given the match and the blocks per level (resnets + the
+# downsampler): the down path's blocks are numbered in one sequence after the input conv.
+_LDM_NAMES: tuple[tuple[str, Callable[[re.Match, int], str]], ...] = (
+    (r"controlnet_down_blocks\.(\d+)\.(weight|bias)", lambda m, n: f"zero_convs.{m[1]}.0.{m[2]}"),
+    (r"controlnet_mid_block\.(weight|bias)", lambda m, n: f"middle_block_out.0.{m[1]}"),
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)\.([^.]+)\.(.+)",
+     lambda m, n: f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.0.{_resnet(m[3])}.{m[4]}"),
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda m, n: f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.1.{m[3]}"),
+    (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)",
+     lambda m, n: f"input_blocks.{1 + int(m[1]) * n + n - 1}.0.op.{m[2]}"),
+    (r"mid_block\.resnets\.(\d+)\.([^.]+)\.(.+)", lambda m, n: f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}.{m[3]}"),
+    (r"mid_block\.attentions\.0\.(.+)", lambda m, n: f"middle_block.1.{m[1]}"),
+)
+
+
 def diffusers_key_to_ldm(key: str, config) -> str:
     """The original (`control_model.`-less) name of one `PromptDiffusionControlNet` state-dict key."""
     config = _config(config)
@@ -157,21 +176,9 @@ def diffusers_key_to_ldm(key: str, config) -> str:
     if m and m.group(2) in _hint_layout(config):
         block = PAIR_BLOCK if m.group(1) == PAIR_EMBEDDING else QUERY_BLOCK
         return f"{block}.{_hint_layout(config)[m.group(2)]}.{m.group(3)}"
-    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
-        return f"zero_convs.{m.group(1)}.0.{m.group(2)}"
-    if m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
-        return f"middle_block_out.0.{m.group(1)}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.([^.]+)\.(.+)", key):
-        index = 1 + int(m.group(1)) * per_level + int(m.group(2))
-        return f"input_blocks.{index}.0.{_RESNET_TO_LDM.get(m.group(3), m.group(3))}.{m.group(4)}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m.group(1)) * per_level + int(m.group(2))}.1.{m.group(3)}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
-        return f"input_blocks.{1 + int(m.group(1)) * per_level + per_level - 1}.0.op.{m.group(2)}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.([^.]+)\.(.+)", key):
-        return f"middle_block.{2 * int(m.group(1))}.{_RESNET_TO_LDM.get(m.group(2), m.group(2))}.{m.group(3)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m.group(1)}"
+    for pattern, name in _LDM_NAMES:
+        if m := re.fullmatch(pattern, key):
+            return name(m, per_level)
     raise KeyError(f"no original (ldm) name known for {key!r}")
 
 

@@ -44,6 +44,16 @@ class Optim:
     grad_accum_steps: int = 1
     autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype), e.g. ("cuda", torch.bfloat16)
 
+    @classmethod
+    def of(cls, cfg, steps: int, autocast: tuple[str, torch.dtype] | None) -> "Optim":
+        """The optimisation settings of a training config (`train` or `base`): the fields both name
+        alike, and the defaults here for those a config does not have (the base has no warm-up)."""
+        names = {"batch_size": "batch_size", "lr": "learning_rate", "weight_decay": "weight_decay",
+                 "grad_clip": "grad_clip", "warmup_steps": "warmup_steps", "ema_decay": "ema_decay",
+                 "grad_accum_steps": "grad_accum_steps"}
+        given = {ours: getattr(cfg, theirs) for ours, theirs in names.items() if hasattr(cfg, theirs)}
+        return cls(steps=steps, autocast=autocast, **given)
+
 
 @dataclass(frozen=True)
 class Checkpointing:

@@ -220,8 +220,7 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
         seed = cfg.seed + spec.seed_offset + (0 if held_out else 1)
         prompts = validation_prompts(val_data if held_out else data, specs, grid_rows(len(specs)), seed)
         every = (cfg.validate_every, _grids(base, controlnet, prompts, folder / "validation", seed, validation_guidance, on_grid))
-    o = Optim(spec.steps, cfg.batch_size, cfg.learning_rate, cfg.weight_decay, cfg.grad_clip, cfg.warmup_steps,
-              cfg.ema_decay, cfg.grad_accum_steps, resolve(cfg.mixed_precision, device))
+    o = Optim.of(cfg, spec.steps, resolve(cfg.mixed_precision, device))
     desc = label(spec.name)
     track = Tracking(cfg.report_to, folder / LOGS, spec.name, run_config(cfg, spec, device, o)) if folder is not None else None
     t0 = time.perf_counter()

@@ -74,8 +74,7 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
         if checkpoint_dir is not None and cfg.checkpoint_every else None
     autocast = resolve(cfg.mixed_precision, base.unet.device, "base.mixed_precision")
     with fast_layout([base.unet], autocast):
-        losses = run(params, Optim(cfg.train_steps, cfg.batch_size, cfg.learning_rate, ema_decay=cfg.ema_decay,
-                                   autocast=autocast), step_loss, "base", ckpt, every, track)
+        losses = run(params, Optim.of(cfg, cfg.train_steps, autocast), step_loss, "base", ckpt, every, track)
     base.unet.eval()
     base.text_encoder.requires_grad_(False).eval()
     return losses

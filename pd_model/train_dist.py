@@ -12,7 +12,6 @@ process), gloo on CPU.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pd_core import launch as launch_
 from pd_core.config import Frozen
 from pd_data.config import Pairing
 from pd_core.state import atomic_write_bytes
@@ -73,22 +73,7 @@ def run_job(job: TrainJob, on_grid: Callable[[Path, int], None] | None = None) -
 
 def check_devices(cfg: TrainConfig) -> None:
     """Reject a process count this machine cannot place (one GPU each on CUDA) before any training."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is visible; set train.device=cpu (or auto)")
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
-    if gpus and cfg.processes > gpus:
-        raise ValueError(f"train.processes={cfg.processes} but this machine has {gpus} GPU(s), one per process; "
-                         f"set train.processes<={gpus}, or train.device=cpu")
-
-
-def _die_with_parent() -> None:
-    """torchrun gets SIGTERM (and stops its workers) when the launching process dies, kill -9 included:
-    no orphaned workers keep writing a model folder whose stage lock is gone (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    launch_.check_devices("train", cfg.device, cfg.processes)
 
 
 def launch(job: TrainJob) -> None:
@@ -97,12 +82,11 @@ def launch(job: TrainJob) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "job.json"
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.cfg.processes}",
-           "-m", "pd_model.train_dist", str(path)]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                         preexec_fn=_die_with_parent)
-    if res.returncode != 0:
-        raise RuntimeError(f"distributed training of {out.name} failed (exit {res.returncode}); its workers' output is "
+    proc, cmd = launch_.start_torchrun("pd_model.train_dist", path, job.cfg.processes,
+                                       int(os.environ.get("OMP_NUM_THREADS", "1")))
+    returncode = launch_.wait(proc)
+    if returncode != 0:
+        raise RuntimeError(f"distributed training of {out.name} failed (exit {returncode}); its workers' output is "
                            f"above. Rerun by hand with: {' '.join(cmd)}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
-    from flows.profiles import _merge, parse_override, split_overrides
+    from flows.profiles import merge_settings, parse_override, split_overrides
     from pd_model.controlnet import as_kind
 
     name, _, rest = text.partition(":")
@@ -35,7 +35,7 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
         elif item.startswith("load="):  # a trained model folder (train stage): score it, train nothing
             mode = item
         else:
-            over = _merge(over, parse_override(item))
+            over = merge_settings(over, parse_override(item))
     return name, mode, over
 
 

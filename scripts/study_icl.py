@@ -30,12 +30,12 @@ import numpy as np
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    from flows.profiles import _merge, parse_override, split_overrides
+    from flows.profiles import merge_settings, parse_override, split_overrides
 
     name, _, rest = text.partition(":")
     over: dict = {}
     for item in split_overrides(rest):
-        over = _merge(over, parse_override(item))
+        over = merge_settings(over, parse_override(item))
     return name, over
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     if not args.variant:
         ap.error("give at least one --variant (or --table FILE)")
 
-    from flows.profiles import _merge
+    from flows.profiles import merge_settings
     from flows.stages import base_path, make_plan
     from pd_data.config import PromptConfig
     from pd_data.dataset import load_split
@@ -132,7 +132,7 @@ def main() -> None:
     for text in args.variant:
         name, over = parse_variant(text)
         for seed in [int(s) for s in args.seeds.split(",")]:
-            plan = make_plan(args.profile, _merge(over, {"train": {"seed": seed, "baseline_steps_per_task": 0}}), args.state_dir)
+            plan = make_plan(args.profile, merge_settings(over, {"train": {"seed": seed, "baseline_steps_per_task": 0}}), args.state_dir)
             cfg = plan.profile.train
             folder = cache / plan.key("train")
             t0 = time.perf_counter()

@@ -120,9 +120,9 @@ def photos(tmp_path_factory):
 def folder_overrides(root, weights) -> dict:
     """The smoke profile on a folder of photos (the `photos` fixture), HED and Canny from controlnet-aux."""
     procedural_only = {"n_groups"}  # the folder source has its own groups
-    from flows.profiles import _merge
+    from flows.profiles import merge_settings
 
-    return _merge({**TINY, "data": {k: v for k, v in TINY["data"].items() if k not in procedural_only}}, {
+    return merge_settings({**TINY, "data": {k: v for k, v in TINY["data"].items() if k not in procedural_only}}, {
         "data": {"source": "folder", "source_path": str(root), "captions_file": str(root / "captions.csv"),
                  "annotators": {"hed": "controlnet_aux", "canny": "controlnet_aux"}, "annotator_weights": str(weights),
                  "split_fractions": [0.5, 0.0, 0.5]},

@@ -36,11 +36,11 @@ def test_a_trained_decoder_is_saved_with_the_model_and_loaded_with_it(train_worl
 
 def test_retraining_with_the_decoder_keeps_each_candidates_own_unet(prefect_engine, state_dir):
     from conftest import TINY
-    from flows.profiles import _merge
+    from flows.profiles import merge_settings
     from flows.retrain import retrain_flow
     from pd_model.pipeline import load_trained
 
-    over = _merge(TINY, {"train": {"train_unet_decoder": True}})
+    over = merge_settings(TINY, {"train": {"train_unet_decoder": True}})
     r1, r2 = retrain_flow("smoke", over, dataset="dec"), retrain_flow("smoke", over, dataset="dec")
     base = load_base(state_dir / "data" / "live" / "dec" / "base").unet.state_dict()
     u1, u2 = (load_trained(f"{r['live_dir']}/candidates/{r['model_id']}")[2].state_dict() for r in (r1, r2))

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from flows.profiles import PROFILES, ConfigError, _merge, load_profile, parse_override, split_overrides
+from flows.profiles import PROFILES, ConfigError, merge_settings, load_profile, parse_override, split_overrides
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -134,7 +134,7 @@ def test_choosing_the_paper_protocol_replaces_the_profiles_own_sampler_values(na
                                           r"use eval.guidance_scale=9.0 or eval.protocol=fast$") as err:
         load_profile(name, {"eval": {"protocol": "paper", "guidance_scale": 3.0}})
     fixed = parse_override(str(err.value).rsplit("use ", 1)[1].split(" or ")[0])  # the fix, as the user types it
-    assert load_profile(name, _merge({"eval": {"protocol": "paper", "guidance_scale": 3.0}}, fixed)).eval == e
+    assert load_profile(name, merge_settings({"eval": {"protocol": "paper", "guidance_scale": 3.0}}, fixed)).eval == e
 
 
 @pytest.mark.parametrize("name, backend", [("smoke", "procedural"), ("demo", "procedural"), ("paper", "controlnet_aux")])

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import TINY
 from flows.cli import main as pd_main
-from flows.profiles import _merge, load_profile
+from flows.profiles import merge_settings, load_profile
 from flows.retrain import retrain_flow
 from pd_data.config import DataConfig
 from pd_data.incremental import load_live_split, update_live
@@ -33,7 +33,7 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     assert (r1["data"]["added"], r1["data"]["annotated"]) == (24, 24) and _annotated_rows(live, 1) == 24 * n_maps
 
     # Round 2: 2 more groups (8 images) land in the source; only they are annotated.
-    more = _merge(TINY, {"data": {"n_groups": 8}})
+    more = merge_settings(TINY, {"data": {"n_groups": 8}})
     r2 = retrain_flow("smoke", more, dataset="t")
     assert {k: r2["data"][k] for k in ("added", "changed", "unchanged", "deleted", "annotated")} == \
         {"added": 8, "changed": 0, "unchanged": 24, "deleted": 0, "annotated": 8}
@@ -44,7 +44,7 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
     before = current(db, "t")["model_id"]
 
     # Round 3: a candidate made worse on purpose (from scratch, a learning rate that wrecks it) is rejected.
-    worse = _merge(more, {"train": {"learning_rate": 0.05}})
+    worse = merge_settings(more, {"train": {"learning_rate": 0.05}})
     r3 = retrain_flow("smoke", worse, dataset="t", from_scratch=True)
     assert r3["decision"] == "rejected" and "worse beyond the interval" in r3["reason"]
     assert current(db, "t")["model_id"] == before == r3["current"]
@@ -62,7 +62,7 @@ def test_retraining_rounds_registry_rejection_rollback_and_deletion(prefect_engi
 
     # Round 4: a group (4 images) leaves the source; its images are marked deleted and no longer trained on.
     # Its candidate trains on two processes (torchrun), from a snapshot of the live train split.
-    fewer = _merge(TINY, {"data": {"n_groups": 7}, "train": {"processes": 2}})
+    fewer = merge_settings(TINY, {"data": {"n_groups": 7}, "train": {"processes": 2}})
     r4 = retrain_flow("smoke", fewer, dataset="t")
     assert (r4["data"]["deleted"], r4["data"]["annotated"]) == (4, 0)
     _, st = query(db, "SELECT status, count(*) FROM source_items WHERE dataset = 't' GROUP BY status ORDER BY status")

@@ -1,0 +1,55 @@
+"""Local multi-process jobs: the device check before any work, and the torchrun launch that training
+(`pd_model.train_dist`) and generation (`pd_eval.generation`) share."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def check_devices(section: str, device: str, processes: int) -> None:
+    """Reject a process count this machine cannot place (one GPU each on CUDA) before any work;
+    `section` names the config section of the settings (`train`, `eval`) in the error."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{section}.device='cuda' but no CUDA device is visible; set {section}.device=cpu (or auto)")
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if gpus and processes > gpus:
+        raise ValueError(f"{section}.processes={processes} but this machine has {gpus} GPU(s), one per process; "
+                         f"set {section}.processes<={gpus}, or {section}.device=cpu")
+
+
+def die_with_parent() -> None:
+    """torchrun gets SIGTERM (and stops its workers) when the launching process dies, kill -9 included:
+    no orphaned workers keep writing a folder whose stage lock is gone (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def torchrun_command(module: str, job: Path, processes: int) -> list[str]:
+    """torchrun on this machine's `processes` local processes, each running `python -m module job`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", module, str(job)]
+
+
+def start_torchrun(module: str, job: Path, processes: int, threads: int) -> tuple[subprocess.Popen, list[str]]:
+    """The running torchrun (and its command, for the error that tells how to rerun it by hand), with
+    `threads` OpenMP threads per process; it stops when this process dies."""
+    cmd = torchrun_command(module, job, processes)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, preexec_fn=die_with_parent)
+    return proc, cmd
+
+
+def wait(proc: subprocess.Popen) -> int:
+    """The exit code of `proc`; interrupted while waiting (Ctrl-C, a cancelled flow), it kills the workers first."""
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
