@@ -23,11 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("full-benchmark", "ingest", "annotate", "train", "evaluate", "report")
-# The names `pd_model.pipeline.SCHEDULERS` and `flows.plan.STAGES` define (tests/test_cli.py checks they
-# agree), spelled here so that `pd --help` does not import torch.
+from flows.dag import FLOWS, STAGES
+
+# The names `pd_model.pipeline.SCHEDULERS` defines (tests/test_cli.py checks they agree), spelled here
+# so that `pd --help` does not import torch.
 SCHEDULER_NAMES = ("ddim", "dpm", "unipc")
-PLAN_STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
 FORMATS = ("table", "json", "csv")
 
 
@@ -229,14 +229,12 @@ def cmd_sql(args) -> int:
 
 def cmd_results(args) -> int:
     from pd_core.state import StateDir
-    from pd_eval.store import query
+    from pd_eval.store import latest_results
 
-    db = StateDir.resolve().db
-    names, rows = query(db, "SELECT * EXCLUDE (run_id) FROM latest_paper_table ORDER BY profile = 'paper', model")
+    names, rows, run = latest_results(StateDir.resolve().db)
     _print_rows(names, rows, args.format)
-    _, runs = query(db, "SELECT run_id, report_path FROM runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1")
-    if runs and args.format == "table":
-        print(f"\nrun {runs[0][0]}\nreport: {runs[0][1]}\n        {Path(runs[0][1]).with_suffix('.html')}")
+    if run and args.format == "table":
+        print(f"\nrun {run[0]}\nreport: {run[1]}\n        {Path(run[1]).with_suffix('.html')}")
     return 0
 
 
@@ -244,7 +242,8 @@ def _model_folder(args) -> str:
     """`--model DIR`; else the registry's current model of `--dataset`; else the latest benchmark's
     Prompt Diffusion model; else an error that says how to get one."""
     from pd_core.state import StateDir
-    from pd_eval.store import query
+    from pd_eval.store import current_model_path
+    from pd_model.controlnet import spellings
 
     if args.model is not None:
         return args.model
@@ -252,25 +251,11 @@ def _model_folder(args) -> str:
     if not db.exists():
         raise FileNotFoundError(f"no trained model yet ({db} does not exist); run a benchmark (make benchmark) or "
                                 f"`pd retrain`, or pass --model DIR")
-    _, tables = query(db, "SELECT table_name FROM duckdb_tables() UNION ALL SELECT view_name FROM duckdb_views()")
-    names = {t for (t,) in tables}
-    if {"current_models", "registry"} <= names:
-        _, rows = query(db, "SELECT r.path FROM current_models c JOIN registry r USING (dataset, model_id) "
-                            "WHERE c.dataset = ?", [args.dataset])
-        if rows:
-            return rows[0][0]
-    if {"models", "runs"} <= names:
-        from pd_model.controlnet import _KINDS
-
-        # Every spelling `as_kind` reads: results databases written before the kinds were unified hold
-        # the training mode, 'prompt_diffusion', in models.kind.
-        spellings = [k for k, v in _KINDS.items() if v == "prompt-diffusion"]
-        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE list_contains(?, m.kind) "
-                            "AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1", [spellings])
-        if rows:
-            return rows[0][0]
-    raise FileNotFoundError(f"no current model of dataset {args.dataset!r} in the registry and no trained Prompt Diffusion "
-                            f"model in the results; run a benchmark or `pd retrain`, or pass --model DIR")
+    path = current_model_path(db, args.dataset, spellings("prompt-diffusion"))
+    if path is None:
+        raise FileNotFoundError(f"no current model of dataset {args.dataset!r} in the registry and no trained Prompt Diffusion "
+                                f"model in the results; run a benchmark or `pd retrain`, or pass --model DIR")
+    return path
 
 
 def _pipeline(args):
@@ -283,10 +268,14 @@ def _pipeline(args):
 
 
 def _sampling_kwargs(args) -> dict:
+    """The pipeline's arguments: the sampler of `--steps`, `--guidance`, ... (`pd_model.config.Sampler`,
+    whose defaults are the evaluation's) and the seeded generator."""
     import torch
 
-    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "negative_prompt": args.negative,
-            "pair_guidance_scale": args.pair_guidance, "generator": torch.Generator().manual_seed(args.seed)}
+    from pd_model.config import Sampler
+
+    sampler = Sampler(args.scheduler, args.steps, args.guidance, args.pair_guidance, args.negative)
+    return sampler.pipeline_kwargs() | {"generator": torch.Generator().manual_seed(args.seed)}
 
 
 def _open(path: str):
@@ -328,15 +317,19 @@ def cmd_edit(args) -> int:
 
 
 def _add_sampling_args(p) -> None:
+    from pd_model.config import Sampler
+
     p.add_argument("--model", help="trained model folder (default: the registry's current model of --dataset, else "
                                    "the latest benchmark's Prompt Diffusion model)")
     p.add_argument("--dataset", default="default", help="the registry dataset whose current model is used without --model")
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=9.0, help="text guidance scale (paper: 9.0)")
-    p.add_argument("--pair-guidance", type=float, default=None, help="separate guidance over the example pair")
-    p.add_argument("--scheduler", default="ddim", choices=SCHEDULER_NAMES, help="sampler")
-    p.add_argument("--negative", default="", help="negative prompt")
+    d = Sampler()
+    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps (the evaluation's)")
+    p.add_argument("--guidance", type=float, default=d.guidance_scale, help="text guidance scale, as the evaluation samples "
+                                                                            "(the paper's protocol: 9.0)")
+    p.add_argument("--pair-guidance", type=float, default=d.pair_guidance_scale, help="separate guidance over the example pair")
+    p.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULER_NAMES, help="sampler")
+    p.add_argument("--negative", default=d.negative_prompt, help="negative prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
 
 
@@ -444,9 +437,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
     r.add_argument("--profile", default="demo", choices=profiles, help="configuration profile (the one `make benchmark` runs)")
-    r.add_argument("--stage", default="full-benchmark", choices=STAGES, help="the flow: the whole chain or one stage (with its upstream)")
-    r.add_argument("--force", action="append", default=[], choices=PLAN_STAGES, metavar="STAGE",
-                   help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(PLAN_STAGES)})")
+    r.add_argument("--stage", default="full-benchmark", choices=FLOWS, help="the flow: the whole chain or one stage (with its upstream)")
+    r.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
+                   help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(STAGES)})")
     overrides(r)
     s = command("sql", "run a read-only SQL query on the results database", cmd_sql)
     s.add_argument("query", help="SQL (SELECT, DESCRIBE, SHOW, ...); nothing that writes, attaches, installs or reads outside the state directory")

@@ -1,7 +1,7 @@
 """`pd follow`: start a deployment run and follow it in the terminal through the Prefect API.
 
 It prints the stages' progress lines (the records of `progress_logger`, written by
-`flows.stages.to_run_log`) and each task run's state as it changes (Running, Completed, Cached,
+`flows.artifacts.to_run_log`) and each task run's state as it changes (Running, Completed, Cached,
 Failed, ...), for the run and its subflow runs, and never Prefect's event stream (hundreds of
 artifact updates). On a failed run it prints the failing tasks' errors and where the full log is.
 Logs reach the API in batches, so it polls (every `POLL_S`), reads a window that overlaps the last

@@ -22,27 +22,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from flows.dag import STAGES, UPSTREAM, descendants
 from flows.profiles import ConfigError, Profile
 from pd_data.sources import make_source
 from pd_core.state import StateDir, fingerprint
 from pd_data.tasks import TASKS, TRAINING_TASKS, UNSEEN_TASKS
 from pd_model.names import model_id, replicate_id
 from pd_model.train import ModelSpec
-
-STAGES = ("ingest", "annotate", "prompts", "base", "train", "evaluate")
-# What each stage reads. The base reads the annotated split (an image without its maps is left out;
-# with base.map_fraction it learns the maps too), so it follows the annotations.
-UPSTREAM = {"ingest": (), "annotate": ("ingest",), "prompts": ("annotate",), "base": ("annotate",),
-            "train": ("annotate", "base"), "evaluate": ("train", "prompts")}
-
-
-def descendants(stages) -> tuple[str, ...]:
-    """`stages` and every stage that reads them, directly or not, in `STAGES` order."""
-    out = set(stages)
-    for s in STAGES:  # dependency order: a stage's upstream is settled before it
-        if out & set(UPSTREAM[s]):
-            out.add(s)
-    return tuple(s for s in STAGES if s in out)
 
 # The module each stage calls; the code it runs is that module and every project module it imports,
 # directly or not (imports inside functions included). annotators_ext is imported by name at run time.

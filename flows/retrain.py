@@ -25,7 +25,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import Overrides, ProfileName, features_cache, make_plan, publish_grid, train_job
+from flows.artifacts import publish_grid
+from flows.runner import Overrides, ProfileName, make_plan
+from flows.stages import features_cache, train_job
 from pd_core.state import atomic_write_bytes, atomic_write_json, is_done, mark_done, read_done, stage_lock
 from pd_data.tasks import TRAINING_TASKS
 

@@ -1,166 +1,29 @@
-"""Stage flows: ingest, annotate, train, evaluate, report: orchestration only.
+"""The stages and the flows that run them: ingest, annotate (+ evaluation prompts), base + train,
+evaluate, report. Orchestration only: each stage calls into pd_* with paths and ids.
 
 Every flow builds one frozen `Plan` and runs stages from it; each stage is one Prefect task (named
-after it) that calls into pd_* with paths and ids, computed at most once per key. Its cache policy
-is the plan's key (`PlanKey`): a finished stage shows as Cached in the UI and returns its persisted
-summary; a stage another run is computing is waited for (`pd_core.state.stage_lock`), then read; a
-forced stage (`pd run --force STAGE`) and those that read it are recomputed from scratch."""
+after it) computed at most once per key (`flows.runner.run_stage`): a finished stage shows as Cached
+in the UI and returns its persisted summary; a stage another run is computing is waited for, then
+read; a forced stage (`pd run --force STAGE`) and those that read it are recomputed from scratch."""
 from __future__ import annotations
 
-import base64
 import json
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE, CachePolicy
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.plan import STAGES, Plan
-from flows.profiles import PROFILES, load_profile
-from pd_core.progress import Progress, Report, set_sink
-from flows.follow import progress_logger
-from pd_model import names
+from flows.artifacts import inline_images, jsonable, publish_grid
+from flows.plan import Plan
+from flows.runner import (RETRIES, Force, Overrides, ProfileName, make_plan, require, run_mapped, run_stage,
+                          with_parameter_help)
+from pd_core.state import atomic_write_bytes, is_done, read_done
 from pd_model.names import label
-from pd_core.state import StateDir, atomic_write_bytes, fingerprint, is_done, mark_done, read_done, remove_stale_temporaries, stage_lock
-
-# Flow parameters, typed: `prefect deployment run` validates them and the UI shows a form with choices.
-Overrides = dict[str, Any] | None
-ProfileName = Literal[tuple(PROFILES)]  # type: ignore[valid-type]
-StageName = Literal[STAGES]  # type: ignore[valid-type]
-Force = list[StageName] | None  # type: ignore[valid-type]
-# OSErrors that waiting does not fix: a missing or unreadable path is the same 5 s later.
-PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
-def transient(task, task_run, state) -> bool:
-    """Prefect's `retry_condition_fn(task, task_run, state)`: retry an I/O error that may pass (a full or
-    slow disk, a timeout, a dropped connection), never a deterministic one (ValueError, ConfigError,
-    TypeError, KeyError, a missing file), which would fail again the same way, twice, 5 s apart."""
-    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
-
-
-# Idempotent work (each resumes or rewrites the same files): retried on a transient error only.
-RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": transient}
-
-
-def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains: bool = True, force: Force = None) -> Plan:
-    """The run's frozen plan, after its whole configuration, every input it names, the state directory
-    and (for a flow that `trains`) the training devices are checked (preflight). `force`: stages to
-    recompute, with their descendants."""
-    from datetime import datetime, timezone
-
-    from flows.preflight import require_inputs
-
-    started = datetime.now(timezone.utc)  # before the checks: they are part of the run
-    p = load_profile(profile, overrides)
-    require_inputs(p)
-    if trains:
-        from pd_eval.generation import check_devices as check_eval_devices
-        from pd_model.train_dist import check_devices
-
-        check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
-        check_eval_devices(p.eval)
-    state = StateDir.resolve(state_dir)
-    state.require_writable()
-    set_sink(to_run_log)
-    return Plan.build(p, state, force or (), started_at=started)
-
-
-_PROGRESS_ARTIFACTS: dict[tuple[str, str], Any] = {}
-
-
-def to_run_log(report: Report) -> None:
-    """A progress report as a line of the run's log and the run's progress artifact `report.key`
-    (outside a run: printed)."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    ctx = TaskRunContext.get() or FlowRunContext.get()
-    if ctx is None:
-        print(report.line, flush=True)
-        return
-    progress_logger().info(report.line)  # tagged by its logger's name, so that `pd follow` shows exactly these
-    run = str(ctx.task_run.id if isinstance(ctx, TaskRunContext) else ctx.flow_run.id)
-    key = (run, report.key)
-    if key not in _PROGRESS_ARTIFACTS:
-        _PROGRESS_ARTIFACTS[key] = create_progress_artifact(100 * report.fraction, key=report.key, description=report.line)
-    else:
-        update_progress_artifact(_PROGRESS_ARTIFACTS[key], 100 * report.fraction, description=report.line)
-
-
-@dataclass
-class PlanKey(CachePolicy):
-    """A stage's Prefect cache key is its plan key (`flows.plan`): its code, configuration and upstream keys."""
-
-    key: str = ""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        return self.key
-
-
-def run_stage(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
-    """The stage's summary, from its Prefect task named `stage`: Cached (the persisted summary) when its
-    key's record exists and the stage's files are done; else computed once, or read from the done marker."""
-    out = plan.dir(stage)
-    refresh = stage in plan.force or not is_done(out)  # a cached summary of files that are gone is not used
-    key = fingerprint(stage, plan.key(stage), str(plan.state.root.resolve()))  # two state dirs may share one PREFECT_HOME
-    run = stage_task.with_options(name=stage, task_run_name=stage, cache_policy=PlanKey(key=key), refresh_cache=refresh)
-    return run(plan, stage, compute)
-
-
-@task(persist_result=True, result_serializer="json")
-def stage_task(plan: Plan, stage: str, compute: Callable[[], dict]) -> dict:
-    out, log = plan.dir(stage), get_run_logger()
-    forced = stage in plan.force
-    if forced or not is_done(out):
-        with stage_lock(out, on_wait=lambda: log.info("%s: another run is computing it (key %s); waiting", stage, plan.key(stage))):
-            aside = out.parent / f".{out.name}.forced"
-            if forced and out.exists():
-                shutil.rmtree(aside, ignore_errors=True)
-                out.rename(aside)  # what the stage made before: out of the way, deleted once the new one is done
-                log.info("%s: forced; recomputing from scratch (key %s)", stage, plan.key(stage))
-            if not is_done(out):
-                if n := remove_stale_temporaries(out):
-                    log.info("%s: removed %d temporary file(s) of an interrupted run", stage, n)
-                summary = compute()
-                mark_done(out, summary)
-                shutil.rmtree(aside, ignore_errors=True)
-                return summary
-    log.info("%s: already computed for these inputs (key %s) at %s; skipping", stage, plan.key(stage), out)
-    return read_done(out)
-
-
-def require(plan: Plan, stage: str) -> None:
-    if not is_done(plan.dir(stage)):
-        raise RuntimeError(f"stage {stage!r} has not been run for these inputs (expected {plan.dir(stage)}); "
-                           f"run it first or call this flow with upstream=True")
-
-
-def run_mapped(task_fn, workers: int, name: str, *args) -> list:
-    """`task_fn.map(*args)`: threads in this process, or a local Dask cluster of `workers` processes."""
-    def fan_out() -> list:
-        from prefect.futures import as_completed
-
-        futures = task_fn.map(*args)
-        bar = Progress(name, name.replace("-", " "), len(futures), "shard")
-        for _ in as_completed(futures):
-            bar.advance()
-        return [f.result() for f in futures]
-
-    if workers == 1:
-        return fan_out()
-    from prefect_dask import DaskTaskRunner
-
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                            "processes": True, "dashboard_address": None})
-    return flow(fan_out, name=name, flow_run_name=name.replace("-", " "), task_runner=runner)()
 
 
 def register_views(plan: Plan) -> None:
@@ -259,6 +122,7 @@ def base_path(plan: Plan) -> str:
 def train_base_task(plan: Plan) -> dict:
     from pd_data.dataset import load_split
     from pd_model.base import load_base
+    from pd_model.config import Sampler
     from pd_model.train_base import base_samples, train_base_folder
 
     out, ev = plan.dir("base"), plan.profile.eval
@@ -266,7 +130,7 @@ def train_base_task(plan: Plan) -> dict:
                                 plan.profile.data.resolution, out, report_to=plan.profile.train.report_to)
     held_out = load_split(plan.dir("ingest"), plan.dir("annotate"), plan.profile.prompts.split)
     base_samples(load_base(out).freeze(), held_out, out / "samples.png",
-                 {"scheduler": ev.scheduler, "num_inference_steps": ev.steps, "guidance_scale": ev.guidance_scale},
+                 Sampler(ev.scheduler, ev.steps, ev.guidance_scale),
                  plan.profile.data.resolution)
     return summary | provenance(plan.profile.base.mixed_precision, "cpu", "base.mixed_precision")  # the tiny base trains on the CPU
 
@@ -333,22 +197,6 @@ def train_job(job, publish: Callable[[Path, int], None]) -> None:
         publish(path, int(path.stem.split("-")[1]))
 
 
-def publish_grid(path: Path, step: int, model: str) -> None:
-    """A validation grid as a Markdown artifact `validation-<model>-step-<step>` (one card per model and
-    step), inside a flow or task run only (elsewhere: nothing).
-
-    The PNG is inlined as a data URL in Markdown, which the UI renders as the picture: the UI is served
-    over http and will not load a file:// URL, and an image artifact's page prints its URL as text."""
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
-    name = label(model)
-    create_markdown_artifact(
-        key=names.key("validation", name, f"step-{step}"),
-        markdown=f"### {name}, step {step}\n\nexample pair | query | output | target\n\n"
-                 f"![{name}, step {step}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})\n\n`{path}`\n",
-        description=f"Validation grid of {name} at step {step}")
-
-
 def provenance(setting: str | None, device: str | None, key: str = "") -> dict:
     """What a stage's summary records of where it ran (`pd_eval.provenance`); with `setting`, the
     training precision it resolved to on `device` too."""
@@ -393,7 +241,7 @@ def evaluate_task(plan: Plan) -> dict:
     n = store(plan.state.db, plan.key("evaluate"), rows, result)
     track_metrics(models, per_replicate, plan.key("evaluate"))
     table = [asdict(r) | {"eval_id": plan.key("evaluate"), "created_at": None} for r in result.metrics]
-    create_table_artifact(key="benchmark-metrics", table=[{k: _jsonable(v) for k, v in r.items()} for r in table],
+    create_table_artifact(key="benchmark-metrics", table=[{k: jsonable(v) for k, v in r.items()} for r in table],
                           description="Every metric of this evaluation (replicates pooled)")
     get_run_logger().info("evaluate: %d of %d samples generated by this run (the rest were on disk); %d metric rows stored",
                           result.computed, result.total, n)
@@ -438,24 +286,6 @@ def report_task(plan: Plan, run_id: str) -> str:
                                 plan.state.reports / run_id))
 
 
-def inline_images(markdown: str, folder: Path) -> str:
-    """`markdown` with each relative `![alt](file.png)` that exists under `folder` as a data URL."""
-    def inline(m: re.Match) -> str:
-        f = folder / m.group(2)
-        if "://" in m.group(2) or not f.is_file():
-            return m.group(0)
-        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
-
-    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)
-
-
-def _jsonable(v):
-    """Table artifacts are JSON: NaN and infinities (an interval of one sample) become None."""
-    import math
-
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def report(plan: Plan) -> str:
     """Record this run in DuckDB (its own row in `runs`) and write its report."""
     from dataclasses import replace
@@ -485,55 +315,15 @@ def report(plan: Plan) -> str:
                              description=f"Report of run {run_id}; on disk: {path} and {Path(path).with_suffix('.html')}")
     for key, (names, rows) in report_tables(plan.state.db, run_id, plan.key("evaluate")).items():
         if rows:
-            create_table_artifact(key=f"report-{key}", table=[dict(zip(names, map(_jsonable, r))) for r in rows],
+            create_table_artifact(key=f"report-{key}", table=[dict(zip(names, map(jsonable, r))) for r in rows],
                                   description=f"{key} of run {run_id}")
     get_run_logger().info("report: %s", path)
     return path
 
 
 # ---------------------------------------------------------------- flows
-
-# The help of every flow parameter, shown in the UI's run form (Prefect reads a Google-style "Args:"
-# section of the flow's docstring): written once, added to each flow by `with_parameter_help`.
-PARAMETER_HELP = {
-    "profile": "Configuration profile: smoke (minutes: trials and tests), demo (CPU-sized) or paper (Stable Diffusion 1.5, GPU).",
-    "overrides": 'Values over the profile\'s, by section, e.g. {"train": {"steps": 50}} or {"eval": {"guidance_scale": 1.5}}; '
-                 "`pd profile NAME` prints every key. Unknown keys are errors.",
-    "state_dir": "Folder of data, models, results and reports (default: $PD_STATE_DIR, else .pd).",
-    "upstream": "Run the stages before this one that are not done yet; if false, they must be done.",
-    "force": 'Stages to recompute though done, with every stage that reads them, e.g. ["evaluate"].',
-}
-
-
-def with_parameter_help(fn):
-    """`fn` with an "Args:" section for each of its parameters that `PARAMETER_HELP` describes (apply
-    it under `@flow`, which reads the docstring when it wraps the function)."""
-    import inspect
-    import textwrap
-
-    names = [n for n in inspect.signature(fn).parameters if n in PARAMETER_HELP]
-    lines = [textwrap.fill(f"{n}: {PARAMETER_HELP[n]}", 100, initial_indent="    ", subsequent_indent="        ")
-             for n in names]
-    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
-    return fn
-
-
-CHAIN = {"ingest": ingest, "annotate": annotate, "train": train, "evaluate": evaluate}
-LAST_STAGE = {"ingest": "ingest", "annotate": "prompts", "train": "train", "evaluate": "evaluate"}
-
-
-def through(plan: Plan, last: str, upstream: bool) -> Any:
-    """Run the chain up to `last` (`report` included): every stage before it too with `upstream`,
-    else those before it must be done already."""
-    names = list(CHAIN) + ["report"]
-    before = names[:names.index(last)]
-    for name in before:
-        if upstream:
-            CHAIN[name](plan)
-        else:
-            require(plan, LAST_STAGE[name])
-    return report(plan) if last == "report" else CHAIN[last](plan)
-
+# Each flow calls its stages in order. Without `upstream`, the stages before its own must be done
+# already (`require`); `full-benchmark` (flows/full_benchmark.py) runs them all.
 
 @flow(name="ingest", log_prints=True)
 @with_parameter_help
@@ -551,7 +341,11 @@ def annotate_flow(profile: ProfileName = "demo", overrides: Overrides = None, st
     """Annotate the ingested images (one task per shard) and materialise the evaluation prompts;
     returns the annotation summary.
     """
-    return through(make_plan(profile, overrides, state_dir, trains=False, force=force), "annotate", upstream)
+    plan = make_plan(profile, overrides, state_dir, trains=False, force=force)
+    if upstream:
+        ingest(plan)
+    require(plan, "ingest")
+    return annotate(plan)
 
 
 @flow(name="train", log_prints=True)
@@ -561,7 +355,12 @@ def train_flow(profile: ProfileName = "demo", overrides: Overrides = None, state
     """Train the tiny base (if the profile has one), Prompt Diffusion and the CN(FT) baselines;
     returns the models trained.
     """
-    return through(make_plan(profile, overrides, state_dir, force=force), "train", upstream)
+    plan = make_plan(profile, overrides, state_dir, force=force)
+    if upstream:
+        ingest(plan)
+        annotate(plan)
+    require(plan, "ingest", "prompts")
+    return train(plan)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -570,7 +369,13 @@ def evaluate_flow(profile: ProfileName = "demo", overrides: Overrides = None, st
                   upstream: bool = True, force: Force = None) -> dict:
     """Benchmark every trained model on the materialised prompts; the metrics go into DuckDB.
     """
-    return through(make_plan(profile, overrides, state_dir, force=force), "evaluate", upstream)
+    plan = make_plan(profile, overrides, state_dir, force=force)
+    if upstream:
+        ingest(plan)
+        annotate(plan)
+        train(plan)
+    require(plan, "ingest", "prompts", "train")
+    return evaluate(plan)
 
 
 @flow(name="report", log_prints=True)
@@ -579,4 +384,11 @@ def report_flow(profile: ProfileName = "demo", overrides: Overrides = None, stat
                 upstream: bool = True, force: Force = None) -> str:
     """Evaluate (if needed), record this run in DuckDB, and write its report; returns the report's path.
     """
-    return through(make_plan(profile, overrides, state_dir, force=force), "report", upstream)
+    plan = make_plan(profile, overrides, state_dir, force=force)
+    if upstream:
+        ingest(plan)
+        annotate(plan)
+        train(plan)
+        evaluate(plan)
+    require(plan, "ingest", "prompts", "train", "evaluate")
+    return report(plan)

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pd_core.config import Frozen
+from pd_model.config import Sampler
 
 POSITIVE_SUFFIX = ", best quality, extremely detailed"
 NEGATIVE_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, "
@@ -27,10 +28,10 @@ class EvalConfig(Frozen):
     """`protocol='paper'`: DDIM 100 steps, guidance 9.0 over the text only, suffix and negative prompt of Table 1."""
 
     protocol: Literal["paper", "fast"] = "fast"
-    scheduler: Literal["ddim", "dpm", "unipc"] = "ddim"
-    steps: int = Field(20, ge=1, description="the fastest count no worse than DDIM 100 on any demo task "
+    scheduler: Literal["ddim", "dpm", "unipc"] = Sampler.scheduler
+    steps: int = Field(Sampler.steps, ge=1, description="the fastest count no worse than DDIM 100 on any demo task "
                                               "(scripts/bench_eval.py samplers; docs/results.md)")
-    guidance_scale: float = Field(3.0, ge=1.0)
+    guidance_scale: float = Field(Sampler.guidance_scale, ge=1.0)
     map_guidance_scale: float | None = Field(
         None, ge=1.0, description="text guidance of the image->map tasks (task inference included); None is "
                                   "guidance_scale, as in the paper's protocol")
@@ -78,6 +79,11 @@ class EvalConfig(Frozen):
                 f"100 steps at guidance 9 over the text only; use eval.{k}={_typed(paper)} or eval.protocol=fast"
                 for k, have, paper in wrong))
         return self
+
+    def sampler(self) -> Sampler:
+        """The sampler of the map->image prompts (image->map ones take `map_guidance_scale` where set)."""
+        return Sampler(self.scheduler, self.steps, self.guidance_scale, self.pair_guidance_scale, self.negative_prompt,
+                       self.positive_suffix)
 
     def identity(self) -> dict:
         """The settings an evaluation's outputs depend on (its key): all but how many processes share it,

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -188,10 +189,9 @@ def generate_shard(job: GenerationJob, rank: int = 0, world: int = 1,
             base, net = models.get(r.checkpoint)
             built = [_prompt(data, it, r.no_text) for it in b]  # the whole batch: its composition fixes the PNGs
             pair_guidance = cfg.pair_guidance_scale if kind_of(net) == "prompt-diffusion" else None  # CN(FT): no pair
-            outputs = generate(base, net, built, [it.seed for it in b], scheduler=cfg.scheduler, steps=cfg.steps,
-                               guidance_scale=r.guidance, positive_suffix="" if r.no_text else cfg.positive_suffix,
-                               negative_prompt=cfg.negative_prompt, pair_guidance_scale=pair_guidance,
-                               empty_pair=r.empty_pair)
+            sampler = replace(cfg.sampler(), guidance_scale=r.guidance, pair_guidance_scale=pair_guidance,
+                              positive_suffix="" if r.no_text else cfg.positive_suffix)
+            outputs = generate(base, net, built, [it.seed for it in b], sampler, empty_pair=r.empty_pair)
             for p, a, new in zip(files, outputs, todo):
                 if new:  # one written before a kill is identical: kept
                     save_png(p, a)

@@ -242,6 +242,33 @@ def benchmark_models(db: Path) -> tuple[dict | None, list[str], list[tuple]]:
         return dict(zip(("run_id", "profile", "finished_at"), run[0][:3])), [d[0] for d in cur.description], cur.fetchall()
 
 
+def latest_results(db: Path) -> tuple[list[str], list[tuple], tuple[str, str] | None]:
+    """Table 1 of the latest completed run beside the paper's (columns, rows), and that run's
+    (run_id, report path), None before any run completed."""
+    names, rows = query(db, "SELECT * EXCLUDE (run_id) FROM latest_paper_table ORDER BY profile = 'paper', model")
+    _, runs = query(db, "SELECT run_id, report_path FROM runs WHERE status = 'completed' ORDER BY finished_at DESC LIMIT 1")
+    return names, rows, (runs[0] if runs else None)
+
+
+def current_model_path(db: Path, dataset: str, kind_spellings: list[str]) -> str | None:
+    """The folder of the registry's current model of `dataset`; else of the latest completed benchmark's
+    model whose kind is one of `kind_spellings` (databases written before the kinds were unified spell
+    Prompt Diffusion 'prompt_diffusion'); None when there is neither."""
+    _, tables = query(db, "SELECT table_name FROM duckdb_tables() UNION ALL SELECT view_name FROM duckdb_views()")
+    names = {t for (t,) in tables}
+    if {"current_models", "registry"} <= names:
+        _, rows = query(db, "SELECT r.path FROM current_models c JOIN registry r USING (dataset, model_id) "
+                            "WHERE c.dataset = ?", [dataset])
+        if rows:
+            return rows[0][0]
+    if {"models", "runs"} <= names:
+        _, rows = query(db, "SELECT m.path FROM models m JOIN runs r USING (eval_id) WHERE list_contains(?, m.kind) "
+                            "AND r.status = 'completed' ORDER BY r.finished_at DESC LIMIT 1", [kind_spellings])
+        if rows:
+            return rows[0][0]
+    return None
+
+
 def write_run(db: Path, row: RunRow) -> None:
     """A run's own row of `runs`, inserted when it starts and updated as it ends."""
     with connect(db) as con:

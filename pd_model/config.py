@@ -1,6 +1,7 @@
-"""Typed configuration of the networks and of training."""
+"""Typed configuration of the networks, of training and of sampling."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -168,3 +169,23 @@ class TrainConfig(Frozen):
                              "set baseline_steps_per_task > 0 or oracles=false")
         check_installed(self.report_to)  # now, at plan time, not when the first model starts training
         return self
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How images are sampled. The defaults are the evaluation's (`eval.scheduler`, `eval.steps`,
+    `eval.guidance_scale`), so that `pd generate` draws what the benchmark scores. `pair_guidance_scale`
+    guides over the example pair apart from the text (Prompt Diffusion only); `positive_suffix` is
+    appended to every text."""
+
+    scheduler: str = "ddim"
+    steps: int = 20
+    guidance_scale: float = 3.0
+    pair_guidance_scale: float | None = None
+    negative_prompt: str = ""
+    positive_suffix: str = ""
+
+    def pipeline_kwargs(self) -> dict:
+        """The pipeline call's arguments for these settings (the scheduler is the pipeline's own)."""
+        return {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
+                "pair_guidance_scale": self.pair_guidance_scale, "negative_prompt": self.negative_prompt}

@@ -158,6 +158,11 @@ def as_kind(kind: str) -> Kind:
     return _KINDS[kind]
 
 
+def spellings(kind: Kind) -> list[str]:
+    """Every spelling of `kind` that `as_kind` reads (old model folders' and results' included)."""
+    return [k for k, v in _KINDS.items() if v == kind]
+
+
 def controlnet_class(kind: str) -> type[ControlNetModel]:
     return PromptDiffusionControlNet if as_kind(kind) == "prompt-diffusion" else ControlNetModel
 

@@ -19,7 +19,7 @@ from diffusers import ControlNetModel
 from pd_data.dataset import SplitData
 from pd_data.tasks import Prompt, get_task
 from pd_model.base import BaseModel
-from pd_model.config import TrainConfig
+from pd_model.config import Sampler, TrainConfig
 from pd_model.controlnet import Kind, as_kind, controlnet_class
 from pd_model.names import label
 from pd_model.loop import Checkpointing, Optim, micro_batches, run, world
@@ -165,7 +165,7 @@ def _grids(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], 
     """The loop's `every` callback: a validation grid at a step, handed to `on_grid(path, step)` (and
     returned: the loop logs it to the tracker)."""
     def draw(step: int) -> Path:
-        path = save_validation_grid(base, controlnet, prompts, folder, step, seed, guidance_scale=guidance)
+        path = save_validation_grid(base, controlnet, prompts, folder, step, seed, Sampler(steps=10, guidance_scale=guidance))
         if on_grid is not None:
             on_grid(path, step)
         return path

@@ -17,6 +17,7 @@ from pd_model.hints import to_unit
 from pd_model.loop import Checkpointing, Optim, run
 from pd_model.objective import Batch, TextCache, prediction_loss
 from pd_model.precision import fast_layout, resolve
+from pd_model.config import Sampler
 from pd_model.tracking import LOGS, ReportTo, Tracking
 
 
@@ -97,19 +98,20 @@ def train_base_folder(cfg: BaseModelConfig, data: SplitData, resolution: int, ou
     return {"path": str(out), "steps": cfg.train_steps, "final_loss": losses[-1] if losses else None}
 
 
-def base_samples(base: BaseModel, held_out: SplitData, path: Path, sampler: dict, resolution: int, n: int = 8) -> None:
+def base_samples(base: BaseModel, held_out: SplitData, path: Path, sampler: Sampler, resolution: int, n: int = 8) -> None:
     """Text -> image samples of the base from held-out captions: does it draw the scenes it is told?
     Each sample sits beside the held-out image of its caption, the picture it should resemble.
-    `sampler`: scheduler, num_inference_steps and guidance_scale of the pipeline."""
+    `sampler`'s text settings apply (a base has no pair)."""
     from pd_model.pipeline import PromptDiffusionPipeline, uint8_images
     from pd_model.visuals import caption_grid
 
     ids = sorted(held_out.captions)[:n]
     captions = [held_out.captions[i] for i in ids]
-    pipe = PromptDiffusionPipeline.from_parts(base, None, sampler["scheduler"])
+    pipe = PromptDiffusionPipeline.from_parts(base, None, sampler.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    images = uint8_images(pipe(captions, num_inference_steps=sampler["num_inference_steps"],
-                               guidance_scale=sampler["guidance_scale"], height=resolution, width=resolution,
+    images = uint8_images(pipe([c + sampler.positive_suffix for c in captions], num_inference_steps=sampler.steps,
+                               guidance_scale=sampler.guidance_scale, negative_prompt=sampler.negative_prompt,
+                               height=resolution, width=resolution,
                                generator=[torch.Generator().manual_seed(i) for i in range(len(captions))]).images)
     real = np.stack([held_out.arrays[i]["image"] for i in ids])
     pairs = np.stack([x for ab in zip(images, real) for x in ab])

@@ -16,6 +16,7 @@ from diffusers import ControlNetModel
 from pd_core.state import atomic_write_bytes
 from pd_data.tasks import Prompt
 from pd_model.base import BaseModel
+from pd_model.config import Sampler
 from pd_model.sampling import generate
 from pd_model.visuals import prompt_grid
 
@@ -27,7 +28,7 @@ def grid_rows(n_tasks: int) -> int:
 
 @torch.no_grad()
 def save_validation_grid(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], folder: Path, step: int,
-                         seed: int, *, scheduler: str = "ddim", steps: int = 10, guidance_scale: float = 3.0) -> Path:
+                         seed: int, sampler: Sampler = Sampler(steps=10)) -> Path:
     """`folder/step-NNNNNNN.png` (written atomically): example pair | query | output | target per prompt.
 
     Few sampler steps on purpose: the grid is for a person watching the run, not a benchmark."""
@@ -36,8 +37,7 @@ def save_validation_grid(base: BaseModel, controlnet: ControlNetModel, prompts: 
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):  # CPU (and this GPU) RNG restored
         controlnet.eval()
         try:
-            outputs = generate(base, controlnet, prompts, [seed + i for i in range(len(prompts))], scheduler=scheduler,
-                               steps=steps, guidance_scale=guidance_scale)  # (B, H, W, 3) uint8
+            outputs = generate(base, controlnet, prompts, [seed + i for i in range(len(prompts))], sampler)  # (B, H, W, 3) uint8
         finally:
             controlnet.train(was_training)
     buf = io.BytesIO()

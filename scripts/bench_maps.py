@@ -59,7 +59,8 @@ def main() -> None:
         raise SystemExit(f"--evals {args.evals}: pair guidance (a third number) acts on Prompt Diffusion's example pair, "
                          f"and variant(s) {cnft} are CN(FT); score them in a run without pair guidance")
 
-    from flows.stages import base_path, make_plan
+    from flows.runner import make_plan
+    from flows.stages import base_path
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
     from pd_data.tasks import get_task
@@ -68,6 +69,7 @@ def main() -> None:
     from pd_eval.metrics import rmse
     from pd_model.controlnet import kind_of
     from pd_model.pipeline import load_trained, save_trained
+    from pd_model.config import Sampler
     from pd_model.sampling import generate
     from pd_model.base import load_base
     from pd_model.train import ModelSpec, train_controlnet
@@ -130,8 +132,7 @@ def main() -> None:
                 net, unet = nets[t]
                 model_base = base.with_unet(unet)
                 outs = [generate(model_base, net, built[t][i:i + ev.batch_size], [r["seed"] for r in by_task[t][i:i + ev.batch_size]],
-                                 scheduler=ev.scheduler, steps=int(steps), guidance_scale=guidance,
-                                 pair_guidance_scale=pair_g)
+                                 Sampler(ev.scheduler, int(steps), guidance, pair_g))
                         for i in range(0, len(built[t]), ev.batch_size)]
                 res[t] = rmse(np.concatenate(outs), targets[t], 0).value
             label = f"{name} ({ev.scheduler} {int(steps)} steps, guidance {guidance:g}" + (f", pair {pair_g:g})" if pair_g else ")")

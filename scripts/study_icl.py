@@ -68,7 +68,8 @@ def main() -> None:
         ap.error("give at least one --variant (or --table FILE)")
 
     from flows.profiles import merge_settings
-    from flows.stages import base_path, make_plan
+    from flows.runner import make_plan
+    from flows.stages import base_path
     from pd_data.config import PromptConfig
     from pd_data.dataset import load_split
     from pd_data.prompts import materialise_prompts
@@ -79,6 +80,7 @@ def main() -> None:
     from pd_eval.task_inference import classify
     from pd_model.base import load_base
     from pd_model.pipeline import load_trained, save_trained
+    from pd_model.config import Sampler
     from pd_model.sampling import generate
     from pd_model.train import ModelSpec, train_controlnet
 
@@ -113,7 +115,7 @@ def main() -> None:
 
     def sample(base, net, prompts: list[Prompt], seeds: list[int], guidance: float, empty_pair: bool = False) -> np.ndarray:
         return np.concatenate([generate(base, net, prompts[i:i + ev.batch_size], seeds[i:i + ev.batch_size],
-                                        scheduler=ev.scheduler, steps=ev.steps, guidance_scale=guidance, empty_pair=empty_pair)
+                                        Sampler(ev.scheduler, ev.steps, guidance), empty_pair=empty_pair)
                                for i in range(0, len(prompts), ev.batch_size)])
 
     def score(task: str, outs: np.ndarray, prompts: list[Prompt]) -> tuple[str, np.ndarray]:

@@ -21,6 +21,7 @@ from pd_eval.evaluate import Split, evaluate_folders
 from pd_eval.generation import GenerationJob, cpu_threads, generate_shard, paths, run_generation
 from pd_model.base import load_base
 from pd_model.pipeline import save_trained
+from pd_model.config import Sampler
 from pd_model.sampling import generate
 from pd_model.train import build_controlnet
 
@@ -57,8 +58,8 @@ def _direct(world, cfg: EvalConfig, task: str, guidance: float, **kw) -> np.ndar
     rows = [r for r in evaluation_prompts(world["root"] / "prompts.parquet", cfg) if r["task"] == task]
     built = [world["data"].prompt(get_task(task), r["example_id"], r["query_id"]) for r in rows]
     with cpu_threads(cfg.threads):  # as generation runs: on a CPU the thread count moves float sums
-        return generate(world["base"], world["net"], built, [r["seed"] for r in rows], steps=cfg.steps,
-                        guidance_scale=guidance, **kw)
+        return generate(world["base"], world["net"], built, [r["seed"] for r in rows],
+                        Sampler(steps=cfg.steps, guidance_scale=guidance, **kw))
 
 
 def test_generation_samples_with_the_configured_pair_and_map_guidance(world, tmp_path):

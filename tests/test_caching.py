@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from conftest import TINY
-from flows.plan import Plan, descendants
+from flows.dag import descendants
+from flows.plan import Plan
 from flows.profiles import ConfigError, load_profile
 from flows.stages import annotate_flow
 from pd_core.state import StateDir

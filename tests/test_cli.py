@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import live_controlnet
-from flows.cli import FORMATS, PLAN_STAGES, SCHEDULER_NAMES, _parser, main as pd_main
-from flows.plan import STAGES
+from flows.cli import FORMATS, SCHEDULER_NAMES, _parser, main as pd_main
+from flows.dag import FLOWS
 from flows.profiles import PROFILES
 from pd_data.tasks import TASKS
 from pd_eval.registry import record
@@ -37,19 +37,34 @@ def test_every_argument_of_every_command_has_help_and_commands_a_description():
 
 
 def test_defaults_are_shown_and_choices_come_from_the_registries(capsys):
-    assert set(SCHEDULER_NAMES) == set(SCHEDULERS) and PLAN_STAGES == STAGES
+    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
     edit = _subparsers(_parser())["edit"]
     modality = next(a for a in edit._actions if a.dest == "modality")
     assert set(modality.choices) == {t.target for t in TASKS.values() if t.source == "image"} >= {"depth", "hed", "seg"}
     with pytest.raises(SystemExit):
         pd_main(["generate", "--help"])
     text = capsys.readouterr().out
-    assert "(default: 50)" in text and "(default: ddim)" in text and "(default: 0)" in text
+    assert "(default: 20)" in text and "(default: ddim)" in text and "(default: 0)" in text
     with pytest.raises(SystemExit) as e:
         pd_main(["run", "--profile", "nightly"])
     assert e.value.code == 2 and "invalid choice: 'nightly'" in capsys.readouterr().err
     for name in PROFILES:
         assert _parser().parse_args(["run", "--profile", name]).profile == name
+
+
+def test_pd_generate_samples_as_the_evaluation_does_and_every_flow_is_listed_once():
+    from flows import full_benchmark, stages
+    from pd_eval.config import EvalConfig
+    from pd_model.config import Sampler
+
+    args = _parser().parse_args(["generate", "--prompt", "a ball", "--pair", "a.png", "b.png", "--query", "q.png", "--out", "o.png"])
+    assert Sampler(args.scheduler, args.steps, args.guidance, args.pair_guidance, args.negative) == Sampler() \
+        == EvalConfig().sampler()
+    run = _subparsers(_parser())["run"]
+    assert next(a for a in run._actions if a.dest == "stage").choices == FLOWS
+    flows_ = [full_benchmark.full_benchmark, stages.ingest_flow, stages.annotate_flow, stages.train_flow,
+              stages.evaluate_flow, stages.report_flow]
+    assert tuple(f.name for f in flows_) == FLOWS
 
 
 def test_version(capsys):

@@ -35,6 +35,7 @@ def test_an_empty_pair_changes_prompt_diffusion_outputs():
     from pd_data.tasks import Prompt
     from pd_model.base import build_tiny_base
     from pd_model.config import BaseModelConfig
+    from pd_model.config import Sampler
     from pd_model.sampling import generate
     from pd_model.train import build_controlnet
 
@@ -47,7 +48,7 @@ def test_an_empty_pair_changes_prompt_diffusion_outputs():
     rng = np.random.default_rng(1)
     img = lambda: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # noqa: E731
     prompt = Prompt("hed->image", img(), img(), img(), img(), "a red ball")
-    with_pair = generate(base, net, [prompt], [7], steps=2, guidance_scale=1.0)
-    again = generate(base, net, [prompt], [7], steps=2, guidance_scale=1.0)
-    empty = generate(base, net, [prompt], [7], steps=2, guidance_scale=1.0, empty_pair=True)
+    with_pair = generate(base, net, [prompt], [7], Sampler(steps=2, guidance_scale=1.0))
+    again = generate(base, net, [prompt], [7], Sampler(steps=2, guidance_scale=1.0))
+    empty = generate(base, net, [prompt], [7], Sampler(steps=2, guidance_scale=1.0), empty_pair=True)
     assert np.array_equal(with_pair, again) and not np.array_equal(with_pair, empty)

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 
 from conftest import TINY
 from flows.full_benchmark import full_benchmark
-from flows.plan import STAGES, Plan
+from flows.dag import STAGES
+from flows.plan import Plan
 from flows.profiles import load_profile
 from pd_core.state import StateDir
 from pd_eval.store import query

@@ -7,6 +7,7 @@ from pd_data.tasks import Prompt
 from pd_model.base import build_tiny_base, load_base
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.controlnet import PromptDiffusionControlNet
+from pd_model.config import Sampler
 from pd_model.sampling import generate
 from pd_model.train import build_controlnet, cfg_dropout
 
@@ -80,15 +81,15 @@ def _prompts(n, seed=0):
 def test_sampling_is_deterministic_and_independent_of_the_batch(base):
     net = build_controlnet(base, "prompt-diffusion")
     ps = _prompts(3)
-    a = generate(base, net, ps, [1, 2, 3], steps=3, guidance_scale=3.0)
-    b = generate(base, net, ps[1:2], [2], steps=3, guidance_scale=3.0)
+    a = generate(base, net, ps, [1, 2, 3], Sampler(steps=3, guidance_scale=3.0))
+    b = generate(base, net, ps[1:2], [2], Sampler(steps=3, guidance_scale=3.0))
     assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
     # Same seed, same prompt, other batch: equal up to float rounding of batched kernels (a level or two).
     diff = np.abs(a[1].astype(int) - b[0].astype(int))
     assert diff.max() <= 3 and diff.mean() < 0.05
-    again = generate(base, net, ps, [1, 2, 3], steps=3, guidance_scale=3.0)
+    again = generate(base, net, ps, [1, 2, 3], Sampler(steps=3, guidance_scale=3.0))
     assert np.array_equal(a, again)  # bitwise deterministic for a fixed batch
-    c = generate(base, net, ps, [4, 5, 6], steps=3, guidance_scale=3.0)
+    c = generate(base, net, ps, [4, 5, 6], Sampler(steps=3, guidance_scale=3.0))
     assert not np.array_equal(a, c)
 
 
@@ -132,7 +133,7 @@ def test_the_loss_targets_what_the_scheduler_predicts_and_survives_a_round_trip(
     ab = b.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     target = noise if kind == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
     assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-5)
-    image = generate(b, None, [Prompt("depth->image", *(np.zeros((32, 32, 3), np.uint8),) * 4, "a red ball")], [0], steps=2)
+    image = generate(b, None, [Prompt("depth->image", *(np.zeros((32, 32, 3), np.uint8),) * 4, "a red ball")], [0], Sampler(steps=2))
     assert image.shape == (1, 32, 32, 3)
 
 

@@ -71,7 +71,7 @@ def test_the_source_is_fingerprinted_once_and_a_file_touched_mid_run_orphans_not
 
 
 def test_a_stage_removes_what_a_killed_run_left_behind(prefect_engine, tmp_path):
-    from flows.stages import run_stage
+    from flows.runner import run_stage
 
     plan = Plan.build(load_profile("smoke", TINY), StateDir(tmp_path))
     out = plan.dir("annotate")

@@ -5,7 +5,7 @@ import pytest
 from prefect import task
 
 from flows.profiles import ConfigError
-from flows.stages import RETRIES
+from flows.runner import RETRIES
 
 
 @pytest.mark.parametrize("error, calls", [

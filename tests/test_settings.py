@@ -112,6 +112,7 @@ def test_the_benchmark_gives_pair_guidance_to_prompt_diffusion_only(train_world,
     from pd_eval.generation import cpu_threads
     from pd_model.base import load_base
     from pd_model.pipeline import save_trained
+    from pd_model.config import Sampler
     from pd_model.sampling import generate
 
     data = load_split(train_world / "img", train_world / "ann", "train")
@@ -127,10 +128,10 @@ def test_the_benchmark_gives_pair_guidance_to_prompt_diffusion_only(train_world,
     rows = evaluation_prompts(prompts_path, cfg)
     built = [data.prompt(get_task(task), r["example_id"], r["query_id"]) for r in rows]
     with cpu_threads(cfg.threads):  # as generation runs: on a CPU the thread count moves float sums
-        direct = generate(base, net, built, [r["seed"] for r in rows], steps=2, guidance_scale=cfg.guidance_scale)
+        direct = generate(base, net, built, [r["seed"] for r in rows], Sampler(steps=2, guidance_scale=cfg.guidance_scale))
     assert np.array_equal(np.stack([np.asarray(Image.open(s["path"])) for s in result.samples]), direct)
     with pytest.raises(ValueError, match="pair_guidance_scale=3.0 cannot apply"):  # asked for directly, it is an error
-        generate(base, net, built, [r["seed"] for r in rows], steps=2, pair_guidance_scale=3.0)
+        generate(base, net, built, [r["seed"] for r in rows], Sampler(steps=2, pair_guidance_scale=3.0))
 
 
 # ---------------------------------------------------------------- 3. one vocabulary, one call

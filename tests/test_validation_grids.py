@@ -30,7 +30,7 @@ def test_grids_are_saved_published_and_leave_the_weights_untouched(train_world, 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.stages import publish_grid
+    from flows.artifacts import publish_grid
 
     torch.set_num_threads(1)
     plain = _train(train_world, 0, tmp_path / "off")
