@@ -64,33 +64,23 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"data": {"split_fractions": (0.6, 0.1, 0.3)}, "train": {"oracles": True}, "eval": {"bootstrap": 50, "steps": 10, "reader_steps": 40},
               "base": {"snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25}},
     "demo": {
-        # 480 images, as before layouts: 80 themes x 3 layouts x (a picture and its edited twin).
+        # 80 themes x 3 layouts x (a picture and its edited twin): 480 images.
         "data": {"n_groups": 80, "layouts_per_group": 3, "resolution": 32},
-        # 64 prompts per trained task and 32 per unseen one, so that a comparison can separate; the
-        # example-sensitivity study re-samples the first 16 of each trained task twice (zeroed pair, another task's).
+        # Enough prompts per task for comparisons to separate; sensitivity re-samples the first 16 twice.
         "prompts": {"per_task": 64},
-        # Random-conv FID of held-out-caption samples at equal cost (docs/results.md): EMA 3.33 -> 2.12; then
-        # min-SNR weighting + a trained text encoder 2.11 -> 1.40. Maps: the prior SD has (see map_fraction).
-        # v-prediction: 1.85 -> 0.25 with maps in (scripts/bench_base.py).
+        # Each base setting is the one that drew held-out captions best at equal cost (EMA, min-SNR with a
+        # trained text encoder, v-prediction, a quarter of maps for the prior SD has of them): docs/results.md.
         "base": {"train_steps": 900, "batch_size": 16, "block_out_channels": (32, 64, 64), "ema_decay": 0.999,
                  "snr_gamma": 5.0, "train_text_encoder": True, "map_fraction": 0.25, "prediction_type": "v_prediction",
                  "checkpoint_every": 150,  # a killed run resumes (checkpoints stay out of the stage keys)
-                 # bf16 autocast, channels_last, fp32 attention (pd_model.precision): the step 1.3x fp32's on this
-                 # CPU's AMX (scripts/bench_train.py); -o base.mixed_precision=no -o train.mixed_precision=no is fp32.
-                 "mixed_precision": "bf16"},
-        # Grids: a round costs ~3 steps (6 prompts) for Prompt Diffusion, ~1.3 for a CN(FT) (2): 3% of training.
-        # Equal steps per task: Prompt Diffusion 960 over six tasks, each CN(FT) 160 on its one (480 under-trained
-        # it: validation RMSE depth / hed / seg 0.153 / 0.410 / 0.279 against 0.117 / 0.307 / 0.258). min-SNR and
-        # the decoder trained too (as the original's shipped command did): image->map RMSE, scripts/bench_maps.py.
+                 "mixed_precision": "bf16"},  # the faster step on these CPUs (docs/benchmarks.md); "no" is fp32
+        # Equal steps per task: Prompt Diffusion's 960 over six tasks, each CN(FT) 160 on its one. min-SNR and
+        # the trained decoder (as the original's shipped command) lower image->map RMSE (scripts/bench_maps.py).
         "train": {"steps": 960, "batch_size": 16, "learning_rate": 5e-4, "baseline_steps_per_task": 160,
                   "validate_every": 120, "snr_gamma": 5.0, "train_unet_decoder": True, "checkpoint_every": 120,
                   "mixed_precision": "bf16"},
-        # Text guidance 3 for map->image, the conditional model alone (1) for image->map: on validation
-        # prompts paired across layouts, guidance 3 cost image->depth 0.153 -> 0.196 and image->hed
-        # 0.410 -> 0.546 RMSE, while guidance 1 cost map->image FID (docs/results.md, 2026-12-01 runs); guidance
-        # over the example pair changed nothing (scripts/bench_maps.py --split val).
-        # One process at two threads generated 1.41 samples/s here, two processes at one thread 1.21
-        # (scripts/bench_eval.py throughput).
+        # Text guidance helps map->image and hurts image->map, so each direction has its own (docs/results.md);
+        # one process at two threads generates faster here than two at one (scripts/bench_eval.py).
         "eval": {"guidance_scale": 3.0, "map_guidance_scale": 1.0, "threads": 2, "unseen_per_task": 32,
                  "sensitivity_per_task": 16},
     },
