@@ -54,9 +54,9 @@ def _annotators(profile: Profile) -> list[Missing]:
         if backend == "procedural":
             continue
         try:
-            from pd_data import annotators_ext
+            from pd_data import annotator_weights
 
-            annotators_ext.resolve_weights(backend, modality, d.annotator_weights)
+            annotator_weights.resolve_weights(backend, modality, d.annotator_weights)
         except ImportError as e:
             out.append(Missing(f"annotator {backend}:{modality}", f"its package is not installed ({e}); "
                                "run `make install`"))

@@ -224,7 +224,7 @@ def control_scores(modality: str, read: np.ndarray, query: np.ndarray,
     spec = control_spec(modality)
     if spec.needs_palette and palette is None:
         raise ValueError(f"{modality!r} maps need palette=, the label colours; pass pd_data.procedural.SEG_PALETTE for "
-                         f"the demo's maps or pd_data.annotators_ext.ADE20K_PALETTE for ADE20K ones")
+                         f"the demo's maps or pd_data.annotator_weights.ADE20K_PALETTE for ADE20K ones")
     if not spec.needs_palette and palette is not None:
         raise ValueError(f"{modality!r} maps take no palette= (a palette applies to seg only); leave it out")
     return spec.score(read, query, palette) if spec.needs_palette else spec.score(read, query)

@@ -49,7 +49,7 @@ class ReAnnotators:
                 self._read[m] = lambda imgs, a=a: np.stack([a(i, {}) for i in imgs])
                 self._id[m] = f"{a.name}@{a.version}" + (f"+{a.weights_hash[:10]}" if getattr(a, "weights_hash", "") else "")
                 if m == "seg":
-                    from pd_data.annotators_ext import ADE20K_PALETTE
+                    from pd_data.annotator_weights import ADE20K_PALETTE
 
                     self.palette[m] = ADE20K_PALETTE
         self.reader = demo_reader(train, procedural, cache, steps, seed) if procedural else None

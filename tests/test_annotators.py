@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pd_data import annotator_weights as aw
 from pd_data import annotators_ext as ext
 from pd_data.annotate import ANNOTATORS, get_annotator
 
@@ -32,9 +33,9 @@ def offline_hub(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.delenv(ext.AUX_ENV, raising=False)
-    monkeypatch.delenv(ext.SEG_ENV, raising=False)
-    monkeypatch.delenv(ext.DEPTH_ENV, raising=False)
+    monkeypatch.delenv(aw.AUX_ENV, raising=False)
+    monkeypatch.delenv(aw.SEG_ENV, raising=False)
+    monkeypatch.delenv(aw.DEPTH_ENV, raising=False)
     # huggingface_hub reads these at import time: patch the module-level values it uses per call.
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
@@ -163,19 +164,19 @@ def test_missing_weights_name_the_file(modality, filename, tmp_path, monkeypatch
     factory = ANNOTATORS["controlnet_aux"][modality]
     with pytest.raises(FileNotFoundError, match=filename) as e:
         factory(empty)
-    assert f"{empty} (from data.annotator_weights=" in str(e.value) and ext.AUX_ENV in str(e.value)
+    assert f"{empty} (from data.annotator_weights=" in str(e.value) and aw.AUX_ENV in str(e.value)
     # Nothing configured and nothing in the (empty, offline) Hugging Face cache.
     with pytest.raises(FileNotFoundError, match=f"data.annotator_weights is not set.*{filename}"):
         factory(None)
-    monkeypatch.setenv(ext.AUX_ENV, str(empty))
-    with pytest.raises(FileNotFoundError, match=f"from \\${ext.AUX_ENV}=.*{filename}.*data.annotator_weights"):
+    monkeypatch.setenv(aw.AUX_ENV, str(empty))
+    with pytest.raises(FileNotFoundError, match=f"from \\${aw.AUX_ENV}=.*{filename}.*data.annotator_weights"):
         factory(None)
 
 
 @pytest.mark.parametrize("backend, modality", [(b, m) for b in ("controlnet_aux", "transformers")
                                                for m in sorted(ANNOTATORS[b]) if m != "canny"])
 def test_every_missing_weights_error_names_the_setting(backend, modality, tmp_path):
-    for call in (ANNOTATORS[backend][modality], lambda d: ext.resolve_weights(backend, modality, d)):
+    for call in (ANNOTATORS[backend][modality], lambda d: aw.resolve_weights(backend, modality, d)):
         for weights_dir in (tmp_path, None):
             with pytest.raises(FileNotFoundError, match="data.annotator_weights") as e:
                 call(weights_dir)
@@ -183,30 +184,30 @@ def test_every_missing_weights_error_names_the_setting(backend, modality, tmp_pa
 
 
 def test_resolve_weights_finds_without_loading(aux_weights):
-    assert ext.resolve_weights("controlnet_aux", "canny") == []
-    assert ext.resolve_weights("controlnet_aux", "lineart", aux_weights) == [aux_weights / "sk_model.pth",
+    assert aw.resolve_weights("controlnet_aux", "canny") == []
+    assert aw.resolve_weights("controlnet_aux", "lineart", aux_weights) == [aux_weights / "sk_model.pth",
                                                                             aux_weights / "sk_model2.pth"]
     with pytest.raises(ValueError, match="known"):
-        ext.resolve_weights("transformers", "hed")
+        aw.resolve_weights("transformers", "hed")
 
 
 def test_weights_from_env_and_from_hf_cache(aux_weights, offline_hub, monkeypatch):
     expected = _sha256(aux_weights / "ControlNetHED.pth")
     hed = ANNOTATORS["controlnet_aux"]["hed"]  # the factory: get_annotator would return its cached instance
-    monkeypatch.setenv(ext.AUX_ENV, str(aux_weights))
+    monkeypatch.setenv(aw.AUX_ENV, str(aux_weights))
     assert hed(None).weights_hash == expected
-    monkeypatch.delenv(ext.AUX_ENV)
+    monkeypatch.delenv(aw.AUX_ENV)
     with pytest.raises(FileNotFoundError):
         hed(None)
-    _cache_snapshot(offline_hub, ext.AUX_REPO, {"ControlNetHED.pth": aux_weights / "ControlNetHED.pth"})
+    _cache_snapshot(offline_hub, aw.AUX_REPO, {"ControlNetHED.pth": aux_weights / "ControlNetHED.pth"})
     assert hed(None).weights_hash == expected
 
 
 def test_palette_is_controlnets_ade20k():
     from controlnet_aux.util import ade_palette
 
-    assert ext.ADE20K_PALETTE.shape == (150, 3) and ext.ADE20K_PALETTE.dtype == np.uint8
-    assert np.array_equal(ext.ADE20K_PALETTE, np.array(ade_palette()))
+    assert aw.ADE20K_PALETTE.shape == (150, 3) and aw.ADE20K_PALETTE.dtype == np.uint8
+    assert np.array_equal(aw.ADE20K_PALETTE, np.array(ade_palette()))
 
 
 @pytest.fixture(scope="module")
@@ -245,16 +246,16 @@ def test_seg_colours_classes_with_the_palette(hf_weights, monkeypatch):
     assert a.name == "transformers.UperNetForSemanticSegmentation" and a.version
     assert a.weights_hash == _sha256(hf_weights / "upernet-convnext-small" / "model.safetensors")
     assert a.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    palette = {tuple(c) for c in ext.ADE20K_PALETTE.tolist()}
+    palette = {tuple(c) for c in aw.ADE20K_PALETTE.tolist()}
     assert {tuple(c) for c in out.reshape(-1, 3).tolist()} <= palette
     batch = a.batch([img, img[::-1].copy(), img[:32, :32].copy()])  # a different shape runs on its own
     assert [m.shape for m in batch] == [img.shape, img.shape, (32, 32, 3)]
     assert (batch[0] == out).mean() > 0.99  # its own map, up to float rounding at class ties
     factory = ANNOTATORS["transformers"]["seg"]
-    monkeypatch.setenv(ext.SEG_ENV, str(hf_weights / "upernet-convnext-small"))  # the model folder itself
+    monkeypatch.setenv(aw.SEG_ENV, str(hf_weights / "upernet-convnext-small"))  # the model folder itself
     assert factory(None).weights_hash == a.weights_hash
-    monkeypatch.delenv(ext.SEG_ENV)
-    monkeypatch.setenv(ext.AUX_ENV, str(hf_weights))  # read as data.annotator_weights is
+    monkeypatch.delenv(aw.SEG_ENV)
+    monkeypatch.setenv(aw.AUX_ENV, str(hf_weights))  # read as data.annotator_weights is
     assert factory(None).weights_hash == a.weights_hash
 
 
@@ -278,19 +279,19 @@ def test_depth_is_a_per_image_normalised_midas_map(hf_weights, offline_hub, monk
     assert [m.shape for m in batch] == [img.shape, dark.shape, (32, 32, 3)]
     for m, single in zip(batch, singles):
         assert np.abs(m.astype(int) - single).max() <= 1 and m.min() < 30 and m.max() > 200
-    monkeypatch.setenv(ext.DEPTH_ENV, str(hf_weights / "dpt-hybrid-midas"))
+    monkeypatch.setenv(aw.DEPTH_ENV, str(hf_weights / "dpt-hybrid-midas"))
     depth = ANNOTATORS["transformers"]["depth"]
     assert np.array_equal(depth(None)(img, {}), out)  # a fresh load draws the same map
-    monkeypatch.delenv(ext.DEPTH_ENV)
+    monkeypatch.delenv(aw.DEPTH_ENV)
     folder = hf_weights / "dpt-hybrid-midas"
-    _cache_snapshot(offline_hub, ext.DEPTH_REPO, {f.name: f for f in folder.iterdir()})
+    _cache_snapshot(offline_hub, aw.DEPTH_REPO, {f.name: f for f in folder.iterdir()})
     assert depth(None).weights_hash == a.weights_hash
 
 
 @pytest.mark.parametrize("modality, folder, first", [
     ("seg", "upernet-convnext-small", "config.json"), ("depth", "dpt-hybrid-midas", "config.json")])
 def test_transformers_missing_weights_name_setting_folder_and_files(modality, folder, first, tmp_path, monkeypatch):
-    factory, spec = ANNOTATORS["transformers"][modality], ext.HF_SPECS[modality]
+    factory, spec = ANNOTATORS["transformers"][modality], aw.HF_SPECS[modality]
     with pytest.raises(FileNotFoundError, match=first) as e:
         factory(tmp_path)
     msg = str(e.value)

@@ -6,7 +6,7 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from pd_data import procedural
-from pd_data.annotators_ext import ADE20K_PALETTE
+from pd_data.annotator_weights import ADE20K_PALETTE
 from pd_eval.control import (CONTROL_METRICS, METRICS, MSSSIM_MIN_SIDE, control_scores, control_spec, dataset_miou,
                              seg_counts, summarise)
 
