@@ -168,16 +168,8 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         `callback_on_step_end(pipe, i, t, {"latents": x})` runs after each step; a `latents` it returns
         replaces the current ones. `height` / `width` size an output without a query; with one, the output
         has the query's size."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; it must be at least 1")
-        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} cannot apply; this pipeline passes ['latents']")
-        if controlnet_conditioning_scale != 1.0 and self.controlnet is None:
-            raise ValueError(f"controlnet_conditioning_scale={controlnet_conditioning_scale} cannot apply: this pipeline "
-                             f"has no ControlNet; leave it at 1.0")
+        self._check_call(output_type, num_images_per_prompt, callback_on_step_end_tensor_inputs,
+                         controlnet_conditioning_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
@@ -200,13 +192,7 @@ class PromptDiffusionPipeline(DiffusionPipeline):
         emb = torch.cat(embs).to(dev)  # (n * B, T, D)
         pair_all = pair_all.to(dev) if pair_all is not None else None
         query_all = torch.cat([query] * n).to(dev) if query is not None else None
-        # noise: one generator per image, so an image never depends on its batch
-        gens = generator if isinstance(generator, list) else [generator] * b
-        if len(gens) != b:
-            raise ValueError(f"{len(gens)} generators for {b} images ({b // k} prompts x num_images_per_prompt={k}); "
-                             f"pass one generator or one per image")
-        shape = (self.unet.config.in_channels, h // self._scale, w // self._scale)
-        x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev) * self.scheduler.init_noise_sigma
+        x = self._initial_noise(generator, b, k, h, w).to(dev) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             xin = self.scheduler.scale_model_input(torch.cat([x] * n), t)
@@ -215,16 +201,41 @@ class PromptDiffusionPipeline(DiffusionPipeline):
             x = self.scheduler.step(self._guided(eps_all.chunk(n), guidance_scale, pair_guidance_scale), t, x).prev_sample
             if callback_on_step_end is not None:
                 x = (callback_on_step_end(self, i, t, {"latents": x}) or {}).get("latents", x)
-        if output_type == "latent":
-            images = x
-        else:
-            images = self.base.to_image_space(x)  # [-1, 1]
-            if output_type == "pil":
-                images = [Image.fromarray(a) for a in to_uint8(images.cpu()).numpy()]
-            else:
-                images = (images / 2 + 0.5).clamp(0, 1).float()
-                images = images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+        images = self._decode(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _check_call(self, output_type: str, num_images_per_prompt: int, tensor_inputs: Sequence[str],
+                    conditioning_scale: float) -> None:
+        """The call's settings that cannot apply, each an error naming it, before any work."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt}; it must be at least 1")
+        unknown = set(tensor_inputs) - {"latents"}
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} cannot apply; this pipeline passes ['latents']")
+        if conditioning_scale != 1.0 and self.controlnet is None:
+            raise ValueError(f"controlnet_conditioning_scale={conditioning_scale} cannot apply: this pipeline "
+                             f"has no ControlNet; leave it at 1.0")
+
+    def _initial_noise(self, generator, b: int, k: int, h: int, w: int) -> torch.Tensor:
+        """(b, C, h, w) noise on the CPU, one generator per image, so an image never depends on its batch."""
+        gens = generator if isinstance(generator, list) else [generator] * b
+        if len(gens) != b:
+            raise ValueError(f"{len(gens)} generators for {b} images ({b // k} prompts x num_images_per_prompt={k}); "
+                             f"pass one generator or one per image")
+        shape = (self.unet.config.in_channels, h // self._scale, w // self._scale)
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+    def _decode(self, x: torch.Tensor, output_type: str):
+        """The denoised latents as `output_type` asks: PIL images, a [0, 1] array or tensor, or `x` itself."""
+        if output_type == "latent":
+            return x
+        images = self.base.to_image_space(x)  # [-1, 1]
+        if output_type == "pil":
+            return [Image.fromarray(a) for a in to_uint8(images.cpu()).numpy()]
+        images = (images / 2 + 0.5).clamp(0, 1).float()
+        return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
 
     @classmethod
     def from_trained(cls, model_dir: str | Path, scheduler: str | None = "ddim") -> "PromptDiffusionPipeline":
