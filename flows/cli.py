@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from flows.dag import FLOWS, STAGES
+from flows.process import in_process, prepare_env
 
 # The names `pd_model.pipeline.SCHEDULERS` defines (tests/test_cli.py checks they agree), spelled here
 # so that `pd --help` does not import torch.
@@ -41,43 +42,9 @@ def _version() -> str:
 
 
 def _print_rows(names: list[str], rows: list[tuple], fmt: str) -> None:
-    """`names`/`rows` as an aligned table, a JSON list of objects or CSV with a header, on stdout."""
-    from pd_eval.store import format_table
+    from pd_eval.store import format_rows
 
-    if fmt == "table":
-        print(format_table(names, rows))
-    elif fmt == "json":
-        from decimal import Decimal
-
-        def plain(v):  # DuckDB's DECIMAL as a number, dates and the rest as their text
-            return float(v) if isinstance(v, Decimal) else v.isoformat() if hasattr(v, "isoformat") else str(v)
-
-        import math
-
-        def finite(v):  # JSON has no NaN: an interval of one sample is null
-            return None if isinstance(v, float) and not math.isfinite(v) else v
-
-        print(json.dumps([{k: finite(v) for k, v in zip(names, r)} for r in rows], indent=2, default=plain))
-    else:
-        import csv
-
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(names)
-        w.writerows(rows)
-
-
-def _prepare_env() -> "StateDir":  # noqa: F821
-    """Prefect's home inside the state directory, analytics off; must run before Prefect is imported."""
-    from pd_core.state import StateDir
-
-    state = StateDir.resolve()
-    state.require_writable()  # one line, not Prefect's tracebacks, when it cannot be written
-    os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MPLCONFIGDIR", str(state.root / "cache" / "matplotlib"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    return state
+    print(format_rows(names, rows, fmt))
 
 
 def _overrides(items: list[str]) -> dict:
@@ -99,63 +66,10 @@ def _checked_profile(args):
     return profile
 
 
-class _Ended(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt."""
-
-
-def _end_on_sigterm() -> None:
-    """SIGTERM ends this process as Ctrl-C does: the flow unwinds (Prefect marks its run crashed) and the
-    exit handlers run, Prefect's stop of its temporary server among them. By default SIGTERM kills this
-    process alone, and that server's uvicorn process lives on, orphaned."""
-    import signal
-
-    def ended(signum, frame):
-        raise _Ended(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, ended)
-
-
-def _stop_children(timeout: float = 5.0) -> list[int]:
-    """Stop every process this one started that still runs (the temporary Prefect server, torchrun or
-    Dask workers): SIGTERM, SIGKILL after `timeout` s; their pids."""
-    import psutil
-
-    kids = psutil.Process().children(recursive=True)
-    for p in kids:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(kids, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return [p.pid for p in kids]
-
-
-def _in_process(args, run) -> int:
-    """`run()` (a flow in this process) until it returns, or until SIGTERM / Ctrl-C end it together with
-    every process it started; its result on stdout."""
-    _end_on_sigterm()
-    try:
-        result = run()
-    except KeyboardInterrupt as e:
-        # Whatever the flow left running goes with it: nothing this run started outlives it.
-        stopped = _stop_children()
-        print(f"pd {args.cmd}: {'ended by SIGTERM' if isinstance(e, _Ended) else 'interrupted'}; stopped "
-              f"{len(stopped)} process(es) it had started; finished stages are kept, a rerun resumes",
-              file=sys.stderr)
-        return 143 if isinstance(e, _Ended) else 130
-    print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
-    return 0
-
-
 def cmd_run(args) -> int:
     def run():
         _checked_profile(args)  # in a fraction of a second, before Prefect (or its temporary server) starts
-        _prepare_env()
+        prepare_env()
         from flows import full_benchmark, stages
 
         fn = {"full-benchmark": full_benchmark.full_benchmark, "ingest": stages.ingest_flow,
@@ -163,18 +77,18 @@ def cmd_run(args) -> int:
               "report": stages.report_flow}[args.stage]
         return fn(profile=args.profile, overrides=_overrides(args.override), force=args.force or None)
 
-    return _in_process(args, run)
+    return in_process(args, run)
 
 
 def cmd_retrain(args) -> int:
     def run():
-        _prepare_env()
+        prepare_env()
         from flows.retrain import retrain_flow
 
         return retrain_flow(profile=args.profile, overrides=_overrides(args.override), dataset=args.dataset,
                             from_scratch=args.from_scratch)
 
-    return _in_process(args, run)
+    return in_process(args, run)
 
 
 def cmd_models(args) -> int:
@@ -258,61 +172,27 @@ def _model_folder(args) -> str:
     return path
 
 
-def _pipeline(args):
-    """The pipeline of `_model_folder(args)`, with `--scheduler`."""
-    from pd_model.pipeline import PromptDiffusionPipeline
-
-    pipe = PromptDiffusionPipeline.from_trained(_model_folder(args), args.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _sampling_kwargs(args) -> dict:
-    """The pipeline's arguments: the sampler of `--steps`, `--guidance`, ... (`pd_model.config.Sampler`,
-    whose defaults are the evaluation's) and the seeded generator."""
-    import torch
-
+def _sampler(args):
+    """The sampler of `--scheduler`, `--steps`, `--guidance`, ... (defaults: the evaluation's)."""
     from pd_model.config import Sampler
 
-    sampler = Sampler(args.scheduler, args.steps, args.guidance, args.pair_guidance, args.negative)
-    return sampler.pipeline_kwargs() | {"generator": torch.Generator().manual_seed(args.seed)}
-
-
-def _open(path: str):
-    from PIL import Image
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    return Image.open(path).convert("RGB")
+    return Sampler(args.scheduler, args.steps, args.guidance, args.pair_guidance, args.negative)
 
 
 def cmd_generate(args) -> int:
-    pipe = _pipeline(args)
-    out = pipe(args.prompt, image_pair=(_open(args.pair[0]), _open(args.pair[1])), image=_open(args.query),
-               **_sampling_kwargs(args)).images[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    out.save(args.out)
-    print(args.out)
+    from pd_model.editing import generate_file
+
+    print(generate_file(_model_folder(args), args.prompt, tuple(args.pair), args.query, args.out, _sampler(args), args.seed))
     return 0
 
 
 def cmd_edit(args) -> int:
-    from pd_model.editing import edit_one_step, edit_two_steps
+    from pd_model.editing import edit_file
 
-    pipe = _pipeline(args)
-    inverse = (_open(args.inverse_pair[0]), _open(args.inverse_pair[1]))
-    if args.map:
-        out = edit_one_step(pipe, _open(args.map), args.text, inverse, **_sampling_kwargs(args))
-    else:
-        if not (args.image and args.forward_pair):
-            raise ValueError("two-step editing needs --image and --forward-pair IMAGE MAP (or give --map for one step)")
-        predicted, out = edit_two_steps(pipe, _open(args.image), args.text, args.modality,
-                                        (_open(args.forward_pair[0]), _open(args.forward_pair[1])), inverse,
-                                        **_sampling_kwargs(args))
-        predicted.save(Path(args.out).with_name(Path(args.out).stem + f"-{args.modality}.png"))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    out.save(args.out)
-    print(args.out)
+    written = edit_file(_model_folder(args), args.text, tuple(args.inverse_pair), args.out, map_path=args.map,
+                        image=args.image, forward_pair=tuple(args.forward_pair) if args.forward_pair else None,
+                        modality=args.modality, sampler=_sampler(args), seed=args.seed)
+    print(written[-1])
     return 0
 
 
@@ -366,7 +246,7 @@ def cmd_follow(args) -> int:
     """A deployment run through the server (`pd up`), followed to its end: exit 0 when it completed, 1 when not."""
     from flows.profiles import merge_settings
 
-    state = _prepare_env()
+    state = prepare_env()
     from flows import stack
 
     os.environ.setdefault("PREFECT_API_URL", stack.API_URL)  # the server `pd up` started, without sourcing env.sh
@@ -383,7 +263,7 @@ def cmd_follow(args) -> int:
 def cmd_stack(args) -> int:
     from flows import stack
 
-    state = _prepare_env()
+    state = prepare_env()
     (stack.up if args.cmd == "up" else stack.down)(state)
     return 0
 
@@ -391,7 +271,7 @@ def cmd_stack(args) -> int:
 def cmd_schedule(args) -> int:
     from flows import stack
 
-    _prepare_env()
+    prepare_env()
     api = os.environ.get("PREFECT_API_URL", stack.API_URL)  # the server `pd up` started, unless told otherwise
     active = {"on": True, "off": False, "show": None}[args.action]
     for s in stack.set_schedules(args.deployment, active, api):
@@ -412,91 +292,118 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _parser() -> argparse.ArgumentParser:
-    from flows.profiles import OVERRIDE_RULE, PROFILES
-    from pd_data.tasks import TASKS
+class _Commands:
+    """Adds subcommands to the parser `pd` reads, with the arguments several of them share."""
 
-    profiles = sorted(PROFILES)
-    forward = sorted({t.target for t in TASKS.values() if t.source == "image"})  # what two-step editing can go through
-    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=_Help)
-    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    def __init__(self, sub):
+        from flows.profiles import PROFILES
+        from pd_data.tasks import TASKS
 
-    def command(name: str, help: str, fn):
-        p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+        self.sub, self.profiles = sub, sorted(PROFILES)
+        self.forward_modalities = sorted({t.target for t in TASKS.values() if t.source == "image"})  # two-step editing
+
+    def command(self, name: str, help: str, fn):
+        p = self.sub.add_parser(name, help=help, description=help, formatter_class=_Help)
         p.set_defaults(fn=fn)
         return p
 
+    @staticmethod
     def overrides(p) -> None:
+        from flows.profiles import OVERRIDE_RULE
+
         p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="set one configuration value (repeatable: -o train.steps=5 -o train.batch_size=2 sets both). "
                             f"{OVERRIDE_RULE} `pd profile NAME` shows every value")
 
+    @staticmethod
     def table_format(p) -> None:
         p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")
 
-    r = command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
-    r.add_argument("--profile", default="demo", choices=profiles, help="configuration profile (the one `make benchmark` runs)")
+
+def _pipeline_commands(c: _Commands) -> None:
+    """Running the pipeline, reading its results, checking its inputs."""
+    r = c.command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
+    r.add_argument("--profile", default="demo", choices=c.profiles, help="configuration profile (the one `make benchmark` runs)")
     r.add_argument("--stage", default="full-benchmark", choices=FLOWS, help="the flow: the whole chain or one stage (with its upstream)")
     r.add_argument("--force", action="append", default=[], choices=STAGES, metavar="STAGE",
                    help=f"recompute this stage and every stage that reads it, though done (repeatable; one of {', '.join(STAGES)})")
-    overrides(r)
-    s = command("sql", "run a read-only SQL query on the results database", cmd_sql)
+    c.overrides(r)
+    s = c.command("sql", "run a read-only SQL query on the results database", cmd_sql)
     s.add_argument("query", help="SQL (SELECT, DESCRIBE, SHOW, ...); nothing that writes, attaches, installs or reads outside the state directory")
-    table_format(s)
-    table_format(command("results", "Table 1 of the latest completed run", cmd_results))
-    ck = command("check", "list every data folder and weight file a profile needs and lacks", cmd_check)
-    ck.add_argument("--profile", default="paper", choices=profiles, help="configuration profile")
-    overrides(ck)
-    p = command("profile", "print a profile's resolved configuration", cmd_profile)
-    p.add_argument("name", choices=profiles, help="configuration profile")
-    overrides(p)
-    g = command("generate", "one prompt from image files: example pair + query + text -> PNG", cmd_generate)
+    c.table_format(s)
+    c.table_format(c.command("results", "Table 1 of the latest completed run", cmd_results))
+    ck = c.command("check", "list every data folder and weight file a profile needs and lacks", cmd_check)
+    ck.add_argument("--profile", default="paper", choices=c.profiles, help="configuration profile")
+    c.overrides(ck)
+    p = c.command("profile", "print a profile's resolved configuration", cmd_profile)
+    p.add_argument("name", choices=c.profiles, help="configuration profile")
+    c.overrides(p)
+
+
+def _model_commands(c: _Commands) -> None:
+    """Using and converting trained models."""
+    g = c.command("generate", "one prompt from image files: example pair + query + text -> PNG", cmd_generate)
     g.add_argument("--prompt", required=True, help="the text prompt")
     g.add_argument("--pair", nargs=2, required=True, metavar=("SOURCE", "TARGET"), help="the example pair")
     g.add_argument("--query", required=True, help="the query image")
     _add_sampling_args(g)
-    e = command("edit", "edit an image: one step (--map) or two steps (--image, --forward-pair)", cmd_edit)
+    e = c.command("edit", "edit an image: one step (--map) or two steps (--image, --forward-pair)", cmd_edit)
     e.add_argument("--text", required=True, help="the new text")
     e.add_argument("--inverse-pair", nargs=2, required=True, metavar=("MAP", "IMAGE"), help="example of map -> image")
     e.add_argument("--map", help="one step: the map of the image to edit")
     e.add_argument("--image", help="two steps: the image to edit")
     e.add_argument("--forward-pair", nargs=2, metavar=("IMAGE", "MAP"), help="two steps: example of image -> map")
-    e.add_argument("--modality", default="depth", choices=forward, help="two steps: the map the image goes through")
+    e.add_argument("--modality", default="depth", choices=c.forward_modalities, help="two steps: the map the image goes through")
     _add_sampling_args(e)
-    c = command("convert", "original Prompt Diffusion checkpoint (ldm layout) -> diffusers folder", cmd_convert)
+    c = c.command("convert", "original Prompt Diffusion checkpoint (ldm layout) -> diffusers folder", cmd_convert)
     c.add_argument("checkpoint", help="network-step=04999.ckpt or a .safetensors of it")
     c.add_argument("--base", required=True, help="the Stable Diffusion 1.5 folder (or its unet/config.json)")
     c.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
-    rt = command("retrain", "one retraining round in this process (incremental data, candidate, decision)", cmd_retrain)
-    rt.add_argument("--profile", default="demo", choices=profiles, help="configuration profile")
+
+
+def _registry_commands(c: _Commands) -> None:
+    """Retraining rounds and the model registry."""
+    rt = c.command("retrain", "one retraining round in this process (incremental data, candidate, decision)", cmd_retrain)
+    rt.add_argument("--profile", default="demo", choices=c.profiles, help="configuration profile")
     rt.add_argument("--dataset", default="default", help="name of the live dataset (a folder under data/live)")
     rt.add_argument("--from-scratch", action="store_true", help="train the candidate from scratch, not from the current model")
-    overrides(rt)
-    ml = command("models", "the latest benchmark's models, and the model registry of retraining: every candidate, its "
+    c.overrides(rt)
+    ml = c.command("models", "the latest benchmark's models, and the model registry of retraining: every candidate, its "
                            "decision, the current model", cmd_models)
     ml.add_argument("--dataset", default=None, help="the registry of one live dataset only (default: the benchmark's "
                                                    "models and every dataset's registry)")
     ml.add_argument("--benchmark", action="store_true", help="only the latest completed benchmark run's models (with "
                                                             "--format json|csv: they instead of the registry)")
-    table_format(ml)
-    rb = command("rollback", "make an earlier registry model current again", cmd_rollback)
+    c.table_format(ml)
+    rb = c.command("rollback", "make an earlier registry model current again", cmd_rollback)
     rb.add_argument("--dataset", default="default", help="name of the live dataset")
     rb.add_argument("--to", default=None, metavar="MODEL_ID", help="the model to make current (default: the one current before the present one)")
-    fo = command("follow", "start a deployment run and follow it here: each stage's progress lines (done/total, rate, "
+
+
+def _stack_commands(c: _Commands) -> None:
+    """The local Prefect stack: deployments, runs followed, schedules."""
+    fo = c.command("follow", "start a deployment run and follow it here: each stage's progress lines (done/total, rate, "
                            "ETA, loss) and task run states; on failure the error and where the full log is; exit 0 "
                            "when it completed, 1 when not (needs `pd up`)", cmd_follow)
     fo.add_argument("deployment", metavar="FLOW/DEPLOYMENT", help="the deployment to run, e.g. full-benchmark/demo "
                                                                    "(`prefect deployment ls` lists them)")
     fo.add_argument("--params", default=None, metavar="JSON", help="flow parameters over the deployment's, "
                     "e.g. '{\"force\": [\"evaluate\"]}' (default: the deployment's own)")
-    overrides(fo)
-    command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
-    command("down", "stop the local Prefect server and worker", cmd_stack)
-    sc = command("schedule", "resume (on) or pause (off) a deployment's schedules on the server, or show them", cmd_schedule)
+    c.overrides(fo)
+    c.command("up", "start the local Prefect server, pool, deployments and worker", cmd_stack)
+    c.command("down", "stop the local Prefect server and worker", cmd_stack)
+    sc = c.command("schedule", "resume (on) or pause (off) a deployment's schedules on the server, or show them", cmd_schedule)
     sc.add_argument("action", choices=("on", "off", "show"), help="on: resume, off: pause, show: list them")
     sc.add_argument("--deployment", default="retrain/demo", metavar="FLOW/DEPLOYMENT",
                     help="the deployment (`prefect deployment ls` lists them)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    c = _Commands(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    for add in (_pipeline_commands, _model_commands, _registry_commands, _stack_commands):
+        add(c)
     return ap
 
 

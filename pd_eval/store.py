@@ -207,6 +207,34 @@ def _data_view_hint(e: duckdb.Error, db: Path) -> str | None:
     return None
 
 
+def format_rows(names: list[str], rows: list[tuple], fmt: str) -> str:
+    """`names`/`rows` as an aligned table (`fmt='table'`), a JSON list of objects or CSV with a header."""
+    if fmt == "table":
+        return format_table(names, rows)
+    if fmt == "json":
+        import json
+        import math
+        from decimal import Decimal
+
+        def plain(v):  # DuckDB's DECIMAL as a number, dates and the rest as their text
+            return float(v) if isinstance(v, Decimal) else v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+        def finite(v):  # JSON has no NaN: an interval of one sample is null
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return json.dumps([{k: finite(v) for k, v in zip(names, r)} for r in rows], indent=2, default=plain)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(names)
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    raise ValueError(f"unknown format {fmt!r}; choose table, json or csv")
+
+
 def format_table(names: list[str], rows: list[tuple], floatfmt: str = "{:.4g}") -> str:
     """A plain-text table for terminals."""
     def fmt(v) -> str:

@@ -113,6 +113,15 @@ def test_generate_uses_the_registrys_current_model_and_a_fresh_state_says_what_t
     assert Image.open(tmp_path / "gen.png").size == (32, 32)
     assert pd_main([*args, "--dataset", "other", "--out", str(tmp_path / "other.png")]) == 2
     assert "no current model of dataset 'other'" in capsys.readouterr().err
+    # Editing with the same model: two steps write the predicted map beside the edit, in a folder made for them.
+    edit = ["edit", "--text", "a blue ball", "--inverse-pair", str(tmp_path / "0.png"), str(tmp_path / "1.png"),
+            "--steps", "2"]
+    assert pd_main([*edit, "--image", str(tmp_path / "2.png"), "--out", str(tmp_path / "e.png")]) == 2
+    assert "two-step editing needs --image and --forward-pair" in capsys.readouterr().err
+    out = tmp_path / "edits" / "e.png"
+    assert pd_main([*edit, "--image", str(tmp_path / "2.png"), "--forward-pair", str(tmp_path / "1.png"),
+                    str(tmp_path / "0.png"), "--out", str(out)]) == 0
+    assert Image.open(out).size == Image.open(out.with_name("e-depth.png")).size == (32, 32)
 
 
 def _benchmark_run(db, run_id: str, eval_id: str, finished: datetime, status: str, models: dict[str, str]) -> None:
