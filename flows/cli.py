@@ -23,13 +23,13 @@ import os
 import sys
 from pathlib import Path
 
+from flows.cli_parser import Commands, Help
 from flows.dag import FLOWS, STAGES
 from flows.process import in_process, prepare_env
 
 # The names `pd_model.pipeline.SCHEDULERS` defines (tests/test_cli.py checks they agree), spelled here
 # so that `pd --help` does not import torch.
 SCHEDULER_NAMES = ("ddim", "dpm", "unipc")
-FORMATS = ("table", "json", "csv")
 
 
 def _version() -> str:
@@ -279,48 +279,7 @@ def cmd_schedule(args) -> int:
     return 0
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and each optional argument's default after its help (none for
-    required arguments, flags and those whose help says what happens without them)."""
-
-    def _get_help_string(self, action) -> str:
-        text = action.help or ""
-        d = action.default
-        unset = d is None or d is False or d == [] or d == argparse.SUPPRESS
-        if not unset and not action.required and action.option_strings and "default" not in text:
-            text += f" (default: {d if d != '' else repr(d)})"
-        return text
-
-
-class _Commands:
-    """Adds subcommands to the parser `pd` reads, with the arguments several of them share."""
-
-    def __init__(self, sub):
-        from flows.profiles import PROFILES
-        from pd_data.tasks import TASKS
-
-        self.sub, self.profiles = sub, sorted(PROFILES)
-        self.forward_modalities = sorted({t.target for t in TASKS.values() if t.source == "image"})  # two-step editing
-
-    def command(self, name: str, help: str, fn):
-        p = self.sub.add_parser(name, help=help, description=help, formatter_class=_Help)
-        p.set_defaults(fn=fn)
-        return p
-
-    @staticmethod
-    def overrides(p) -> None:
-        from flows.profiles import OVERRIDE_RULE
-
-        p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="set one configuration value (repeatable: -o train.steps=5 -o train.batch_size=2 sets both). "
-                            f"{OVERRIDE_RULE} `pd profile NAME` shows every value")
-
-    @staticmethod
-    def table_format(p) -> None:
-        p.add_argument("--format", default="table", choices=FORMATS, help="output: an aligned table, JSON objects or CSV")
-
-
-def _pipeline_commands(c: _Commands) -> None:
+def _pipeline_commands(c: Commands) -> None:
     """Running the pipeline, reading its results, checking its inputs."""
     r = c.command("run", "run a flow in this process (against $PREFECT_API_URL if set)", cmd_run)
     r.add_argument("--profile", default="demo", choices=c.profiles, help="configuration profile (the one `make benchmark` runs)")
@@ -340,7 +299,7 @@ def _pipeline_commands(c: _Commands) -> None:
     c.overrides(p)
 
 
-def _model_commands(c: _Commands) -> None:
+def _model_commands(c: Commands) -> None:
     """Using and converting trained models."""
     g = c.command("generate", "one prompt from image files: example pair + query + text -> PNG", cmd_generate)
     g.add_argument("--prompt", required=True, help="the text prompt")
@@ -361,7 +320,7 @@ def _model_commands(c: _Commands) -> None:
     c.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
 
 
-def _registry_commands(c: _Commands) -> None:
+def _registry_commands(c: Commands) -> None:
     """Retraining rounds and the model registry."""
     rt = c.command("retrain", "one retraining round in this process (incremental data, candidate, decision)", cmd_retrain)
     rt.add_argument("--profile", default="demo", choices=c.profiles, help="configuration profile")
@@ -380,7 +339,7 @@ def _registry_commands(c: _Commands) -> None:
     rb.add_argument("--to", default=None, metavar="MODEL_ID", help="the model to make current (default: the one current before the present one)")
 
 
-def _stack_commands(c: _Commands) -> None:
+def _stack_commands(c: Commands) -> None:
     """The local Prefect stack: deployments, runs followed, schedules."""
     fo = c.command("follow", "start a deployment run and follow it here: each stage's progress lines (done/total, rate, "
                            "ETA, loss) and task run states; on failure the error and where the full log is; exit 0 "
@@ -399,9 +358,9 @@ def _stack_commands(c: _Commands) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(prog="pd", description=__doc__, formatter_class=Help)
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    c = _Commands(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    c = Commands(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
     for add in (_pipeline_commands, _model_commands, _registry_commands, _stack_commands):
         add(c)
     return ap

@@ -65,6 +65,40 @@ def last_round(con, dataset: str) -> tuple[int, str | None]:
     return (row[0], row[1]) if row else (0, None)
 
 
+def _scan(source, items: list, duplicate: list, known: dict, cfg: DataConfig, rnd: int):
+    """The round's new and changed items' rows and hashes, its rejects (one bad record never kills the
+    round) and the count of each kind (added, changed, unchanged)."""
+    rows, hashes, rejects, kinds = [], {}, [], {"added": 0, "changed": 0, "unchanged": 0}
+    for item, dup in tqdm(list(zip(items, duplicate)), desc=f"round {rnd}: hash {source.name}", unit="item", mininterval=2):
+        try:
+            duplicate_check(item, dup)
+            rec = source.load(item)
+            h = content_hash(rec)
+            prev = known.get(item.image_id)
+            if prev is not None and prev == (h, "active"):
+                kinds["unchanged"] += 1
+                continue
+            rows.append(record_row(item, rec, cfg, source.name))
+            hashes[item.image_id] = h
+            kinds["changed" if prev is not None and prev[1] != "deleted" else "added"] += 1
+        except Exception as e:  # noqa: BLE001 - one bad record never kills the round
+            rejects.append(reject_row(item, e))
+    return rows, hashes, rejects, kinds
+
+
+def _write_and_annotate(root: Path, rows: list, cfg: DataConfig, rnd: int) -> set[str]:
+    """The round's image shards written and annotated (each file atomic); the ids the annotators rejected."""
+    ann_rejected: set[str] = set()
+    weights = Path(cfg.annotator_weights) if cfg.annotator_weights else None
+    for s in range(0, len(rows), cfg.shard_size):
+        name = f"r{rnd:04d}-{s // cfg.shard_size:05d}.parquet"
+        write_shard(root / f"images-{name}", rows[s:s + cfg.shard_size], IMAGES_SCHEMA)
+        annotate_shard(root / f"images-{name}", root / f"annotations-{name}", cfg.annotators, weights)
+        rej = pq.read_table(root / f"rejects-{name}", columns=["image_id"]).column("image_id").to_pylist()
+        ann_rejected |= set(rej)
+    return ann_rejected
+
+
 def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
     """One round: write and annotate the new or changed items, mark deleted ones; returns its summary."""
     t0 = time.perf_counter()
@@ -86,34 +120,13 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
 
     source = make_source(cfg)
     items, duplicate = listing(source)
-    rows, hashes, rejects, kinds = [], {}, [], {"added": 0, "changed": 0, "unchanged": 0}
-    for item, dup in tqdm(list(zip(items, duplicate)), desc=f"round {rnd}: hash {source.name}", unit="item", mininterval=2):
-        try:
-            duplicate_check(item, dup)
-            rec = source.load(item)
-            h = content_hash(rec)
-            prev = known.get(item.image_id)
-            if prev is not None and prev == (h, "active"):
-                kinds["unchanged"] += 1
-                continue
-            rows.append(record_row(item, rec, cfg, source.name))
-            hashes[item.image_id] = h
-            kinds["changed" if prev is not None and prev[1] != "deleted" else "added"] += 1
-        except Exception as e:  # noqa: BLE001 - one bad record never kills the round
-            rejects.append(reject_row(item, e))
+    rows, hashes, rejects, kinds = _scan(source, items, duplicate, known, cfg, rnd)
     listed_ids = {it.image_id for it in items}
     deleted = sorted(i for i, (_, st) in known.items() if st != "deleted" and i not in listed_ids)
 
     # Files first (each atomic), then the round's rows in one transaction.
     write_shard(root / f"ingest-rejects-r{rnd:04d}-00000.parquet", rejects, REJECTS_SCHEMA)
-    ann_rejected: set[str] = set()
-    weights = Path(cfg.annotator_weights) if cfg.annotator_weights else None
-    for s in range(0, len(rows), cfg.shard_size):
-        name = f"r{rnd:04d}-{s // cfg.shard_size:05d}.parquet"
-        write_shard(root / f"images-{name}", rows[s:s + cfg.shard_size], IMAGES_SCHEMA)
-        annotate_shard(root / f"images-{name}", root / f"annotations-{name}", cfg.annotators, weights)
-        rej = pq.read_table(root / f"rejects-{name}", columns=["image_id"]).column("image_id").to_pylist()
-        ann_rejected |= set(rej)
+    ann_rejected = _write_and_annotate(root, rows, cfg, rnd)
 
     now = datetime.now(timezone.utc)
     item_rows = [(dataset, i, h, rnd, "rejected" if i in ann_rejected else "active", now, now) for i, h in hashes.items()]

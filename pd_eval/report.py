@@ -214,11 +214,52 @@ def _replicate_section(rows: list[dict], reps: list[dict], out_dir: Path) -> lis
         ("table", table), *bars])]
 
 
+def _task_inference_section(db: Path, eval_id: str, rows: list[dict], tables: dict, out_dir: Path) -> list[tuple[str, list[Block]]]:
+    """The confusion matrix of in-context task inference and its plot; none when it was not run."""
+    from pd_eval.task_inference import COPY_BASELINE, FORWARD, MODEL_ID, PREDICTED
+    from pd_eval.visuals import confusion_plot
+
+    _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ? AND model_id = ?",
+                     [eval_id, MODEL_ID])
+    if not cells:
+        return []
+    m = np.zeros((len(FORWARD), len(PREDICTED)), dtype=np.int64)
+    for s, p, c in cells:
+        m[FORWARD.index(s), PREDICTED.index(p)] += c
+    acc = next(r for r in rows if r["model_id"] == MODEL_ID and r["metric"] == "accuracy")
+    copy = next((r for r in rows if r["model_id"] == COPY_BASELINE and r["metric"] == "accuracy"), None)
+    confusion_plot(m, [t.split("->")[-1] for t in FORWARD], out_dir / "task-inference.png",
+                   "text removed: which task does the output follow?", [t.split("->")[-1] for t in PREDICTED])
+    return [("In-context task inference (text removed)", [
+        ("text", f"Same query and seed, empty text, example pairs of image->depth / hed / seg; each output is "
+                 f"classified as the task whose true map of the query it is nearest to (RMSE), or as "
+                 f"copied-example when the example pair's own target is at least as near (no credit). Accuracy "
+                 f"{acc['value']:.3f} (95% interval {acc['ci_low']:.3f} to {acc['ci_high']:.3f}, n = {acc['n']}; "
+                 f"chance 0.333)" + (f"; the copy-example baseline scores {copy['value']:.3f}." if copy else ".")),
+        ("table", tables["task-inference"]), ("image", ("", "task-inference.png"))])]
+
+
+def _picture_sections(eval_dir: Path, loss_png: Path | None, out_dir: Path) -> list[tuple[str, list[Block]]]:
+    """Loss curves, the base's samples and the prompt grids, copied beside the report."""
+    sections: list[tuple[str, list[Block]]] = []
+    if loss_png and loss_png.exists():
+        shutil.copyfile(loss_png, out_dir / "losses.png")
+        sections.append(("Training loss", [("image", ("", "losses.png"))]))
+    if (out_dir / "base-samples.png").exists():
+        sections.append(("Base model: text -> image from held-out captions (each beside its held-out image)",
+                         [("image", ("", "base-samples.png"))]))
+    grids: list[Block] = []
+    for g in sorted((eval_dir / "grids").glob("*.png")):
+        shutil.copyfile(g, out_dir / g.name)
+        grids.append(("image", (g.stem.replace("__", " / ").replace("-to-", "->"), g.name)))
+    sections.append(("Prompts: example source | example target | query | output | target", grids))
+    return sections
+
+
 def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Path, loss_png: Path | None,
                  out_dir: Path, notes: list[str]) -> Path:
     """Write `report.md`, `report.html` and their images into `out_dir`; returns the Markdown path."""
     from pd_data.tasks import TASKS
-    from pd_eval.visuals import confusion_plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = report_tables(db, run_id, eval_id)
@@ -251,38 +292,10 @@ def build_report(db: Path, run_id: str, eval_id: str, profile: str, eval_dir: Pa
                      "(the pair zeroed), cn-ft/nearest (the CN(FT) of the nearest trained task), cn-ft/oracle "
                      "(a CN(FT) trained on the unseen task, when the profile trains one); baselines for image->map."),
             *_marked(tables["generalization"]), *_bars(rows, unseen, out_dir, "generalization.png", "unseen tasks")]))
-    from pd_eval.task_inference import COPY_BASELINE, FORWARD, MODEL_ID, PREDICTED
-
-    _, cells = query(db, "SELECT shown_task, predicted_task, count FROM task_inference WHERE eval_id = ? AND model_id = ?",
-                     [eval_id, MODEL_ID])
-    if cells:
-        m = np.zeros((len(FORWARD), len(PREDICTED)), dtype=np.int64)
-        for s, p, c in cells:
-            m[FORWARD.index(s), PREDICTED.index(p)] += c
-        acc = next(r for r in rows if r["model_id"] == MODEL_ID and r["metric"] == "accuracy")
-        copy = next((r for r in rows if r["model_id"] == COPY_BASELINE and r["metric"] == "accuracy"), None)
-        confusion_plot(m, [t.split("->")[-1] for t in FORWARD], out_dir / "task-inference.png",
-                       "text removed: which task does the output follow?", [t.split("->")[-1] for t in PREDICTED])
-        sections.append(("In-context task inference (text removed)", [
-            ("text", f"Same query and seed, empty text, example pairs of image->depth / hed / seg; each output is "
-                     f"classified as the task whose true map of the query it is nearest to (RMSE), or as "
-                     f"copied-example when the example pair's own target is at least as near (no credit). Accuracy "
-                     f"{acc['value']:.3f} (95% interval {acc['ci_low']:.3f} to {acc['ci_high']:.3f}, n = {acc['n']}; "
-                     f"chance 0.333)" + (f"; the copy-example baseline scores {copy['value']:.3f}." if copy else ".")),
-            ("table", tables["task-inference"]), ("image", ("", "task-inference.png"))]))
+    sections += _task_inference_section(db, eval_id, rows, tables, out_dir)
     sections.append(("Every metric with its bootstrap 95% interval", [
         *_marked(tables["metrics"]), *([("text", KID_NOTE)] if _negative_kid(rows) else [])]))
-    if loss_png and loss_png.exists():
-        shutil.copyfile(loss_png, out_dir / "losses.png")
-        sections.append(("Training loss", [("image", ("", "losses.png"))]))
-    if (out_dir / "base-samples.png").exists():
-        sections.append(("Base model: text -> image from held-out captions (each beside its held-out image)",
-                         [("image", ("", "base-samples.png"))]))
-    grids: list[Block] = []
-    for g in sorted((eval_dir / "grids").glob("*.png")):
-        shutil.copyfile(g, out_dir / g.name)
-        grids.append(("image", (g.stem.replace("__", " / ").replace("-to-", "->"), g.name)))
-    sections.append(("Prompts: example source | example target | query | output | target", grids))
+    sections += _picture_sections(eval_dir, loss_png, out_dir)
     title = f"Prompt Diffusion benchmark: run {run_id} (profile {profile})"
     md_path = out_dir / "report.md"
     atomic_write_bytes(md_path, _render_md(title, sections).encode())

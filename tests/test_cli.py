@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import live_controlnet
-from flows.cli import FORMATS, SCHEDULER_NAMES, _parser, main as pd_main
+from flows.cli import SCHEDULER_NAMES, _parser, main as pd_main
+from flows.cli_parser import FORMATS
 from flows.dag import FLOWS
 from flows.profiles import PROFILES
 from pd_data.tasks import TASKS
