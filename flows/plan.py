@@ -112,7 +112,8 @@ def annotated_tasks(tasks: tuple[str, ...], modalities: tuple[str, ...]) -> tupl
 def _config_parts(p: Profile, stage: str) -> object:
     """What each stage reads of the profile (settings that change only how, not what, are left out)."""
     return {
-        "ingest": lambda: p.data.model_dump(exclude={"annotators", "annotator_weights", "workers", "pairing"}),
+        "ingest": lambda: p.data.model_dump(exclude={"annotators", "annotator_weights", "workers", "dask_address",
+                                                     "gpu_workers", "pairing"}),
         "annotate": lambda: (p.data.annotators, p.data.annotator_weights),
         "prompts": lambda: (p.prompts.model_dump(), p.data.pairing),
         "base": lambda: p.base.model_dump(exclude={"checkpoint_every", "keep_last"}),

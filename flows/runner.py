@@ -55,6 +55,9 @@ def make_plan(profile: str, overrides: Overrides, state_dir: str | None, trains:
 
         check_devices(p.train)  # a process count this machine cannot place fails now, not after the base
         check_eval_devices(p.eval)
+    from pd_core.launch import check_gpu_workers
+
+    check_gpu_workers(p.data.gpu_workers)
     state = StateDir.resolve(state_dir)
     state.require_writable()
     set_sink(to_run_log)
@@ -111,8 +114,10 @@ def require(plan: Plan, *stages: str) -> None:
                                f"run it first or call this flow with upstream=True")
 
 
-def run_mapped(task_fn, workers: int, name: str, *args) -> list:
-    """`task_fn.map(*args)`: threads in this process, or a local Dask cluster of `workers` processes."""
+def run_mapped(task_fn, cfg, name: str, *args) -> list:
+    """`task_fn.map(*args)`, over the cluster `cfg` (the data config) names: threads in this process; a
+    local Dask cluster of data.workers processes or of one worker per GPU; or an existing cluster at
+    data.dask_address."""
     def fan_out() -> list:
         from prefect.futures import as_completed
 
@@ -122,13 +127,25 @@ def run_mapped(task_fn, workers: int, name: str, *args) -> list:
             bar.advance()
         return [f.result() for f in futures]
 
-    if workers == 1:
+    runner = dask_runner(cfg)
+    if runner is None:
         return fan_out()
+    return flow(fan_out, name=name, flow_run_name=name.replace("-", " "), task_runner=runner)()
+
+
+def dask_runner(cfg):
+    """The Dask task runner of the data config `cfg`; None for threads in this process (data.workers 1)."""
+    from pd_core.launch import visible_gpus
+
+    if cfg.dask_address is None and cfg.workers == 1 and not cfg.gpu_workers:
+        return None
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                            "processes": True, "dashboard_address": None})
-    return flow(fan_out, name=name, flow_run_name=name.replace("-", " "), task_runner=runner)()
+    if cfg.dask_address is not None:
+        return DaskTaskRunner(address=cfg.dask_address)
+    n = visible_gpus() if cfg.gpu_workers else cfg.workers
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
 
 
 # The help of every flow parameter, shown in the UI's run form (Prefect reads a Google-style "Args:"

@@ -41,7 +41,7 @@ def ingest_shard_task(cfg, s: int, out_dir: Path, listed) -> dict:
 
 
 def _ingest(plan: Plan) -> dict:
-    """One Prefect task per shard (threads, or Dask processes when data.workers > 1)."""
+    """One Prefect task per shard (threads, or a Dask cluster: `flows.runner.run_mapped`)."""
     from pd_data.ingest import count_shards, listing, prepare, summarise
     from pd_data.sources import make_source
 
@@ -49,7 +49,7 @@ def _ingest(plan: Plan) -> dict:
     source = make_source(cfg)
     prepare(out)
     listed = listing(source)
-    done = run_mapped(ingest_shard_task, cfg.workers, "ingest-shards", unmapped(cfg), list(range(count_shards(cfg, listed))),
+    done = run_mapped(ingest_shard_task, cfg, "ingest-shards", unmapped(cfg), list(range(count_shards(cfg, listed))),
                       unmapped(out), unmapped(listed))
     summary = summarise(out, source.name, len(listed[0]), sum(d["resumed"] for d in done), time.perf_counter() - t0)
     get_run_logger().info("ingest: %s", summary)
@@ -72,8 +72,14 @@ def _annotate_shard_name(parameters: dict) -> str:
 
 
 @task(cache_policy=NO_CACHE, name="annotate-shard", task_run_name=_annotate_shard_name, **RETRIES)
-def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], weights_dir: str | None) -> dict:
+def annotate_shard_task(images: Path, out: Path, annotators: dict[str, str], weights_dir: str | None,
+                        gpu_workers: bool = False) -> dict:
     from pd_data.annotate import annotate_shard
+
+    if gpu_workers:  # one worker per GPU: this worker's annotators on its own
+        from pd_core.launch import pin_dask_worker_gpu
+
+        pin_dask_worker_gpu()
 
     return annotate_shard(images, out, annotators, Path(weights_dir) if weights_dir else None)
 
@@ -84,8 +90,8 @@ def _annotate(plan: Plan) -> dict:
     cfg, out = plan.profile.data, plan.dir("annotate")
     shards = sorted(plan.dir("ingest").glob("images-*.parquet"))
     outs = [out / s.name.replace("images-", "annotations-") for s in shards]
-    results = run_mapped(annotate_shard_task, cfg.workers, "annotate-shards", shards, outs, unmapped(cfg.annotators),
-                         unmapped(cfg.annotator_weights))
+    results = run_mapped(annotate_shard_task, cfg, "annotate-shards", shards, outs, unmapped(cfg.annotators),
+                         unmapped(cfg.annotator_weights), unmapped(cfg.gpu_workers))
     write_lineage(out, plan.key("annotate"), plan.key("ingest"), cfg.annotators)
     summary = {"shards": len(results), "rows": sum(r["rows"] for r in results), "rejects": sum(r["rejects"] for r in results),
                "resumed": sum(r["resumed"] for r in results), "annotators": cfg.annotators}

@@ -21,6 +21,41 @@ def check_devices(section: str, device: str, processes: int) -> None:
                          f"set {section}.processes<={gpus}, or {section}.device=cpu")
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without torch's CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpu_workers(gpu_workers: bool) -> None:
+    """data.gpu_workers needs a GPU to give each worker."""
+    if gpu_workers and visible_gpus() == 0:
+        raise ValueError("data.gpu_workers=true but no CUDA device is visible; set data.gpu_workers=false "
+                         "(and data.workers=N for N CPU processes)")
+
+
+def worker_gpu(worker_name: object, gpus: int) -> int:
+    """The GPU of a local Dask worker: its name is its index (0, 1, ...) in a local cluster of one worker
+    per GPU, so worker i takes GPU i."""
+    try:
+        index = int(str(worker_name))
+    except ValueError:
+        raise ValueError(f"Dask worker {worker_name!r} has no index for a GPU: data.gpu_workers starts its own local "
+                         f"cluster, whose workers are named 0, 1, ...") from None
+    return index % gpus
+
+
+def pin_dask_worker_gpu() -> int:
+    """Make this Dask worker's GPU the current CUDA device (annotators placed on "cuda" land there)."""
+    import torch
+    from distributed import get_worker
+
+    gpu = worker_gpu(get_worker().name, visible_gpus())
+    torch.cuda.set_device(gpu)
+    return gpu
+
+
 def die_with_parent() -> None:
     """torchrun gets SIGTERM (and stops its workers) when the launching process dies, kill -9 included:
     no orphaned workers keep writing a folder whose stage lock is gone (Linux; elsewhere a no-op)."""

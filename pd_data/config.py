@@ -70,7 +70,11 @@ class DataConfig(Frozen):
     annotator_weights: str | None = Field(None, description="folder of annotator weights (else $PD_ANNOTATOR_WEIGHTS or the HF cache)")
     min_side: int = Field(16, ge=1, description="smaller images are rejected")
     max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected as decompression bombs")
-    workers: int = Field(1, ge=1, description="annotation processes; > 1 runs shards on a Dask cluster")
+    workers: int = Field(1, ge=1, description="ingest and annotation processes; > 1 runs shards on a local Dask cluster")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler (e.g. tcp://10.0.0.5:8786): shards "
+                                                       "run on its workers, which must import this project")
+    gpu_workers: bool = Field(False, description="a local Dask cluster of one worker per visible GPU, each worker's "
+                                                 "annotators on its own GPU")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -99,7 +103,20 @@ class DataConfig(Frozen):
             raise ValueError(f"split_fractions={self.split_fractions} must be >= 0 and sum to 1")
         if self.resolution % 8:
             raise ValueError(f"resolution={self.resolution} must be a multiple of 8")
+        self._check_cluster()
         return self
+
+    def _check_cluster(self) -> None:
+        """One way to size the shards' cluster: a local one of data.workers processes, one worker per GPU,
+        or an existing cluster, which sizes itself."""
+        if self.dask_address is not None and not self.dask_address.strip():
+            raise ValueError("data.dask_address is empty; give the scheduler's address, e.g. tcp://10.0.0.5:8786, or leave it unset")
+        given = [f"data.workers={self.workers}"] * (self.workers > 1) + ["data.gpu_workers=true"] * self.gpu_workers \
+            + [f"data.dask_address={self.dask_address!r}"] * (self.dask_address is not None)
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} cannot apply together: each sizes the shards' cluster (a local one "
+                             f"of data.workers processes, one worker per GPU, or an existing cluster, which has its own "
+                             f"workers); set one")
 
 
 class PromptConfig(Frozen):

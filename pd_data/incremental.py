@@ -32,8 +32,8 @@ from pd_core.state import fingerprint
 
 _ROUND_FILE = re.compile(r"-r(\d{4})-\d{5}\.parquet$")
 # What may change between rounds without invalidating earlier rounds: how much data and how it is read.
-_ROUND_INVARIANT = {"n_groups", "layouts_per_group", "images_per_layout", "shard_size", "workers", "source_path",
-                    "captions_file"}
+_ROUND_INVARIANT = {"n_groups", "layouts_per_group", "images_per_layout", "shard_size", "workers", "dask_address",
+                    "gpu_workers", "source_path", "captions_file"}
 
 
 def config_hash(cfg: DataConfig) -> str:
@@ -110,7 +110,7 @@ def update_live(cfg: DataConfig, root: Path, db: Path, dataset: str) -> dict:
     chash = config_hash(cfg)
     if prev_hash is not None and prev_hash != chash:
         raise ValueError(f"live dataset {dataset!r} was built with another data configuration (hash {prev_hash}, now "
-                         f"{chash}): only n_groups, layouts_per_group, images_per_layout, shard_size, workers and source paths may change "
+                         f"{chash}): only n_groups, layouts_per_group, images_per_layout, shard_size, the workers and cluster and source paths may change "
                          f"between rounds. Use a new dataset name for the new configuration.")
     rnd = prev_round + 1
     prepare(root)
