@@ -72,9 +72,10 @@ class TrainConfig(Frozen):
     pair_context: bool = Field(False, description="Prompt Diffusion also adds a pooled vector of the example pair to "
                                "the ControlNet's time embedding, so that every block sees the task the pair shows "
                                "(not in the paper: pd_model.controlnet)")
-    timesteps: Literal["uniform", "cubic"] = Field(
-        "uniform", description="training timesteps: uniform (the paper's) or cubic, t = (1 - u^3) T, most at high noise "
-        "where the task is decided (T2I-Adapter's sampling; not in the paper)")
+    timesteps: Literal["uniform", "cubic", "mixed"] = Field(
+        "uniform", description="training timesteps: uniform (the paper's); cubic, t = (1 - u^3) T, most at high noise "
+        "where the task is decided (T2I-Adapter's sampling; not in the paper); or mixed, each sample cubic or "
+        "uniform with even odds")
     train_unet_decoder: bool = Field(False, description="also train the UNet decoder (what the original's inverted --sd_locked did)")
     baseline_steps_per_task: int = Field(10, ge=0, description="CN(FT) steps each under equal_steps; 0 skips baselines")
     baseline_budget: Literal["equal_steps", "equal_compute"] = Field(

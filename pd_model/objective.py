@@ -73,17 +73,24 @@ def sample_generators(key: tuple[int, ...], indices: range) -> list[torch.Genera
 def draw_noise(gens: list[torch.Generator], shape: tuple[int, ...], num_timesteps: int,
                timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, *shape) noise and (B,) timesteps, sample i's from gens[i] only. `timesteps`: "uniform" over
-    [0, T), or "cubic", t = floor((1 - u^3) T) for uniform u (T2I-Adapter's sampling): most draws at
-    high noise, where a sample's global look (a map or a picture, which map) is decided."""
+    [0, T); "cubic", t = floor((1 - u^3) T) for uniform u (T2I-Adapter's sampling): most draws at high
+    noise, where a sample's global look (a map or a picture, which map) is decided; "mixed": each
+    sample cubic or uniform with even odds, so the low-noise steps that draw detail keep half their
+    share."""
+    if timesteps not in ("uniform", "cubic", "mixed"):
+        raise ValueError(f"unknown timestep sampling {timesteps!r}; choose 'uniform', 'cubic' or 'mixed'")
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    return noise, torch.stack([_timestep(g, num_timesteps, timesteps) for g in gens])
+
+
+def _timestep(gen: torch.Generator, num_timesteps: int, timesteps: str) -> torch.Tensor:
+    if timesteps == "mixed":
+        coin = torch.rand((), generator=gen, dtype=torch.float64)
+        timesteps = "cubic" if coin < 0.5 else "uniform"
     if timesteps == "uniform":
-        t = torch.stack([torch.randint(0, num_timesteps, (), generator=g) for g in gens])
-    elif timesteps == "cubic":
-        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-        t = ((1 - u ** 3) * num_timesteps).long().clamp_(0, num_timesteps - 1)
-    else:
-        raise ValueError(f"unknown timestep sampling {timesteps!r}; choose 'uniform' or 'cubic'")
-    return noise, t
+        return torch.randint(0, num_timesteps, (), generator=gen)
+    u = torch.rand((), generator=gen, dtype=torch.float64)
+    return ((1 - u ** 3) * num_timesteps).long().clamp_(0, num_timesteps - 1)
 
 
 def prediction_loss(base: BaseModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,

@@ -76,6 +76,16 @@ def test_cubic_timesteps_put_most_draws_at_high_noise_and_uniform_ones_are_uncha
         draw_noise(gens()[:1], (1,), 1000, "log")
 
 
+def test_mixed_timesteps_are_half_cubic_half_uniform_and_each_sample_its_own():
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4000)]  # noqa: E731
+    _, mixed = draw_noise(gens(), (1,), 1000, "mixed")
+    assert mixed.min() >= 0 and mixed.max() <= 999
+    assert 0.62 < (mixed >= 500).float().mean() < 0.675  # 0.5 * 0.794 + 0.5 * 0.5 = 0.647
+    assert 0.055 < (mixed < 100).float().mean() < 0.08  # 0.5 * 0.035 + 0.5 * 0.1: the low-noise steps keep a share
+    one = draw_noise(gens()[5:6], (1,), 1000, "mixed")[1]
+    assert one[0] == mixed[5]  # a sample's timestep depends on its own generator only, not on the batch
+
+
 def test_training_samples_carry_their_task_in_the_pair(train_world):
     """The example target is the example image's map of the task's target modality, the target the
     query's of the same modality, and the dropout leaves the pair alone where it keeps it."""
