@@ -22,16 +22,18 @@ big network on the CPU, where first-call overheads are small beside it) is itsel
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
+import sys
 import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import device_sync, machine, median, stopwatch, write_json
 
 # (backend, modality) -> builder(device) -> annotator; networks at random init, their real sizes.
 
@@ -117,18 +119,17 @@ def _inputs(res: int, n: int) -> list[tuple[np.ndarray, dict]]:
     return out
 
 
-def images_per_second(annotator, inputs, repeats: int, budget: float, warmup: bool) -> tuple[float, int]:
+def images_per_second(annotator, inputs, repeats: int, budget: float, warmup: bool,
+                      device: str = "cpu") -> tuple[float, int]:
     """(median images/s, runs timed): each run maps all inputs (batched where the annotator can batch)."""
     def run() -> float:
-        t0 = time.perf_counter()
-        if hasattr(annotator, "batch"):
-            annotator.batch([img for img, _ in inputs])
-        else:
-            for img, prov in inputs:
-                annotator(img, prov)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        with stopwatch(device_sync(device)) as lap:
+            if hasattr(annotator, "batch"):
+                annotator.batch([img for img, _ in inputs])
+            else:
+                for img, prov in inputs:
+                    annotator(img, prov)
+        return lap.seconds
 
     t = run() if warmup else 0.0
     if t > budget / 2:
@@ -137,7 +138,7 @@ def images_per_second(annotator, inputs, repeats: int, budget: float, warmup: bo
         times = [run()]
         while len(times) < repeats and sum(times) + times[0] <= budget:
             times.append(run())
-    return len(inputs) / statistics.median(times), len(times)
+    return len(inputs) / median(times), len(times)
 
 
 def main() -> None:
@@ -163,15 +164,15 @@ def main() -> None:
             row = {"backend": backend, "modality": modality, "device": device,
                    "weights": "none" if weight_free else "random (real architecture)"}
             try:
-                t0 = time.perf_counter()
-                annotator = build(device)
-                row["build_s"] = round(time.perf_counter() - t0, 1)
+                with stopwatch() as lap:
+                    annotator = build(device)
+                row["build_s"] = round(lap.seconds, 1)
             except ImportError as e:  # e.g. no controlnet-aux on this machine
                 rows.append({**row, "skipped": f"{type(e).__name__}: {e}"})
                 continue
             n = args.images or (1 if args.quick else 16 if weight_free or device == "cuda" else 1)
             for r in res:
-                ips, runs = images_per_second(annotator, _inputs(r, n), repeats, args.budget, warmup=not args.quick)
+                ips, runs = images_per_second(annotator, _inputs(r, n), repeats, args.budget, not args.quick, device)
                 rows.append({**row, "res": r, "images": n, "runs": runs, "images_per_s": round(ips, 2)})
             del annotator
     gpu = f", {torch.cuda.get_device_name()}" if "cuda" in devices else ", no CUDA"
@@ -185,9 +186,7 @@ def main() -> None:
             print(f"{row['backend']:<15}{row['modality']:<10}{row['device']:<7}{row['res']:>5}"
                   f"{row['images_per_s']:>10.2f}{row['runs']:>5}{row['build_s']:>9.1f}  {row['weights']}")
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "cuda": torch.cuda.get_device_name() if "cuda" in devices else None, "repeats": repeats}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        write_json(args.json, {"meta": {**machine(), "repeats": repeats}, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.profiles import load_profile, parse_override, split_overrides
 from pd_data.annotate import annotate_shard
@@ -37,6 +40,7 @@ from pd_model.visuals import caption_grid
 from pd_model.base import build_tiny_base, load_base
 from pd_model.pipeline import PromptDiffusionPipeline, uint8_images
 from pd_model.train_base import train_base
+from scripts.harness import clock
 
 VARIANTS = {
     "plain": {"snr_gamma": 0.0, "train_text_encoder": False, "map_fraction": 0.0},
@@ -115,7 +119,7 @@ def main() -> None:
     for name, update in parse_variants(args.variants):
         saved = update.pop("load", None)
         cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
-        t0 = time.perf_counter()
+        t0 = clock()
         scoring = [0.0]  # seconds spent scoring along the run, kept out of the training time
         if saved:  # a base the pipeline already trained (e.g. .pd/models/base/KEY): score it as it is
             base = load_base(saved)
@@ -125,16 +129,16 @@ def main() -> None:
 
             def along(step: int) -> None:
                 if step in score_at and step != cfg.train_steps:
-                    s0 = time.perf_counter()
+                    s0 = clock()
                     base.unet.eval()
                     with torch.no_grad():
                         score(base, f"{name}@{step}", str(step), s0 - t0 - scoring[0])
                     base.unet.train()
-                    scoring[0] += time.perf_counter() - s0
+                    scoring[0] += clock() - s0
 
             every = (math.gcd(*score_at), along) if score_at else None
             train_base(base, train, cfg, every=every)
-        seconds = time.perf_counter() - t0 - scoring[0]
+        seconds = clock() - t0 - scoring[0]
         if args.save and not saved:
             base.save(Path(args.save) / name)
         score(base, name, "saved" if saved else str(cfg.train_steps), seconds)

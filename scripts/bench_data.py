@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from scripts.harness import ROOT, clock, dumps, emit, machine, median, peak_rss_mb, schedule
 
 
 def make_data(folder: Path, images: int, resolution: int, layouts: int = 2) -> Path:
@@ -75,23 +71,23 @@ def rss_child(folder: str, resolution: int, steps: int, mode: str) -> None:
     from pd_data.dataset import load_split, split_from_tables
     from pd_data.shards import read_shards
 
-    root, t0, out = Path(folder), time.perf_counter(), {}
+    root, t0, out = Path(folder), clock(), {}
     if mode == "streamed":
         data = load_split(root / "img", root / "ann", "train")
         out["train_s"] = round(_train(data, resolution, steps, 0)["wall_s"], 1)
     else:
         data = split_from_tables(read_shards(root / "img", "images"), read_shards(root / "ann", "annotations"), "train")
-    print(json.dumps({"images": len(data.arrays), f"peak_rss_mb_{mode}": round(_peak_mb(), 1), **out,
-                      f"seconds_{mode}": round(time.perf_counter() - t0, 1)}))
+    print(dumps({"images": len(data.arrays), f"peak_rss_mb_{mode}": round(peak_rss_mb(), 1), **out,
+                 f"seconds_{mode}": round(clock() - t0, 1)}, indent=None))
 
 
 def bench_rss(args) -> dict:
     cache = Path(args.cache)
     rows = []
     for n in args.sizes:
-        t0 = time.perf_counter()
+        t0 = clock()
         folder = make_data(cache, n, args.resolution)
-        print(f"data n={n}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(f"data n={n}: {clock() - t0:.0f} s", file=sys.stderr)
         row = {}
         for mode in ("streamed", "in-memory"):
             res = subprocess.run([sys.executable, __file__, "_rss_child", str(folder), str(args.resolution), str(args.steps),
@@ -113,20 +109,19 @@ def bench_wait(args) -> dict:
     folder = make_data(Path(args.cache), 480, 32, layouts=3)  # the demo's 80 groups x 3 layouts x 2
     data = load_split(folder / "img", folder / "ann", "train")
     runs: dict[int, list[dict]] = {w: [] for w in args.workers}
-    for r in range(args.repeats):
-        for w in (args.workers if r % 2 == 0 else list(reversed(args.workers))):
-            s = _train(data, 32, args.steps, w)
-            runs[w].append(s)
-            print(f"repeat {r} workers {w}: wait {s['data_wait_s']:.2f} s of {s['wall_s']:.1f} s", file=sys.stderr)
+    for r, w in schedule(args.workers, args.repeats):  # the training's own stats, not wall clocks around it
+        s = _train(data, 32, args.steps, w)
+        runs[w].append(s)
+        print(f"repeat {r} workers {w}: wait {s['data_wait_s']:.2f} s of {s['wall_s']:.1f} s", file=sys.stderr)
     out = {}
     for w, rs in runs.items():
         out[f"loader_workers={w}"] = {
-            "wait_fraction": round(statistics.median(x["data_wait_s"] / x["wall_s"] for x in rs), 4),
+            "wait_fraction": round(median(x["data_wait_s"] / x["wall_s"] for x in rs), 4),
             # after the first batch, whose wait includes starting the worker processes
-            "wait_fraction_after_first": round(statistics.median(
+            "wait_fraction_after_first": round(median(
                 (x["data_wait_s"] - x["first_batch_wait_s"]) / (x["wall_s"] - x["first_batch_wait_s"]) for x in rs), 4),
-            "first_batch_wait_s": round(statistics.median(x["first_batch_wait_s"] for x in rs), 2),
-            "step_s": round(statistics.median(x["wall_s"] / args.steps for x in rs), 3)}
+            "first_batch_wait_s": round(median(x["first_batch_wait_s"] for x in rs), 2),
+            "step_s": round(median(x["wall_s"] / args.steps for x in rs), 3)}
     return {"wait": out, "steps": args.steps, "repeats": args.repeats, "batch": 16, "resolution": 32}
 
 
@@ -155,9 +150,7 @@ def main() -> int:
         if res.returncode:
             return res.returncode
         out["annotate"] = json.loads((Path(args.cache) / "annotate.json").read_text())
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit({**out, "machine": machine()}, args.json)
     return 0
 
 

@@ -27,14 +27,16 @@ there; the fastest setting that holds on every task is printed last (none, when 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import device_sync, emit, interleave, machine, median, schedule, stopwatch
 
 SAMPLERS = [("ddim", 100), ("ddim", 20), ("dpm", 20), ("unipc", 20), ("dpm", 10), ("unipc", 10)]
 
@@ -90,14 +92,13 @@ def throughput_cpu(args) -> dict:
         w = tiny_world(Path(tmp) / "world")
         times: dict[str, list[float]] = {f"{p}x{t}": [] for p, t in configs}
         n = 0
-        for rep in range(args.repeats):
-            for p, t in configs:
-                cfg = EvalConfig(steps=20, guidance_scale=3.0, batch_size=args.batch, threads=t, device="cpu")
-                job = job_for(w, cfg, Path(tmp) / f"out-{p}x{t}-{rep}")
-                t0 = time.perf_counter()
+        for rep, (p, t) in schedule(configs, args.repeats):
+            cfg = EvalConfig(steps=20, guidance_scale=3.0, batch_size=args.batch, threads=t, device="cpu")
+            job = job_for(w, cfg, Path(tmp) / f"out-{p}x{t}-{rep}")  # a fresh folder: nothing is resumed
+            with stopwatch() as lap:
                 n = run_generation(job, p)
-                times[f"{p}x{t}"].append(time.perf_counter() - t0)
-        rates = {c: n / statistics.median(t) for c, t in times.items()}
+            times[f"{p}x{t}"].append(lap.seconds)
+        rates = {c: n / median(t) for c, t in times.items()}
         first = next(iter(rates))
         return {"device": "cpu", "samples": n, "sampler": "ddim 20 steps, guidance 3", "batch": args.batch,
                 "configs": "processes x threads each", "seconds": {c: [round(x, 2) for x in t] for c, t in times.items()},
@@ -140,17 +141,8 @@ def throughput_paper(args) -> dict:
         with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=not args.fp32):
             down, mid = net(x, t, emb, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
             unet(x, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s = median(interleave({"step": step}, args.repeats, warmup=2, sync=device_sync(dev))["step"])
     work, full = paper_samples(), paper_samples(10_000)  # the profile's 1,000 prompts per task; the paper's up to 10,000
     per_device = b / (step_s * work["steps"])  # samples/s: `steps` guided steps per sample
     hours = {f"{w['per_task']} prompts per task": {k: round(w["total"] / (per_device * k) / 3600, 2) for k in (1, 8)}
@@ -192,9 +184,9 @@ def study(args) -> dict:
                          batch_size=16, threads=args.threads, device=args.device, bootstrap=args.bootstrap)
         out = work / name
         job = job_for(w, cfg, out)
-        t0 = time.perf_counter()
-        n = run_generation(job, args.processes)
-        rates[name] = n / (time.perf_counter() - t0) if n else None
+        with stopwatch() as lap:
+            n = run_generation(job, args.processes)
+        rates[name] = n / lap.seconds if n else None
         result = evaluate_folders(w["base"], {"prompt-diffusion": folder}, (), where, cfg, out, task_inference=False,
                                   cache=work / "cache")
         rows[name] = {(r.task, r.metric): (r.value, r.ci_low, r.ci_high) for r in result.metrics
@@ -239,7 +231,7 @@ def main() -> int:
         result = throughput_paper(args) if args.paper_size else throughput_cpu(args)
     else:
         result = study(args)
-    print(json.dumps(result, indent=2, default=str))
+    emit({**result, "machine": machine()})
     return 0
 
 

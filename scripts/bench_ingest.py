@@ -8,13 +8,15 @@ worker counts so that both see the same machine load; prints per-run times and m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import emit, machine, median, ratio, schedule, stopwatch
 
 
 def main() -> int:
@@ -33,28 +35,27 @@ def main() -> int:
 
     from flows.stages import annotate_flow, ingest_flow
 
-    results: dict[int, list[dict]] = {1: [], 2: []}
+    results: dict[int, dict[str, list[float]]] = {w: {"ingest_s": [], "annotate_s": [], "total_s": []} for w in (1, 2)}
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        for r in range(args.repeats):
-            for workers in (1, 2) if r % 2 == 0 else (2, 1):
-                over = {"data": {"n_groups": args.images // 4, "resolution": args.resolution,  # 2 layouts x 2 twins
-                                 "shard_size": args.shard_size, "workers": workers}}
-                state = str(tmp / f"r{r}-w{workers}")
-                t0 = time.perf_counter()
+        for r, workers in schedule((1, 2), args.repeats):  # an empty state directory every run
+            over = {"data": {"n_groups": args.images // 4, "resolution": args.resolution,  # 2 layouts x 2 twins
+                             "shard_size": args.shard_size, "workers": workers}}
+            state = str(tmp / f"r{r}-w{workers}")
+            with stopwatch() as ingest:
                 ingest_flow("smoke", over, state)
-                t1 = time.perf_counter()
+            with stopwatch() as annotate:
                 annotate_flow("smoke", over, state, upstream=False)
-                t2 = time.perf_counter()
-                results[workers].append({"ingest_s": t1 - t0, "annotate_s": t2 - t1, "total_s": t2 - t0})
-                print(f"repeat {r} workers {workers}: ingest {t1 - t0:.1f} s, annotate {t2 - t1:.1f} s", file=sys.stderr)
+            for key, s in (("ingest_s", ingest.seconds), ("annotate_s", annotate.seconds),
+                           ("total_s", ingest.seconds + annotate.seconds)):
+                results[workers][key].append(s)
+            print(f"repeat {r} workers {workers}: ingest {ingest.seconds:.1f} s, annotate {annotate.seconds:.1f} s",
+                  file=sys.stderr)
     summary = {}
     for w, runs in results.items():
-        med = {k: statistics.median(x[k] for x in runs) for k in ("ingest_s", "annotate_s", "total_s")}
-        summary[f"workers={w}"] = {**{k: round(v, 2) for k, v in med.items()},
-                                   "images_per_s": round(args.images / med["total_s"], 1)}
-    summary["speedup_2_over_1"] = round(summary["workers=1"]["total_s"] / summary["workers=2"]["total_s"], 2)
-    summary["config"] = vars(args)
-    print(json.dumps(summary, indent=2))
+        summary[f"workers={w}"] = {**{k: round(median(v), 2) for k, v in runs.items()},
+                                   "images_per_s": round(args.images / median(runs["total_s"]), 1)}
+    summary["speedup_2_over_1"] = round(ratio(results[1]["total_s"], results[2]["total_s"]), 2)
+    emit({**summary, "config": vars(args), "machine": machine()})
     return 0
 
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import append_line, clock, dumps, machine
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -91,6 +96,7 @@ def main() -> None:
     built = {t: [data.prompt(get_task(t), r["example_id"], r["query_id"]) for r in rs] for t, rs in by_task.items()}
     targets = {t: np.stack([p.target for p in b]) for t, b in built.items()}
     results: dict[str, dict[str, float]] = {}
+    where = machine()
     for name in BASELINES:
         results[name] = {t: rmse(baseline_outputs(name, get_task(t), built[t], train), targets[t], 0).value
                          for t in map_tasks}
@@ -100,7 +106,7 @@ def main() -> None:
         base = load_base(base_path(plan)).freeze()
         train.pairing = plan.profile.data.pairing  # a variant may train under another pairing (data.pairing=any)
         cfg, ev = plan.profile.train, plan.profile.eval
-        t0 = time.perf_counter()
+        t0 = clock()
         # task -> (ControlNet, its own UNet when the decoder was trained too, else None)
         nets: dict[str, tuple] = {}
         folder = Path(args.cache) / hashlib.sha1(json.dumps([mode, over], sort_keys=True).encode()).hexdigest()[:12] \
@@ -124,7 +130,7 @@ def main() -> None:
                     save_trained(folder / sub, net, fresh, "", mode, tasks, cfg.train_unet_decoder)
             for t in map_tasks if mode == "prompt-diffusion" else tasks:
                 nets[t] = (net, unet)
-        train_s = time.perf_counter() - t0
+        train_s = clock() - t0
         for steps, guidance, *pair in evals or [(ev.steps, ev.guidance_scale)]:
             pair_g = pair[0] if pair else None
             res = {}
@@ -138,10 +144,9 @@ def main() -> None:
             label = f"{name} ({ev.scheduler} {int(steps)} steps, guidance {guidance:g}" + (f", pair {pair_g:g})" if pair_g else ")")
             results[label] = res
             row = {"variant": text, "steps": int(steps), "guidance": guidance, "pair_guidance": pair_g, "train_s": round(train_s, 1), **res}
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            print(dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, indent=None), flush=True)
             if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_line(args.out, {**row, "machine": where})
 
     print("\n| model | " + " | ".join(map_tasks) + " |\n|---|" + "---|" * len(map_tasks))
     for name, res in results.items():

@@ -27,14 +27,15 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import ROOT, emit, machine, median, ratio, schedule, stopwatch, write_json
 
 
 def build(d: Path) -> dict:
@@ -98,34 +99,32 @@ def time_once(d: Path, dump: Path | None = None) -> dict:
     unseen = tuple(t for t in UNSEEN_TASKS if all(m in demo.data.modalities for m in get_task(t).modalities))
     folders = {p.name: p for p in sorted((d / "models").iterdir())}
     where = Split(d / "img", d / "ann", demo.prompts.split, d / "prompts.parquet", demo.data.pairing)
-    with tempfile.TemporaryDirectory() as cache:
-        t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache, stopwatch() as lap:
         result = evaluate_folders("unused", folders, unseen, where, demo.eval, d / "eval", cache=Path(cache))
-        seconds = time.perf_counter() - t0
     if result.computed:
         raise SystemExit(f"{result.computed} samples were generated: run `build` first")
     if dump is not None:
-        dump.write_text(json.dumps([[r.model_id, r.task, r.metric, r.n, r.feature_extractor, float(r.value).hex(),
-                                     float(r.ci_low).hex(), float(r.ci_high).hex()] for r in result.metrics], indent=0))
+        write_json(dump, [[r.model_id, r.task, r.metric, r.n, r.feature_extractor, float(r.value).hex(),
+                           float(r.ci_low).hex(), float(r.ci_high).hex()] for r in result.metrics], indent=0)
     sha, n = digest(result.metrics)
-    return {"seconds": round(seconds, 2), "rows": n, "sha256": sha, "code": str(Path(pd_eval.__file__).parent)}
+    return {"seconds": round(lap.seconds, 2), "rows": n, "sha256": sha, "code": str(Path(pd_eval.__file__).parent)}
 
 
 def compare(args) -> dict:
     runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for _ in range(args.repeats):
-        for which in ("old", "new"):
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(([args.old] if which == "old" else []) + [str(ROOT)])
-            out = subprocess.run([sys.executable, __file__, "time", "--dir", args.dir], env=env, cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout
-            runs[which].append(json.loads(out))
-            print(which, runs[which][-1], file=sys.stderr, flush=True)
-    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    for _, which in schedule(runs, args.repeats):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(([args.old] if which == "old" else []) + [str(ROOT)])
+        # -P -m: nothing ahead of PYTHONPATH on the child's sys.path, so --old's pd_eval comes first
+        out = subprocess.run([sys.executable, "-P", "-m", "scripts.bench_metrics", "time", "--dir", args.dir], env=env,
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        runs[which].append(json.loads(out))
+        print(which, runs[which][-1], file=sys.stderr, flush=True)
+    seconds = {k: [r["seconds"] for r in v] for k, v in runs.items()}
     shas = {r["sha256"] for v in runs.values() for r in v}
-    return {"seconds": {k: [r["seconds"] for r in v] for k, v in runs.items()}, "median_s": med,
-            "speedup": round(med["old"] / med["new"], 2), "bitwise_identical": len(shas) == 1, "sha256": sorted(shas),
-            "code": {k: v[0]["code"] for k, v in runs.items()}}
+    return {"seconds": seconds, "median_s": {k: median(v) for k, v in seconds.items()},
+            "speedup": round(ratio(seconds["old"], seconds["new"]), 2), "bitwise_identical": len(shas) == 1,
+            "sha256": sorted(shas), "code": {k: v[0]["code"] for k, v in runs.items()}}
 
 
 def main() -> int:
@@ -140,7 +139,6 @@ def main() -> int:
             s.add_argument("--old", required=True, help="a folder holding the old pd_eval/ package")
             s.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    sys.path.append(str(ROOT))  # after PYTHONPATH: `compare` puts the old pd_eval first
     from pd_core.progress import set_sink
 
     set_sink(lambda r: None)  # stdout holds the JSON only
@@ -150,7 +148,7 @@ def main() -> int:
         result = time_once(Path(args.dir), Path(args.dump) if args.dump else None)
     else:
         result = compare(args)
-    print(json.dumps(result, indent=2, default=str))
+    emit({**result, "machine": machine()})
     return 0
 
 

@@ -50,13 +50,9 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 import types
 import warnings
 from pathlib import Path
@@ -64,9 +60,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import dumps, emit, interleave, machine, stopwatch, summary
 
 CLONE_URL = "https://github.com/Zhendong-Wang/Prompt-Diffusion"
 ENV_VAR = "PD_ORIGINAL_REPO"
@@ -256,10 +253,10 @@ class OriginalStep:
 
 def our_step(unet, controlnet, batch: int, latent: int, hint: int, text: tuple[int, int], precision: str):
     """bench_train's Step (the pipeline's optimizer step) over our ControlNet, UNet frozen, eps prediction."""
-    from bench_train import Step
     from diffusers import DDPMScheduler
 
     from pd_model.base import BaseModel
+    from scripts.bench_train import Step
 
     unet.requires_grad_(False)
     controlnet.requires_grad_(True)
@@ -304,16 +301,6 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -356,8 +343,7 @@ def run(args: argparse.Namespace) -> dict:
     unet, net = build_ours(cfg, control, unet_ldm, args.latent)
     check = agreement(orig, control, unet_ldm, unet, net, synthetic(args.check_batch, args.latent, hint, text))
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "original": {"path": str(root), "commit": orig.commit},
         "model": {"channels": args.channels, "layers_per_block": args.layers, "latent": [4, args.latent, args.latent],
                   "hint_px": hint, "hint_stack": list(HINT_STACK), "text": list(text),
@@ -367,14 +353,14 @@ def run(args: argparse.Namespace) -> dict:
         "agreement": check,
     }
     if check["noise_prediction_max_abs_diff"] > args.atol or check["controlnet_residuals_max_abs_diff"] > args.atol:
-        raise AssertionError(f"the two models disagree beyond --atol {args.atol}: {json.dumps(check)}; the "
+        raise AssertionError(f"the two models disagree beyond --atol {args.atol}: {dumps(check, indent=None)}; the "
                              "comparison would not be of the same network (check the config mapping and converters)")
     if args.check_only:
         return result
 
     impls = ["original", *(["original_as_trained"] if args.as_trained else []), "ours_fp32", "ours_bf16"]
     ckpt_cfg = small_config(root, tuple(args.channels), args.layers, text[1], checkpointing=True)
-    steps, flops, times = {}, {}, {}
+    steps, flops, first = {}, {}, {}
     for b in args.batch:
         d = synthetic(b, args.latent, hint, text)
         for impl in impls:
@@ -388,28 +374,21 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 steps[impl, b] = our_step(copy.deepcopy(unet), copy.deepcopy(net), b, args.latent, hint, text,
                                           "no" if impl == "ours_fp32" else "bf16")
-            t0 = time.perf_counter()
-            steps[impl, b]()
-            first = time.perf_counter() - t0
+            with stopwatch() as lap:
+                steps[impl, b]()
+            first[impl, b] = lap.seconds
             if not args.no_flops:
                 flops[impl, b] = count_flops(steps[impl, b])
-            steps[impl, b]()
-            times[impl, b] = {"first": first, "t": []}
-    for _ in range(args.repeats):
-        for key in steps:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                steps[key]()
-                times[key]["t"].append(time.perf_counter() - t0)
+    times = interleave(steps, args.repeats, warmup=1, per_round=args.steps)
     for s in steps.values():
         s.close()
 
     rows = []
-    for (impl, b), s in steps.items():
-        ts = times[impl, b]["t"]
-        med = statistics.median(ts)
-        row = {"impl": impl, "batch": b, "step_s_median": round(med, 4), "step_s_min_max": [round(min(ts), 4), round(max(ts), 4)],
-               "samples_per_s": round(b / med, 2), "timed_steps": len(ts), "first_step_s": round(times[impl, b]["first"], 2)}
+    for (impl, b), ts in times.items():
+        t = summary(ts)
+        med = t["median"]
+        row = {"impl": impl, "batch": b, "step_s_median": round(med, 4), "step_s_min_max": [round(t["min"], 4), round(t["max"], 4)],
+               "samples_per_s": round(b / med, 2), "timed_steps": t["n"], "first_step_s": round(first[impl, b], 2)}
         if (impl, b) in flops:
             row |= {"gflop_per_step": round(flops[impl, b] / 1e9, 3), "achieved_gflop_s": round(flops[impl, b] / med / 1e9, 2)}
         rows.append(row)
@@ -420,7 +399,7 @@ def run(args: argparse.Namespace) -> dict:
         ratios[f"batch_{b}"] = {f"{ours.removeprefix('ours_')}_vs_{o}": round(by[ours, b]["samples_per_s"] / by[o, b]["samples_per_s"], 2)
                                 for o in ref for ours in ("ours_fp32", "ours_bf16")}
     result |= {"timing": {"batches": args.batch, "repeats": args.repeats, "steps_per_round": args.steps,
-                          "statistic": "median step time over all timed steps, configurations alternated per round"},
+                          "statistic": "median step time over all timed steps, configurations in rotated order per round"},
                "rows": rows, "ratios_ours_over_original_samples_per_s": ratios,
                "goal_2x_bf16_met": all(ratios[f"batch_{b}"]["bf16_vs_original"] >= 2 for b in args.batch)}
     return result
@@ -436,7 +415,7 @@ def main(argv=None) -> int:
     except MissingPackage as e:
         print(f"bench_peer: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    emit(result)
     return 0
 
 

@@ -17,10 +17,14 @@ modality informative (600 steps too; at 300 with a squared error, seg and normal
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import emit, machine, stopwatch
 
 
 def build_splits(n_groups: int, layouts: int, resolution: int, root: Path):
@@ -56,9 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp:
         train, test = build_splits(args.groups, args.layouts, args.resolution, Path(tmp))
         pairs = split_pairs(train)
-        t0 = time.perf_counter()
-        reader = train_reader(pairs, args.steps, args.seed, SEG_PALETTE, args.width, args.batch_size, args.lr)
-        seconds = time.perf_counter() - t0
+        with stopwatch() as lap:
+            reader = train_reader(pairs, args.steps, args.seed, SEG_PALETTE, args.width, args.batch_size, args.lr)
+        seconds = lap.seconds
         held = split_pairs(test)
         images = next(iter(held.values()))[0]
         quality = reader_quality(reader, images, {m: maps for m, (_, maps) in held.items()}, mean_maps(train, tuple(held)))
@@ -68,7 +72,7 @@ def main() -> None:
               "steps": args.steps, "width": args.width, "batch_size": args.batch_size, "seed": args.seed,
               "train_seconds": round(seconds, 1), "informative_fraction": INFORMATIVE_FRACTION, "modalities": quality}
     if args.json:
-        print(json.dumps(result, indent=1))
+        emit({**result, "machine": machine()})
         return
     print(f"{result['reader']}: {result['train_images']} train / {result['test_images']} test images, "
           f"{args.steps} steps, width {args.width}, trained in {seconds:.1f} s")

@@ -27,23 +27,24 @@ import collections
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import clock, dumps, emit, interleave, machine, median, ratio, stopwatch
 
 KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_TOP_PAD_": str(2**30)}
 
 
 def make_step(batch: int, precision: str, skip_shortcut_contiguous: bool = False):
-    from bench_train import Step, build_models
     from diffusers.models.resnet import ResnetBlock2D
+
+    from scripts.bench_train import Step, build_models
 
     base, cn, trained, in_res, text = build_models(False, 32)
     step = Step(base, cn, trained, batch, in_res, text, 32, precision, "cpu")
@@ -63,15 +64,6 @@ def make_step(batch: int, precision: str, skip_shortcut_contiguous: bool = False
     return step
 
 
-def timed(step, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def copies(step) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -79,17 +71,16 @@ def copies(step) -> dict:
 
     class Clock(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = func(*args, **(kwargs or {}))
             name = str(func)
-            spent[name] += time.perf_counter() - t0
+            spent[name] += clock() - t0
             calls[name] += 1
             return out
 
-    t0 = time.perf_counter()
-    with Clock():
+    with stopwatch() as lap, Clock():
         step()
-    total = time.perf_counter() - t0
+    total = lap.seconds
     moved = {k: v for k, v in spent.items() if any(w in k for w in ("copy", "clone", "contiguous"))}
     return {"step_s_under_dispatch_clock": round(total, 4), "ops_s": round(sum(spent.values()), 4),
             "copies_s": round(sum(moved.values()), 4), "copy_calls": sum(calls[k] for k in moved),
@@ -99,8 +90,8 @@ def copies(step) -> dict:
 def faults_child(args) -> dict:
     step = make_step(args.batch, args.precision)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ts = timed(step, args.steps * args.repeats)
-    return {"step_s_median": round(statistics.median(ts), 4),
+    ts = interleave({"step": step}, args.steps * args.repeats, warmup=0)["step"]  # warmed up by make_step
+    return {"step_s_median": round(median(ts), 4),
             "minor_faults_per_step": round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(ts))}
 
 
@@ -115,18 +106,15 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.faults_child:
-        print(json.dumps(faults_child(args)))
+        print(dumps(faults_child(args), indent=None))
         return 0
 
     plain, skip = make_step(args.batch, args.precision), make_step(args.batch, args.precision, True)
-    t_plain, t_skip = [], []
-    for _ in range(args.repeats):
-        t_plain += timed(plain, args.steps)
-        t_skip += timed(skip, args.steps)
-    result = {"config": vars(args), "torch": torch.__version__, "copies": copies(plain)}
-    result["shortcut"] = {"step_s_median": round(statistics.median(t_plain), 4),
-                          "skipping_contiguous_s_median": round(statistics.median(t_skip), 4),
-                          "speedup": round(statistics.median(t_plain) / statistics.median(t_skip), 3)}
+    t = interleave({"plain": plain, "skip": skip}, args.repeats, warmup=0, per_round=args.steps)  # warmed up by make_step
+    result = {"config": vars(args), "machine": machine(), "copies": copies(plain)}
+    result["shortcut"] = {"step_s_median": round(median(t["plain"]), 4),
+                          "skipping_contiguous_s_median": round(median(t["skip"]), 4),
+                          "speedup": round(ratio(t["plain"], t["skip"]), 3)}
     del plain, skip
     child = [sys.executable, __file__, "--faults-child", *sys.argv[1:]]
     runs = {name: json.loads(subprocess.run(child, env={**os.environ, **extra}, check=True, capture_output=True,
@@ -134,7 +122,7 @@ def main() -> int:
             for name, extra in (("glibc_default", {}), ("keep_freed_memory", KEEP_FREED))}
     runs["speedup"] = round(runs["glibc_default"]["step_s_median"] / runs["keep_freed_memory"]["step_s_median"], 3)
     result["page_faults"] = runs
-    print(json.dumps(result, indent=2))
+    emit(result)
     return 0
 
 

@@ -33,38 +33,27 @@ torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU (all c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
-import statistics
 import sys
-import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import device_sync, emit, interleave, machine, median, peak_rss_mb, stopwatch
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Median FLOP/s of an n x n matmul on this device and dtype."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(reps + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times[2:])
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return 2 * n**3 / median(interleave({"matmul": lambda: a @ b}, reps, warmup=2, sync=device_sync(device))["matmul"])
 
 
 def build_models(paper_size: bool, resolution: int):
@@ -108,8 +97,8 @@ class Step:
         base.unet.to(dev)
         controlnet.to(dev).train()
         self.autocast = resolve(mixed_precision, dev)
-        self._layout = fast_layout([controlnet, base.unet], self.autocast)
-        self._layout.__enter__()
+        self._layout = ExitStack()  # the train stage's weight layout, undone by `close`
+        self._layout.enter_context(fast_layout([controlnet, base.unet], self.autocast))
         params = [p for m in trained for p in m.parameters()]
         self.opt = Optimiser(params, Optim(10**9, batch, 1e-5, weight_decay=1e-2, autocast=self.autocast))
         batch //= world()[1]  # this process's share of the global batch
@@ -138,7 +127,7 @@ class Step:
         return s.loss
 
     def close(self) -> None:
-        self._layout.__exit__(None, None, None)
+        self._layout.close()
 
 
 def main() -> int:
@@ -177,41 +166,33 @@ def main() -> int:
     precisions = args.precision or (["bf16"] if args.paper_size else ["no", "bf16"])
     dev = args.device
     configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
-    steps, flops, times = {}, {}, {}
+    steps, flops, first = {}, {}, {}
     for key in configs:
         p, b, c = key
         base, cn, trained, in_res, text = build_models(args.paper_size, args.resolution)
         steps[key] = Step(base, cn, trained, b, in_res, text, args.resolution, p, dev, compile_=c)
-        t0 = time.perf_counter()
-        steps[key]()  # first step (and compilation)
-        first = time.perf_counter() - t0
+        with stopwatch(device_sync(dev)) as lap:
+            steps[key]()  # first step (and compilation)
+        first[key] = lap.seconds
         if not args.no_flops and not c:
             with FlopCounterMode(display=False) as counter:
                 steps[key]()
             flops[key] = counter.get_total_flops()
         steps[key]()
-        times[key] = {"first_step_s": first, "t": []}
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.repeats):
-        for key in configs:
-            for _ in range(args.steps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                steps[key]()
-                _sync(dev)
-                times[key]["t"].append(time.perf_counter() - t0)
+    times = interleave(steps, args.repeats, warmup=0, per_round=args.steps, sync=device_sync(dev))  # warmed up above
     peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.autocast[1] for s in steps.values() if s.autocast}}
     rows = []
     for key in configs:
         p, b, c = key
-        s, ts = steps[key], times[key]["t"]
-        step_s = statistics.median(ts)
+        s, ts = steps[key], times[key]
+        step_s = median(ts)
         peak = peaks[s.autocast[1] if s.autocast else torch.float32]
         row = {"precision": p, "computes_in": str(s.autocast[1]) if s.autocast else "torch.float32", "batch": b,
                "compile": c, "step_s_median": round(step_s, 4),
                "step_s_p10_p90": [round(float(np.percentile(ts, q)), 4) for q in (10, 90)],
-               "samples_per_s": round(b / step_s, 2), "first_step_s": round(times[key]["first_step_s"], 2)}
+               "samples_per_s": round(b / step_s, 2), "first_step_s": round(first[key], 2)}
         if key in flops:
             row |= {"gflop_per_step": round(flops[key] / 1e9, 2), "achieved_gflop_s": round(flops[key] / step_s / 1e9, 1),
                     "matmul_peak_gflop_s": round(peak / 1e9, 1), "fraction_of_matmul_peak": round(flops[key] / step_s / peak, 3)}
@@ -221,17 +202,15 @@ def main() -> int:
         ref = base_rows[(r["batch"], r["compile"])]
         r[f"speedup_vs_{precisions[0]}"] = round(ref["step_s_median"] / r["step_s_median"], 2)
     result = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "config": vars(args), "rows": rows,
+              "config": vars(args), "rows": rows,
               "trainable_params_M": round(sum(p.numel() for p in next(iter(steps.values())).opt.params) / 1e6, 2)}
     if dev.startswith("cuda"):
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    else:  # ru_maxrss is KiB on Linux: the whole process, weights and optimizer state included
-        import resource
-
-        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    result["processes"] = args.processes
+    else:  # the whole process, weights and optimizer state included
+        result["peak_rss_gib"] = round(peak_rss_mb() / 1024, 2)
+    result |= {"processes": args.processes, "machine": machine()}
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(result, indent=2))
+        emit(result)
     return 0
 
 

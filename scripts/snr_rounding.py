@@ -3,12 +3,15 @@ base's scheduler (docs/results.md, "Training noise").
 
     .venv/bin/python scripts/snr_rounding.py
 """
+import argparse
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     for prediction in ("v_prediction", "epsilon"):
         s = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                           prediction_type=prediction)

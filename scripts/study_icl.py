@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness import append_line, clock, dumps, machine
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -131,13 +136,14 @@ def main() -> None:
         v = vals[name]
         return name, (-v if cs.higher_is_better(name) else v)  # lower is better, always
 
+    where = machine()
     for text in args.variant:
         name, over = parse_variant(text)
         for seed in [int(s) for s in args.seeds.split(",")]:
             plan = make_plan(args.profile, merge_settings(over, {"train": {"seed": seed, "baseline_steps_per_task": 0}}), args.state_dir)
             cfg = plan.profile.train
             folder = cache / plan.key("train")
-            t0 = time.perf_counter()
+            t0 = clock()
             if (folder / "pipeline.json").exists():
                 _, net, unet = load_trained(folder)
                 base = load_base((args.base or base_path(plan))).freeze().with_unet(unet)
@@ -146,7 +152,7 @@ def main() -> None:
                 base = load_base((args.base or base_path(plan))).freeze()
                 net, _ = train_controlnet(base, train, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", plan.tasks, cfg.steps))
                 save_trained(folder, net, base, "", "prompt-diffusion", plan.tasks, cfg.train_unet_decoder)
-                train_s = round(time.perf_counter() - t0, 1)
+                train_s = round(clock() - t0, 1)
             row: dict = {"variant": name, "overrides": text.partition(":")[2], "seed": seed, "train_key": plan.key("train"),
                          "train_s": train_s}
             # Task inference: no text, guidance of image->depth.
@@ -178,12 +184,10 @@ def main() -> None:
                     res |= {"other": interval(s_oth), "own_minus_other": interval(s_own - s_oth),
                             "change_other": interval(np.sqrt(per_image_mse(own, oth)))}
                 row[task] = res
-            row["total_s"] = round(time.perf_counter() - t0, 1)
-            line = json.dumps(row)
-            print(line, flush=True)
+            row["total_s"] = round(clock() - t0, 1)
+            print(dumps(row, indent=None), flush=True)
             if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+                append_line(args.out, {**row, "machine": where})
 
 
 def _cell(x: list[float], scale: float = 1.0, digits: int = 3) -> str:
