@@ -82,13 +82,13 @@ def main() -> None:
     prof = load_profile("demo")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        ingest(prof.data, root / "img")
-        for p in sorted((root / "img").glob("images-*.parquet")):
-            annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), prof.data.annotators)
-        train = load_split(root / "img", root / "ann", "train")
-        test = load_split(root / "img", root / "ann", prof.prompts.split)
+    tmp = tempfile.TemporaryDirectory()  # until main returns: the splits read their Parquet shards lazily
+    root = Path(tmp.name)
+    ingest(prof.data, root / "img")
+    for p in sorted((root / "img").glob("images-*.parquet")):
+        annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), prof.data.annotators)
+    train = load_split(root / "img", root / "ann", "train")
+    test = load_split(root / "img", root / "ann", prof.prompts.split)
     scored = test if args.from_split == "held-out" else train
     ids = sorted(scored.captions)[: args.captions]
     captions = [scored.captions[i] for i in ids]
