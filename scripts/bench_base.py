@@ -58,8 +58,8 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
     for item in filter(None, text.split(";")):
         name, _, rest = item.partition(":")
         update = {}
-        for kv in split_overrides(rest):
-            update |= parse_override(kv)
+        for kv in split_overrides(rest):  # base.* keys without the section, and load=
+            update |= parse_override(f"base.{kv}")["base"]
         out.append((name, {**VARIANTS.get(name, {}), **update}))
     return out
 
