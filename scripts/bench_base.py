@@ -33,7 +33,7 @@ if not __package__:  # run as a file: import from the repository root, as `pytho
 
 from flows.profiles import load_profile, parse_override, split_overrides
 from pd_data.annotate import annotate_shard
-from pd_data.dataset import load_split
+from pd_data.dataset import SplitData, load_split
 from pd_data.ingest import ingest
 from pd_eval.features import RandomConvFeatures
 from pd_model.visuals import caption_grid
@@ -64,7 +64,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="plain,demo",
                     help="comma-separated presets, or ';'-separated NAME:key=value,... (base.* keys on top of the demo profile)")
@@ -78,70 +78,93 @@ def main() -> None:
     ap.add_argument("--score-at", default="", help="also score at these steps of each run, e.g. 900,1800,2700 "
                     "(EMA weights; training time excludes the scoring)")
     ap.add_argument("--save", default=None, help="save each trained base to SAVE/NAME (diffusers layout; load= reads it)")
-    args = ap.parse_args()
-    prof = load_profile("demo")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.TemporaryDirectory()  # until main returns: the splits read their Parquet shards lazily
-    root = Path(tmp.name)
+    return ap.parse_args()
+
+
+def demo_splits(prof, root: Path) -> tuple[SplitData, SplitData]:
+    """(train, held-out) of the demo data, ingested and annotated under `root`; the splits read their
+    Parquet shards lazily, so `root` must outlive them."""
     ingest(prof.data, root / "img")
     for p in sorted((root / "img").glob("images-*.parquet")):
         annotate_shard(p, root / "ann" / p.name.replace("images", "annotations"), prof.data.annotators)
-    train = load_split(root / "img", root / "ann", "train")
-    test = load_split(root / "img", root / "ann", prof.prompts.split)
-    scored = test if args.from_split == "held-out" else train
-    ids = sorted(scored.captions)[: args.captions]
-    captions = [scored.captions[i] for i in ids]
-    features = RandomConvFeatures()
+    return load_split(root / "img", root / "ann", "train"), load_split(root / "img", root / "ann", prof.prompts.split)
 
-    def feats(a: np.ndarray) -> np.ndarray:
-        return features(torch.from_numpy(a).permute(0, 3, 1, 2).float()).numpy()
 
-    # The images of the sampled captions: as many real images as samples, on either split (FID is biased by set size).
-    real = feats(np.stack([scored.arrays[i]["image"] for i in ids]))
-    print(f"| variant | steps | train s | FID (random-conv-v1) vs {args.from_split} images |\n|---|---|---|---|")
+class Scorer:
+    """Samples the first `n` captions of `scored` with a base, one seed per caption; saves a grid of
+    samples beside their captions' images and prints the FID against those images as a table row."""
 
-    def score(base, name: str, steps: str, seconds: float) -> None:
+    def __init__(self, scored: SplitData, n: int, sample_steps: int, guidance: float, resolution: int, out: Path):
+        self.scored, self.out = scored, out
+        self.sample_steps, self.guidance, self.resolution = sample_steps, guidance, resolution
+        self.ids = sorted(scored.captions)[:n]
+        self.captions = [scored.captions[i] for i in self.ids]
+        self.features = RandomConvFeatures()
+        # The images of the sampled captions: as many real images as samples, on either split (FID is biased by set size).
+        self.real = self.feats(np.stack([scored.arrays[i]["image"] for i in self.ids]))
+
+    def feats(self, a: np.ndarray) -> np.ndarray:
+        return self.features(torch.from_numpy(a).permute(0, 3, 1, 2).float()).numpy()
+
+    def __call__(self, base, name: str, steps: str, seconds: float) -> None:
         pipe = PromptDiffusionPipeline.from_parts(base, None, "ddim")
         pipe.set_progress_bar_config(disable=True)
-        images = uint8_images(pipe(captions, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
+        captions = self.captions
+        images = uint8_images(pipe(captions, num_inference_steps=self.sample_steps, guidance_scale=self.guidance,
                                    generator=[torch.Generator().manual_seed(i) for i in range(len(captions))],
-                                   height=prof.data.resolution, width=prof.data.resolution).images)
+                                   height=self.resolution, width=self.resolution).images)
         # Each sample beside the image its caption came from.
         shown = range(min(8, len(images)))
-        pairs = [a for k in shown for a in (images[k], scored.arrays[ids[k]]["image"])]
+        pairs = [a for k in shown for a in (images[k], self.scored.arrays[self.ids[k]]["image"])]
         labels = [t for k in shown for t in (captions[k], "its image")]
-        caption_grid(np.stack(pairs), labels).save(out / f"{name}.png")
-        value = float(cleanfid.fid_from_feats(feats(images), real))
+        caption_grid(np.stack(pairs), labels).save(self.out / f"{name}.png")
+        value = float(cleanfid.fid_from_feats(self.feats(images), self.real))
         print(f"| {name} | {steps} | {seconds:.0f} | {value:.3f} |", flush=True)
 
+
+def run_variant(name: str, update: dict, args: argparse.Namespace, prof, train: SplitData, score: Scorer) -> None:
+    """Train one variant's base (or load it, given load=), scored at each --score-at step along the
+    run and at its end; the training time leaves the scoring out."""
     score_at = {int(s) for s in args.score_at.split(",") if s}
-    for name, update in parse_variants(args.variants):
-        saved = update.pop("load", None)
-        cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
-        t0 = clock()
-        scoring = [0.0]  # seconds spent scoring along the run, kept out of the training time
-        if saved:  # a base the pipeline already trained (e.g. .pd/models/base/KEY): score it as it is
-            base = load_base(saved)
-        else:
-            torch.manual_seed(cfg.seed)
-            base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
+    saved = update.pop("load", None)
+    cfg = prof.base.model_validate({**prof.base.model_dump(), **update, **({"train_steps": args.steps} if args.steps else {})})
+    t0 = clock()
+    scoring = [0.0]  # seconds spent scoring along the run, kept out of the training time
+    if saved:  # a base the pipeline already trained (e.g. .pd/models/base/KEY): score it as it is
+        base = load_base(saved)
+    else:
+        torch.manual_seed(cfg.seed)
+        base = build_tiny_base(cfg, sorted(set(train.captions.values())), prof.data.resolution)
 
-            def along(step: int) -> None:
-                if step in score_at and step != cfg.train_steps:
-                    s0 = clock()
-                    base.unet.eval()
-                    with torch.no_grad():
-                        score(base, f"{name}@{step}", str(step), s0 - t0 - scoring[0])
-                    base.unet.train()
-                    scoring[0] += clock() - s0
+        def along(step: int) -> None:
+            if step in score_at and step != cfg.train_steps:
+                s0 = clock()
+                base.unet.eval()
+                with torch.no_grad():
+                    score(base, f"{name}@{step}", str(step), s0 - t0 - scoring[0])
+                base.unet.train()
+                scoring[0] += clock() - s0
 
-            every = (math.gcd(*score_at), along) if score_at else None
-            train_base(base, train, cfg, every=every)
-        seconds = clock() - t0 - scoring[0]
-        if args.save and not saved:
-            base.save(Path(args.save) / name)
-        score(base, name, "saved" if saved else str(cfg.train_steps), seconds)
+        every = (math.gcd(*score_at), along) if score_at else None
+        train_base(base, train, cfg, every=every)
+    seconds = clock() - t0 - scoring[0]
+    if args.save and not saved:
+        base.save(Path(args.save) / name)
+    score(base, name, "saved" if saved else str(cfg.train_steps), seconds)
+
+
+def main() -> None:
+    args = parse_args()
+    prof = load_profile("demo")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # until the last score: the splits read from it
+        train, test = demo_splits(prof, Path(tmp))
+        scored = test if args.from_split == "held-out" else train
+        score = Scorer(scored, args.captions, args.sample_steps, args.guidance, prof.data.resolution, out)
+        print(f"| variant | steps | train s | FID (random-conv-v1) vs {args.from_split} images |\n|---|---|---|---|")
+        for name, update in parse_variants(args.variants):
+            run_variant(name, update, args, prof, train, score)
 
 
 if __name__ == "__main__":
