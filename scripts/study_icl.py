@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,12 @@ if not __package__:  # run as a file: import from the repository root, as `pytho
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.harness import append_line, clock, dumps, machine
+
+if TYPE_CHECKING:
+    from pd_data.dataset import SplitData
+    from pd_data.tasks import Prompt
+    from pd_eval.config import EvalConfig
+    from pd_eval.reannotate import ReAnnotators
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -51,7 +58,7 @@ def interval(x: np.ndarray, seed: int = 0, resamples: int = 1000) -> tuple[float
     return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--variant", action="append", default=[])
@@ -66,34 +73,120 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="trained models by train key (default: <state>/cache/study-icl)")
     ap.add_argument("--out", default=None, help="append one JSON line per (variant, seed) here")
     args = ap.parse_args()
-    if args.table:
-        print(ablation_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
-        return
-    if not args.variant:
+    if not args.table and not args.variant:
         ap.error("give at least one --variant (or --table FILE)")
+    return args
 
-    from flows.profiles import merge_settings
+
+@dataclass
+class Probe:
+    """The validation prompts every (variant, seed) is scored on, drawn once, and how to sample and
+    score them: the profile's sampler and, for map->image, the demo re-annotators."""
+
+    val: SplitData
+    by_task: dict[str, list[dict]]  # task -> its prompt rows (ids, seeds)
+    ev: EvalConfig
+    readers: ReAnnotators
+
+    def prompt(self, task: str, r: dict, pair_task: str = "", no_text: bool = False) -> Prompt:
+        """The prompt of row `r`, showing `pair_task`'s example pair instead of its own if given."""
+        from pd_data.tasks import Prompt, get_task
+
+        p = self.val.prompt(get_task(task), r["example_id"], r["query_id"])
+        if pair_task:
+            shown = self.val.prompt(get_task(pair_task), r["example_id"], r["query_id"])
+            p = Prompt(p.task, shown.example_source, shown.example_target, p.query, p.target, p.text)
+        return replace(p, text="") if no_text else p
+
+    def sample(self, base, net, prompts: list[Prompt], seeds: list[int], guidance: float,
+               empty_pair: bool = False) -> np.ndarray:
+        from pd_model.config import Sampler
+        from pd_model.sampling import generate
+
+        ev = self.ev
+        return np.concatenate([generate(base, net, prompts[i:i + ev.batch_size], seeds[i:i + ev.batch_size],
+                                        Sampler(ev.scheduler, ev.steps, guidance), empty_pair=empty_pair)
+                               for i in range(0, len(prompts), ev.batch_size)])
+
+    def score(self, task: str, outs: np.ndarray, prompts: list[Prompt]) -> tuple[str, np.ndarray]:
+        """(metric name, per-image values, lower is better) of `task`."""
+        from pd_data.tasks import get_task
+        from pd_eval.control import control_spec
+        from pd_eval.metrics import per_image_mse
+
+        spec = get_task(task)
+        if spec.metric == "rmse":
+            return "rmse", np.sqrt(per_image_mse(outs, np.stack([p.target for p in prompts])))
+        cs = control_spec(spec.source)
+        read = self.readers.read(outs, spec.source)
+        name = cs.headline(*outs.shape[1:3]) if spec.source != "seg" else "ctrl_pixel_acc"  # per-image scores (dataset mIoU is not)
+        vals = cs.score(read, np.stack([p.query for p in prompts]), self.readers.palette[spec.source]) if cs.needs_palette \
+            else cs.score(read, np.stack([p.query for p in prompts]))
+        v = vals[name]
+        return name, (-v if cs.higher_is_better(name) else v)  # lower is better, always
+
+    def task_inference(self, base, net, queries: int) -> dict:
+        """Each query with the example pairs of every forward task and no text, at image->depth's guidance:
+        the share of outputs nearest the shown task's true map, and per shown task what was predicted."""
+        from pd_data.tasks import FORWARD_TASKS, get_task
+        from pd_eval.task_inference import classify
+
+        qs = self.by_task[FORWARD_TASKS[0]][:queries]
+        ti_prompts = [self.prompt(FORWARD_TASKS[0], r, t, no_text=True) for r in qs for t in FORWARD_TASKS]
+        outs = self.sample(base, net, ti_prompts, [int(r["seed"]) for r in qs for _ in FORWARD_TASKS],
+                           self.ev.guidance_for(get_task(FORWARD_TASKS[0])))
+        shown = [t for _ in qs for t in FORWARD_TASKS]
+        pred = [classify(o, {t: self.val.arrays[p_r["query_id"]][get_task(t).target] for t in FORWARD_TASKS}, p.example_target)
+                for o, p, p_r in zip(outs, ti_prompts, [r for r in qs for _ in FORWARD_TASKS])]
+        hits = np.array([s == p for s, p in zip(shown, pred)], float)
+        return {"task_inference": interval(hits),
+                "ti_predicted": {t: [p for s, p in zip(shown, pred) if s == t] for t in FORWARD_TASKS}}
+
+    def pair_effects(self, base, net, task: str, n: int, trained_tasks) -> dict:
+        """`task`'s metric on `n` prompts with their own pair, the pair zeroed and (a trained task) another
+        task's pair, and how much the output changes between them."""
+        from pd_data.tasks import get_task, other_pair_task
+        from pd_eval.metrics import per_image_mse
+
+        spec, rs = get_task(task), self.by_task[task][:n]
+        g, seeds = self.ev.guidance_for(spec), [int(r["seed"]) for r in rs]
+        own_p = [self.prompt(task, r) for r in rs]
+        own = self.sample(base, net, own_p, seeds, g)
+        zero = self.sample(base, net, own_p, seeds, g, empty_pair=True)
+        metric, s_own = self.score(task, own, own_p)
+        _, s_zero = self.score(task, zero, own_p)
+        res = {"metric": metric, "own": interval(s_own), "zero": interval(s_zero),
+               "own_minus_zero": interval(s_own - s_zero),
+               "change_zero": interval(np.sqrt(per_image_mse(own, zero)))}
+        other = other_pair_task(task, trained_tasks) if spec.trained else None
+        if other:
+            oth = self.sample(base, net, [self.prompt(task, r, other) for r in rs], seeds, g)
+            _, s_oth = self.score(task, oth, own_p)
+            res |= {"other": interval(s_oth), "own_minus_other": interval(s_own - s_oth),
+                    "change_other": interval(np.sqrt(per_image_mse(own, oth)))}
+        return res
+
+
+def cached_plan(args: argparse.Namespace):
+    """The profile's plan, whose data (and base, unless --base) must already be in the state directory."""
     from flows.runner import make_plan
-    from flows.stages import base_path
-    from pd_data.config import PromptConfig
-    from pd_data.dataset import load_split
-    from pd_data.prompts import materialise_prompts
-    from pd_data.tasks import FORWARD_TASKS, Prompt, get_task, other_pair_task
-    from pd_eval.control import control_spec
-    from pd_eval.metrics import per_image_mse
-    from pd_eval.reannotate import ReAnnotators
-    from pd_eval.task_inference import classify
-    from pd_model.base import load_base
-    from pd_model.pipeline import load_trained, save_trained
-    from pd_model.config import Sampler
-    from pd_model.sampling import generate
-    from pd_model.train import ModelSpec, train_controlnet
 
     plan0 = make_plan(args.profile, None, args.state_dir)
     for stage in ("ingest", "annotate") + (() if args.base else ("base",)):
         if not plan0.dir(stage).exists():
             raise SystemExit(f"no cached {stage} stage at {plan0.dir(stage)}; run the {args.profile} profile once first")
-    cache = Path(args.cache) if args.cache else plan0.state.root / "cache" / "study-icl"
+    return plan0
+
+
+def make_probe(plan0, args: argparse.Namespace, cache: Path) -> tuple[Probe, SplitData]:
+    """(the probe over validation prompts, drawn once and kept in `cache`, and the training split)."""
+    import pyarrow.parquet as pq
+
+    from pd_data.config import PromptConfig
+    from pd_data.dataset import load_split
+    from pd_data.prompts import materialise_prompts
+    from pd_eval.reannotate import ReAnnotators
+
     pairing = plan0.profile.data.pairing
     train = load_split(plan0.dir("ingest"), plan0.dir("annotate"), "train", pairing)
     val = load_split(plan0.dir("ingest"), plan0.dir("annotate"), "val", pairing)
@@ -106,85 +199,65 @@ def main() -> None:
         cache.mkdir(parents=True, exist_ok=True)
         materialise_prompts(val, plan0.eval_tasks, PromptConfig(per_task=n_max, split="val", seed=plan0.profile.prompts.seed),
                             prompts_path)
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(prompts_path).to_pylist()
     by_task = {t: [r for r in rows if r["task"] == t] for t in plan0.eval_tasks}
+    return Probe(val, by_task, ev, readers), train
 
-    def prompt_of(task: str, r: dict, pair_task: str = "", no_text: bool = False) -> Prompt:
-        p = val.prompt(get_task(task), r["example_id"], r["query_id"])
-        if pair_task:
-            shown = val.prompt(get_task(pair_task), r["example_id"], r["query_id"])
-            p = Prompt(p.task, shown.example_source, shown.example_target, p.query, p.target, p.text)
-        return replace(p, text="") if no_text else p
 
-    def sample(base, net, prompts: list[Prompt], seeds: list[int], guidance: float, empty_pair: bool = False) -> np.ndarray:
-        return np.concatenate([generate(base, net, prompts[i:i + ev.batch_size], seeds[i:i + ev.batch_size],
-                                        Sampler(ev.scheduler, ev.steps, guidance), empty_pair=empty_pair)
-                               for i in range(0, len(prompts), ev.batch_size)])
+def trained_model(plan, folder: Path, base_dir: str, train: SplitData):
+    """(base with the model's UNet, ControlNet, training seconds or None) of Prompt Diffusion at the
+    plan's settings on the base in `base_dir`: loaded from `folder` when it was trained before, else
+    trained and saved there."""
+    from pd_model.base import load_base
+    from pd_model.pipeline import load_trained, save_trained
+    from pd_model.train import ModelSpec, train_controlnet
 
-    def score(task: str, outs: np.ndarray, prompts: list[Prompt]) -> tuple[str, np.ndarray]:
-        """(metric name, per-image values, lower is better) of `task`."""
-        spec = get_task(task)
-        if spec.metric == "rmse":
-            return "rmse", np.sqrt(per_image_mse(outs, np.stack([p.target for p in prompts])))
-        cs = control_spec(spec.source)
-        read = readers.read(outs, spec.source)
-        name = cs.headline(*outs.shape[1:3]) if spec.source != "seg" else "ctrl_pixel_acc"  # per-image scores (dataset mIoU is not)
-        vals = cs.score(read, np.stack([p.query for p in prompts]), readers.palette[spec.source]) if cs.needs_palette \
-            else cs.score(read, np.stack([p.query for p in prompts]))
-        v = vals[name]
-        return name, (-v if cs.higher_is_better(name) else v)  # lower is better, always
+    cfg = plan.profile.train
+    t0 = clock()
+    if (folder / "pipeline.json").exists():
+        _, net, unet = load_trained(folder)
+        return load_base(base_dir).freeze().with_unet(unet), net, None
+    base = load_base(base_dir).freeze()
+    net, _ = train_controlnet(base, train, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", plan.tasks, cfg.steps))
+    save_trained(folder, net, base, "", "prompt-diffusion", plan.tasks, cfg.train_unet_decoder)
+    return base, net, round(clock() - t0, 1)
 
+
+def study(text: str, seed: int, args: argparse.Namespace, probe: Probe, cache: Path, train: SplitData) -> dict:
+    """The result row of one (variant, seed): train (or reuse) its model, then task inference and the
+    pair effects of every evaluation task."""
+    from flows.profiles import merge_settings
+    from flows.runner import make_plan
+    from flows.stages import base_path
+    from pd_data.tasks import get_task
+
+    name, over = parse_variant(text)
+    plan = make_plan(args.profile, merge_settings(over, {"train": {"seed": seed, "baseline_steps_per_task": 0}}), args.state_dir)
+    folder, base_dir = cache / plan.key("train"), args.base or base_path(plan)
+    t0 = clock()
+    base, net, train_s = trained_model(plan, folder, base_dir, train)
+    row: dict = {"variant": name, "overrides": text.partition(":")[2], "seed": seed, "train_key": plan.key("train"),
+                 "train_s": train_s}
+    row |= probe.task_inference(base, net, args.queries)
+    for task in plan.eval_tasks:
+        n = args.per_task if get_task(task).trained else args.unseen
+        row[task] = probe.pair_effects(base, net, task, n, plan.tasks)
+    row["total_s"] = round(clock() - t0, 1)
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        print(ablation_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
+        return
+    plan0 = cached_plan(args)
+    cache = Path(args.cache) if args.cache else plan0.state.root / "cache" / "study-icl"
+    probe, train = make_probe(plan0, args, cache)
     where = machine()
     for text in args.variant:
-        name, over = parse_variant(text)
         for seed in [int(s) for s in args.seeds.split(",")]:
-            plan = make_plan(args.profile, merge_settings(over, {"train": {"seed": seed, "baseline_steps_per_task": 0}}), args.state_dir)
-            cfg = plan.profile.train
-            folder = cache / plan.key("train")
-            t0 = clock()
-            if (folder / "pipeline.json").exists():
-                _, net, unet = load_trained(folder)
-                base = load_base((args.base or base_path(plan))).freeze().with_unet(unet)
-                train_s = None
-            else:
-                base = load_base((args.base or base_path(plan))).freeze()
-                net, _ = train_controlnet(base, train, cfg, ModelSpec("prompt-diffusion", "prompt-diffusion", plan.tasks, cfg.steps))
-                save_trained(folder, net, base, "", "prompt-diffusion", plan.tasks, cfg.train_unet_decoder)
-                train_s = round(clock() - t0, 1)
-            row: dict = {"variant": name, "overrides": text.partition(":")[2], "seed": seed, "train_key": plan.key("train"),
-                         "train_s": train_s}
-            # Task inference: no text, guidance of image->depth.
-            qs = by_task[FORWARD_TASKS[0]][:args.queries]
-            ti_prompts = [prompt_of(FORWARD_TASKS[0], r, t, no_text=True) for r in qs for t in FORWARD_TASKS]
-            outs = sample(base, net, ti_prompts, [int(r["seed"]) for r in qs for _ in FORWARD_TASKS],
-                          ev.guidance_for(get_task(FORWARD_TASKS[0])))
-            shown = [t for _ in qs for t in FORWARD_TASKS]
-            pred = [classify(o, {t: val.arrays[p_r["query_id"]][get_task(t).target] for t in FORWARD_TASKS}, p.example_target)
-                    for o, p, p_r in zip(outs, ti_prompts, [r for r in qs for _ in FORWARD_TASKS])]
-            hits = np.array([s == p for s, p in zip(shown, pred)], float)
-            row["task_inference"] = interval(hits)
-            row["ti_predicted"] = {t: [p for s, p in zip(shown, pred) if s == t] for t in FORWARD_TASKS}
-            for task in plan.eval_tasks:
-                spec, rs = get_task(task), by_task[task][:args.per_task if get_task(task).trained else args.unseen]
-                g, seeds = ev.guidance_for(spec), [int(r["seed"]) for r in rs]
-                own_p = [prompt_of(task, r) for r in rs]
-                own = sample(base, net, own_p, seeds, g)
-                zero = sample(base, net, own_p, seeds, g, empty_pair=True)
-                metric, s_own = score(task, own, own_p)
-                _, s_zero = score(task, zero, own_p)
-                res = {"metric": metric, "own": interval(s_own), "zero": interval(s_zero),
-                       "own_minus_zero": interval(s_own - s_zero),
-                       "change_zero": interval(np.sqrt(per_image_mse(own, zero)))}
-                other = other_pair_task(task, plan.tasks) if spec.trained else None
-                if other:
-                    oth = sample(base, net, [prompt_of(task, r, other) for r in rs], seeds, g)
-                    _, s_oth = score(task, oth, own_p)
-                    res |= {"other": interval(s_oth), "own_minus_other": interval(s_own - s_oth),
-                            "change_other": interval(np.sqrt(per_image_mse(own, oth)))}
-                row[task] = res
-            row["total_s"] = round(clock() - t0, 1)
+            row = study(text, seed, args, probe, cache, train)
             print(dumps(row, indent=None), flush=True)
             if args.out:
                 append_line(args.out, {**row, "machine": where})
