@@ -130,7 +130,7 @@ class Step:
         self._layout.close()
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default 32; 256 with --paper-size)")
@@ -144,11 +144,19 @@ def main() -> int:
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per configuration)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     ap.add_argument("--processes", type=int, default=1, help="data-parallel processes (torchrun), one thread each")
-    args = ap.parse_args()
-    if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torchrun
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
-               __file__, *sys.argv[1:]]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    return ap.parse_args()
+
+
+def relaunch(processes: int) -> int:
+    """This command again under torchrun on `processes` local processes of one thread each; its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           __file__, *sys.argv[1:]]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+
+
+def set_up_process(args: argparse.Namespace) -> None:
+    """Threads of this process; under torchrun, also join the process group (gloo, or NCCL on one GPU
+    per process) with one thread unless --threads says otherwise."""
     if "LOCAL_RANK" in os.environ:
         import torch.distributed as dist
 
@@ -161,11 +169,12 @@ def main() -> int:
             raise SystemExit(f"--batch {args.batch} must divide by --processes {args.processes}")
     elif args.threads:
         torch.set_num_threads(args.threads)
-    if args.resolution is None:
-        args.resolution = 256 if args.paper_size else 32
-    precisions = args.precision or (["bf16"] if args.paper_size else ["no", "bf16"])
+
+
+def build_steps(args: argparse.Namespace, configs: list[tuple[str, int, bool]]) -> tuple[dict, dict, dict]:
+    """(Step, FLOPs of one step, seconds of the first step) per (precision, batch, compile): each built
+    on fresh models, its first step (and compilation) timed, its FLOPs counted, then warmed up."""
     dev = args.device
-    configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
     steps, flops, first = {}, {}, {}
     for key in configs:
         p, b, c = key
@@ -181,8 +190,13 @@ def main() -> int:
         steps[key]()
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-    times = interleave(steps, args.repeats, warmup=0, per_round=args.steps, sync=device_sync(dev))  # warmed up above
-    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.autocast[1] for s in steps.values() if s.autocast}}
+    return steps, flops, first
+
+
+def step_rows(configs: list[tuple[str, int, bool]], steps: dict, times: dict, flops: dict, first: dict, peaks: dict,
+              reference: str) -> list[dict]:
+    """One row per configuration: median step time, samples/s, FLOPs and the fraction of the matmul
+    peak, and the speed-up over the `reference` precision at the same batch and compile setting."""
     rows = []
     for key in configs:
         p, b, c = key
@@ -197,10 +211,17 @@ def main() -> int:
             row |= {"gflop_per_step": round(flops[key] / 1e9, 2), "achieved_gflop_s": round(flops[key] / step_s / 1e9, 1),
                     "matmul_peak_gflop_s": round(peak / 1e9, 1), "fraction_of_matmul_peak": round(flops[key] / step_s / peak, 3)}
         rows.append(row)
-    base_rows = {(r["batch"], r["compile"]): r for r in rows if r["precision"] == precisions[0]}
+    base_rows = {(r["batch"], r["compile"]): r for r in rows if r["precision"] == reference}
     for r in rows:
         ref = base_rows[(r["batch"], r["compile"])]
-        r[f"speedup_vs_{precisions[0]}"] = round(ref["step_s_median"] / r["step_s_median"], 2)
+        r[f"speedup_vs_{reference}"] = round(ref["step_s_median"] / r["step_s_median"], 2)
+    return rows
+
+
+def summarise(args: argparse.Namespace, steps: dict, rows: list[dict]) -> dict:
+    """The printed result: the device, the command line's settings, the rows, trainable parameters,
+    peak memory, processes and the machine."""
+    dev = args.device
     result = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
               "config": vars(args), "rows": rows,
               "trainable_params_M": round(sum(p.numel() for p in next(iter(steps.values())).opt.params) / 1e6, 2)}
@@ -208,7 +229,23 @@ def main() -> int:
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:  # the whole process, weights and optimizer state included
         result["peak_rss_gib"] = round(peak_rss_mb() / 1024, 2)
-    result |= {"processes": args.processes, "machine": machine()}
+    return result | {"processes": args.processes, "machine": machine()}
+
+
+def main() -> int:
+    args = parse_args()
+    if args.processes > 1 and "LOCAL_RANK" not in os.environ:  # relaunch under torchrun
+        return relaunch(args.processes)
+    set_up_process(args)
+    if args.resolution is None:
+        args.resolution = 256 if args.paper_size else 32
+    precisions = args.precision or (["bf16"] if args.paper_size else ["no", "bf16"])
+    dev = args.device
+    configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
+    steps, flops, first = build_steps(args, configs)
+    times = interleave(steps, args.repeats, warmup=0, per_round=args.steps, sync=device_sync(dev))  # warmed up above
+    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.autocast[1] for s in steps.values() if s.autocast}}
+    result = summarise(args, steps, step_rows(configs, steps, times, flops, first, peaks, precisions[0]))
     if os.environ.get("RANK", "0") == "0":
         emit(result)
     return 0
