@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -75,7 +76,17 @@ from scripts.peer_original import (
 HINT_STACK = (16, 32, 96, 256)  # SD's (and the original's) hint encoder: 8x down
 
 
-# ---------------------------------------------------------------------------------------------- ours
+# ---------------------------------------------------------------------------------------------- the models
+
+@dataclasses.dataclass
+class Models:
+    """The original's ControlNet and ControlledUnetModel and ours, built with the same weights."""
+
+    control: torch.nn.Module
+    unet_ldm: torch.nn.Module
+    unet: torch.nn.Module  # UNet2DConditionModel
+    net: torch.nn.Module  # PromptDiffusionControlNet
+
 
 def build_ours(cfg: dict, control, unet_ldm, latent: int):
     """(UNet2DConditionModel, PromptDiffusionControlNet) with the original's weights, through the converters."""
@@ -195,56 +206,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> dict:
-    root = original_root(args.original)
-    orig = import_original(root)
-    torch.set_num_threads(args.threads)
-    text, hint = tuple(args.text), args.latent * 8
-    cfg = small_config(root, tuple(args.channels), args.layers, text[1], checkpointing=False)
-    control, unet_ldm = build_original(orig, cfg, args.seed)
-    unet, net = build_ours(cfg, control, unet_ldm, args.latent)
-    check = agreement(orig, control, unet_ldm, unet, net, synthetic(args.check_batch, args.latent, hint, text))
-    result = {
+def describe(args: argparse.Namespace, orig, m: Models, check: dict) -> dict:
+    """The result's head: the machine, the original checkout, the model sizes, parameter counts, the agreement."""
+    return {
         "machine": machine(),
-        "original": {"path": str(root), "commit": orig.commit},
+        "original": {"path": str(orig.root), "commit": orig.commit},
         "model": {"channels": args.channels, "layers_per_block": args.layers, "latent": [4, args.latent, args.latent],
-                  "hint_px": hint, "hint_stack": list(HINT_STACK), "text": list(text),
-                  "down_blocks": list(unet.config.down_block_types), "heads": unet.config.attention_head_dim},
-        "params": {"original": {"controlnet": n_params(control), "unet": n_params(unet_ldm)},
-                   "ours": {"controlnet": n_params(net), "unet": n_params(unet)}},
+                  "hint_px": args.latent * 8, "hint_stack": list(HINT_STACK), "text": list(args.text),
+                  "down_blocks": list(m.unet.config.down_block_types), "heads": m.unet.config.attention_head_dim},
+        "params": {"original": {"controlnet": n_params(m.control), "unet": n_params(m.unet_ldm)},
+                   "ours": {"controlnet": n_params(m.net), "unet": n_params(m.unet)}},
         "agreement": check,
     }
-    if check["noise_prediction_max_abs_diff"] > args.atol or check["controlnet_residuals_max_abs_diff"] > args.atol:
-        raise AssertionError(f"the two models disagree beyond --atol {args.atol}: {dumps(check, indent=None)}; the "
-                             "comparison would not be of the same network (check the config mapping and converters)")
-    if args.check_only:
-        return result
 
-    impls = ["original", *(["original_as_trained"] if args.as_trained else []), "ours_fp32", "ours_bf16"]
-    ckpt_cfg = small_config(root, tuple(args.channels), args.layers, text[1], checkpointing=True)
+
+def build_steps(args: argparse.Namespace, orig, m: Models, impls: list[str]) -> tuple[dict, dict, dict]:
+    """(step, FLOPs of one step, seconds of the first step) per (implementation, batch), each step on its
+    own copy of the models and optimizer."""
+    text, hint = tuple(args.text), args.latent * 8
+    ckpt_cfg = small_config(orig.root, tuple(args.channels), args.layers, text[1], checkpointing=True)
     steps, flops, first = {}, {}, {}
     for b in args.batch:
         d = synthetic(b, args.latent, hint, text)
         for impl in impls:
             if impl == "original":
-                steps[impl, b] = OriginalStep(orig, copy.deepcopy(control), copy.deepcopy(unet_ldm), d)
+                steps[impl, b] = OriginalStep(orig, copy.deepcopy(m.control), copy.deepcopy(m.unet_ldm), d)
             elif impl == "original_as_trained":  # same weights, in models built with use_checkpoint=True
                 c2, u2 = build_original(orig, ckpt_cfg, args.seed)
-                c2.load_state_dict(control.state_dict())
-                u2.load_state_dict(unet_ldm.state_dict())
+                c2.load_state_dict(m.control.state_dict())
+                u2.load_state_dict(m.unet_ldm.state_dict())
                 steps[impl, b] = OriginalStep(orig, c2, u2, d, unet_requires_grad=True)
             else:
-                steps[impl, b] = our_step(copy.deepcopy(unet), copy.deepcopy(net), b, args.latent, hint, text,
+                steps[impl, b] = our_step(copy.deepcopy(m.unet), copy.deepcopy(m.net), b, args.latent, hint, text,
                                           "no" if impl == "ours_fp32" else "bf16")
             with stopwatch() as lap:
                 steps[impl, b]()
             first[impl, b] = lap.seconds
             if not args.no_flops:
                 flops[impl, b] = count_flops(steps[impl, b])
-    times = interleave(steps, args.repeats, warmup=1, per_round=args.steps)
-    for s in steps.values():
-        s.close()
+    return steps, flops, first
 
+
+def timing(args: argparse.Namespace, impls: list[str], times: dict, flops: dict, first: dict) -> dict:
+    """The result's timing part: one row per (implementation, batch), our/original samples/s ratios."""
     rows = []
     for (impl, b), ts in times.items():
         t = summary(ts)
@@ -260,11 +264,34 @@ def run(args: argparse.Namespace) -> dict:
         ref = [i for i in impls if i.startswith("original")]
         ratios[f"batch_{b}"] = {f"{ours.removeprefix('ours_')}_vs_{o}": round(by[ours, b]["samples_per_s"] / by[o, b]["samples_per_s"], 2)
                                 for o in ref for ours in ("ours_fp32", "ours_bf16")}
-    result |= {"timing": {"batches": args.batch, "repeats": args.repeats, "steps_per_round": args.steps,
-                          "statistic": "median step time over all timed steps, configurations in rotated order per round"},
-               "rows": rows, "ratios_ours_over_original_samples_per_s": ratios,
-               "goal_2x_bf16_met": all(ratios[f"batch_{b}"]["bf16_vs_original"] >= 2 for b in args.batch)}
-    return result
+    return {"timing": {"batches": args.batch, "repeats": args.repeats, "steps_per_round": args.steps,
+                       "statistic": "median step time over all timed steps, configurations in rotated order per round"},
+            "rows": rows, "ratios_ours_over_original_samples_per_s": ratios,
+            "goal_2x_bf16_met": all(ratios[f"batch_{b}"]["bf16_vs_original"] >= 2 for b in args.batch)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    root = original_root(args.original)
+    orig = import_original(root)
+    torch.set_num_threads(args.threads)
+    text, hint = tuple(args.text), args.latent * 8
+    cfg = small_config(root, tuple(args.channels), args.layers, text[1], checkpointing=False)
+    control, unet_ldm = build_original(orig, cfg, args.seed)
+    m = Models(control, unet_ldm, *build_ours(cfg, control, unet_ldm, args.latent))
+    check = agreement(orig, control, unet_ldm, m.unet, m.net, synthetic(args.check_batch, args.latent, hint, text))
+    result = describe(args, orig, m, check)
+    if check["noise_prediction_max_abs_diff"] > args.atol or check["controlnet_residuals_max_abs_diff"] > args.atol:
+        raise AssertionError(f"the two models disagree beyond --atol {args.atol}: {dumps(check, indent=None)}; the "
+                             "comparison would not be of the same network (check the config mapping and converters)")
+    if args.check_only:
+        return result
+
+    impls = ["original", *(["original_as_trained"] if args.as_trained else []), "ours_fp32", "ours_bf16"]
+    steps, flops, first = build_steps(args, orig, m, impls)
+    times = interleave(steps, args.repeats, warmup=1, per_round=args.steps)
+    for s in steps.values():
+        s.close()
+    return result | timing(args, impls, times, flops, first)
 
 
 def main(argv=None) -> int:
