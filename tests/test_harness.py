@@ -1,5 +1,6 @@
 """scripts/harness.py: interleaving really rotates and leaves warm-ups out, the statistics are right,
-JSON comes out of numpy, torch, Paths and dataclasses and is written atomically, and the machine is named."""
+JSON comes out of numpy, torch, Paths and dataclasses and is written atomically, and the machine is named.
+The scripts themselves import public project names only and keep to the package-code sizes."""
 from __future__ import annotations
 
 import argparse
@@ -118,3 +119,27 @@ def test_scripts_import_public_project_names_only():
         ["pd_model.loop._StepModule"]
     found = {p.name: private_imports(p.read_text()) for p in sorted((ROOT / "scripts").glob("*.py"))}
     assert not {k: v for k, v in found.items() if v}
+
+
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 400  # the project's rule for package code
+
+
+def too_long(source: str, name: str) -> list[str]:
+    """What in `source` (the file `name`) breaks the size rule: the module over MAX_MODULE_LINES lines, and
+    every function, method or nested function over MAX_FUNCTION_LINES from its `def` line to its last."""
+    n = len(source.splitlines())
+    found = [f"{name} is {n} lines"] if n > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+            found.append(f"{name}:{node.lineno} {node.name} is {node.end_lineno - node.lineno + 1} lines")
+    return found
+
+
+def test_scripts_keep_functions_and_modules_short():
+    body = "        x = 1\n" * 59
+    assert too_long(f"class C:\n    def ok(self):\n{body}\n    def long(self):\n{body}        y = 2\n", "m.py") == \
+        ["m.py:63 long is 61 lines"]  # 60 lines pass, 61 do not; methods count
+    assert too_long("x = 1\n" * 401, "m.py") == ["m.py is 401 lines"]
+    found = [f for p in sorted((ROOT / "scripts").glob("*.py")) for f in too_long(p.read_text(), f"scripts/{p.name}")]
+    assert not found, "split these into functions that each do one job:\n" + "\n".join(found)
