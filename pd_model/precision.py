@@ -1,7 +1,8 @@
 """How a training step computes: fp32, or bf16 / fp16 autocast with what must stay fp32 kept there.
 
-fp32 (`mixed_precision="no"`) is the reference: it runs exactly as it always has and reproduces
-bitwise. Under autocast (`"bf16"`, or `"fp16"` with a gradient scaler for GPUs without bf16):
+`resolve` turns a `mixed_precision` setting into accelerate's (`"no"`, `"bf16"`, `"fp16"`), which
+the loop hands to its `Accelerator` (autocast, and fp16's gradient scaler: `pd_model.loop`). fp32
+(`"no"`) is the reference: it runs exactly as it always has and reproduces bitwise. Under autocast:
 
 - convolutions and matmuls run in the low precision: on a CPU with AMX, oneDNN's bf16 kernels
   (this machine: the demo step's convolutions forward and backward took 145 against 27 ms in fp32
@@ -21,35 +22,36 @@ Measured on this machine by `scripts/bench_train.py` (docs/benchmarks.md, "Train
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
 from pd_model.config import MixedPrecision
 
-Autocast = tuple[str, torch.dtype]  # (device type, dtype) of torch.autocast
+Precision = Literal["no", "bf16", "fp16"]  # accelerate's `mixed_precision`
 
 
-def resolve(setting: MixedPrecision, device: torch.device, key: str = "train.mixed_precision") -> Autocast | None:
-    """The autocast a setting means on `device`; None is fp32.
+def resolve(setting: MixedPrecision, device: torch.device, key: str = "train.mixed_precision") -> Precision:
+    """What a setting means on `device`, as accelerate's `mixed_precision`.
 
     auto: bf16 on a CUDA device that has it, fp16 (with a gradient scaler) on one that does not, fp32
-    on the CPU (so a CPU run's weights do not depend on which CPU it ran on; ask for bf16 explicitly)."""
+    on the CPU (so a CPU run's weights do not depend on which CPU it ran on; ask for bf16 explicitly).
+    fp16 needs CUDA: accelerate runs fp16 autocast and its gradient scaler on GPUs only, and would
+    train a CPU run in fp32 under the fp16 name."""
     cuda = device.type == "cuda"
-    if setting == "no":
-        return None
     if setting == "auto":
-        if not cuda:
-            return None
-        return device.type, (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return "no" if not cuda else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if setting == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{key}='bf16' but {torch.cuda.get_device_name(device)} has no bf16; "
                          f"set {key}=fp16 (autocast with a gradient scaler) or auto")
-    return device.type, (torch.bfloat16 if setting == "bf16" else torch.float16)
+    if setting == "fp16" and not cuda:
+        raise ValueError(f"{key}='fp16' needs a CUDA device (fp16 autocast and its gradient scaler run on GPUs only) "
+                         f"but this training runs on the {device.type}; set {key}=bf16 or no (fp32)")
+    return setting
 
 
-def describe(autocast: Autocast | None) -> str:
-    return "fp32" if autocast is None else str(autocast[1]).removeprefix("torch.")
+def describe(precision: Precision) -> str:
+    return {"no": "fp32", "bf16": "bfloat16", "fp16": "float16"}[precision]
 
 
 class Fp32Attention:
@@ -71,15 +73,15 @@ def _fp32_input(_module, args):
 
 
 @contextmanager
-def fast_layout(models: list[torch.nn.Module], autocast: Autocast | None) -> Iterator[None]:
-    """channels_last weights, and fp32 attention and GroupNorm on the CPU, for a training under
-    `autocast`; fp32 (None) changes nothing. On exit the weights are contiguous again, the hooks are
-    gone and the attention processors the models had are back, so saving and inference see the
-    models as they were."""
-    if autocast is None:
+def fast_layout(models: list[torch.nn.Module], precision: Precision, device: torch.device) -> Iterator[None]:
+    """channels_last weights, and fp32 attention and GroupNorm on the CPU, for a training in mixed
+    `precision` on `device`; fp32 ("no") changes nothing. On exit the weights are contiguous again,
+    the hooks are gone and the attention processors the models had are back, so saving and inference
+    see the models as they were."""
+    if precision == "no":
         yield
         return
-    cpu = autocast[0] == "cpu"
+    cpu = device.type == "cpu"
     processors = [m.attn_processors if hasattr(m, "set_attn_processor") else None for m in models]
     hooks = []
     for m, procs in zip(models, processors):
@@ -95,5 +97,5 @@ def fast_layout(models: list[torch.nn.Module], autocast: Autocast | None) -> Ite
             h.remove()
         for m, procs in zip(models, processors):
             m.to(memory_format=torch.contiguous_format)
-            if procs is not None and autocast[0] == "cpu":
+            if procs is not None and cpu:
                 m.set_attn_processor(procs)

@@ -175,7 +175,7 @@ def _grids(base: BaseModel, controlnet: ControlNetModel, prompts: list[Prompt], 
 def run_config(cfg: TrainConfig, spec: ModelSpec, device: torch.device, o: Optim) -> dict:
     """The training configuration as resolved for this run, for the tracker's hyperparameters."""
     return {"train": cfg.model_dump(), "model": asdict(spec),
-            "resolved": {"device": str(device), "autocast": describe(o.autocast),
+            "resolved": {"device": str(device), "autocast": describe(o.mixed_precision),
                          "processes": world()[1], "steps": o.steps}}
 
 
@@ -225,7 +225,7 @@ def train_controlnet(base: BaseModel, data: SplitData, cfg: TrainConfig, spec: M
     track = Tracking(cfg.report_to, folder / LOGS, spec.name, run_config(cfg, spec, device, o)) if folder is not None else None
     t0 = time.perf_counter()
     try:
-        with fast_layout([controlnet, base.unet], o.autocast):
+        with fast_layout([controlnet, base.unet], o.mixed_precision, device):
             losses = run(params, o, _loss_fn(base, controlnet, cfg, loader), desc, ckpt, every, track)
     finally:
         loader.close()

@@ -73,9 +73,9 @@ def train_base(base: BaseModel, data: SplitData, cfg: BaseModelConfig, every: tu
     trained = {"unet": base.unet} | ({"text_encoder": base.text_encoder} if cfg.train_text_encoder else {})
     ckpt = Checkpointing(checkpoint_dir, trained, cfg.checkpoint_every, cfg.keep_last) \
         if checkpoint_dir is not None and cfg.checkpoint_every else None
-    autocast = resolve(cfg.mixed_precision, base.unet.device, "base.mixed_precision")
-    with fast_layout([base.unet], autocast):
-        losses = run(params, Optim.of(cfg, cfg.train_steps, autocast), step_loss, "base", ckpt, every, track)
+    precision = resolve(cfg.mixed_precision, base.unet.device, "base.mixed_precision")
+    with fast_layout([base.unet], precision, base.unet.device):
+        losses = run(params, Optim.of(cfg, cfg.train_steps, precision), step_loss, "base", ckpt, every, track)
     base.unet.eval()
     base.text_encoder.requires_grad_(False).eval()
     return losses

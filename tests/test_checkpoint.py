@@ -65,8 +65,11 @@ def _killed_then_resumed(fn, args, folder, ckpt_dir):
     return fn(*args)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 (accelerate's autocast and scaler) needs CUDA")
+
+
 @pytest.mark.parametrize("cfg", [CFG, DEMO_SHAPED, DEMO_SHAPED.model_copy(update={"mixed_precision": "bf16"}),
-                                 CFG.model_copy(update={"mixed_precision": "fp16"})],
+                                 pytest.param(CFG.model_copy(update={"mixed_precision": "fp16", "device": "cuda"}), marks=CUDA)],
                          ids=["controlnet", "controlnet+decoder", "bf16 channels_last", "fp16 grad scaler"])
 def test_killed_training_resumes_to_bitwise_identical_weights(world, tmp_path, cfg):
     torch.set_num_threads(1)  # the child runs single-threaded too: same kernels, same sums
@@ -123,3 +126,22 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="step-0000004"):
         run([w], Optim(10, 1, 1e-2), step_loss, "toy", ckpt=Checkpointing(tmp_path / "toy", {"toy": model}, every=2))
     assert calls[-1] == 5
+
+
+def test_a_checkpoint_is_safetensors_and_files_that_load_with_weights_only(world, tmp_path, monkeypatch):
+    """The weights and the EMA are safetensors; accelerate's optimizer, schedule and RNG files are read
+    back with torch.load(weights_only=True) only: resuming runs no code from a checkpoint."""
+    _train(world, tmp_path / "c", steps=2)
+    saved = list_checkpoints(tmp_path / "c" / "checkpoints")[-1]
+    assert sorted(p.name for p in saved.iterdir()) == ["ema.safetensors", "model.safetensors", "optimizer.bin",
+                                                       "random_states_0.pkl", "scheduler.bin", "trainer.json"]
+    weights_only = []
+    load = torch.load
+
+    def recording_load(*args, **kwargs):
+        weights_only.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    _, losses = _train(world, tmp_path / "c", steps=3)  # resumes at step 2
+    assert len(losses) == 3 and len(weights_only) >= 3 and all(w is True for w in weights_only)

@@ -102,7 +102,7 @@ def test_the_fast_layout_is_undone_after_training(world, data):
     base = load_base(world / "base")
     before = {k: type(p) for k, p in base.unet.attn_processors.items()}
     conv = next(m for m in base.unet.modules() if isinstance(m, __import__("torch").nn.Conv2d))
-    with fast_layout([base.unet], ("cpu", __import__("torch").bfloat16)):
+    with fast_layout([base.unet], "bf16", __import__("torch").device("cpu")):
         assert conv.weight.is_contiguous(memory_format=__import__("torch").channels_last) and not conv.weight.is_contiguous()
         assert {type(p).__name__ for p in base.unet.attn_processors.values()} == {"Fp32Attention"}
     assert conv.weight.is_contiguous() and {k: type(p) for k, p in base.unet.attn_processors.items()} == before
@@ -112,13 +112,14 @@ def test_the_fast_layout_is_undone_after_training(world, data):
     assert {type(p).__name__ for p in net.attn_processors.values()} == {"AttnProcessor2_0"}
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="fp16 (accelerate's autocast and scaler) needs CUDA")
 def test_fp16_trains_with_a_gradient_scaler_near_fp32(world, data):
     """fp16 (for GPUs without bf16) scales the loss before backward and unscales before clipping: the
     step is fp32's, roughly; fp32 weights stay fp32."""
     import torch
 
-    fp32, fp32_losses = _train(world, data, mixed_precision="no")
-    fp16, fp16_losses = _train(world, data, mixed_precision="fp16")
+    fp32, fp32_losses = _train(world, data, mixed_precision="no", device="cuda")
+    fp16, fp16_losses = _train(world, data, mixed_precision="fp16", device="cuda")
     assert fp16_losses != fp32_losses and fp16_losses == pytest.approx(fp32_losses, rel=0.05)
     assert max_diff(fp32, fp16) < 1e-3 and all(v.dtype == torch.float32 for v in fp16.values())
 
@@ -128,8 +129,11 @@ def test_settings_that_cannot_apply_are_errors():
 
     from pd_model.precision import resolve
 
-    assert resolve("auto", torch.device("cpu")) is None  # a CPU run's weights do not depend on its CPU
-    assert resolve("bf16", torch.device("cpu")) == ("cpu", torch.bfloat16)
-    assert resolve("no", torch.device("cpu")) is None
+    assert resolve("auto", torch.device("cpu")) == "no"  # a CPU run's weights do not depend on its CPU
+    assert resolve("bf16", torch.device("cpu")) == "bf16"
+    assert resolve("no", torch.device("cpu")) == "no"
+    # accelerate would run "fp16" on the CPU as fp32 (no autocast, no scaler): refused, naming what works
+    with pytest.raises(ValueError, match=r"base.mixed_precision='fp16' needs a CUDA device .* set base.mixed_precision=bf16"):
+        resolve("fp16", torch.device("cpu"), "base.mixed_precision")
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
