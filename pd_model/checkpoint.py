@@ -26,12 +26,14 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
 
 TRAINER_FILE = "trainer.json"
 MODEL_FILE = "model.safetensors"

@@ -40,7 +40,7 @@ from pd_core.progress import Progress
 from pd_model import names
 from pd_model.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from pd_model.precision import Precision
-from pd_model.tracking import Tracking, open_tracker
+from pd_model.tracking import Tracking, accelerator_args, open_run
 
 StepLoss = Callable[[int, range], torch.Tensor]  # (step, this micro-batch's sample indices) -> mean loss
 BUCKET_MB = 25  # DDP's gradient buckets: each is all-reduced as soon as backward has filled it
@@ -103,7 +103,7 @@ def micro_batches(batch_size: int, accum: int) -> list[range]:
 
 
 def accelerator(device: torch.device, precision: Precision, **tracking) -> Accelerator:
-    """The Accelerator of one training on `device` in `precision` (`tracking`: its tracker arguments).
+    """The Accelerator of one training on `device` in `precision` (`tracking`: `accelerator_args`).
 
     The job decides what changes weights, never the launcher: gradient accumulation stays 1 (the
     loop cuts its own micro-batches) and dynamo off, whatever `accelerate config` exported, and a
@@ -245,14 +245,14 @@ def run(params: list[torch.nn.Parameter], o: Optim, step_loss: StepLoss, desc: s
     samples/s. Returns every step's loss."""
     rank = world()[0]
     tracked = rank == 0 and track is not None
-    acc = accelerator(params[0].device, o.mixed_precision)
+    acc = accelerator(params[0].device, o.mixed_precision, **(accelerator_args(track) if tracked else {}))
     state = Optimiser(acc, params, o, step_loss)
     start = resume(state, ckpt)
     if start and rank == 0:
         print(f"{desc}: resuming from {list_checkpoints(ckpt.root)[-1]} (step {start} of {o.steps})")
     slices = micro_batches(o.batch_size, o.grad_accum_steps)
     bar = Progress(names.key("train", desc), f"train {desc}", o.steps, "step", done=start) if rank == 0 else None
-    tracker = open_tracker(track, start) if tracked else None
+    tracker = open_run(acc, track, start) if tracked else None
     t0, done = time.perf_counter(), start
     try:
         for step in range(start, o.steps):

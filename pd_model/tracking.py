@@ -1,11 +1,16 @@
-"""Experiment tracking of a training run: its per-step scalars, validation grids and configuration.
+"""Experiment tracking of a training run, through accelerate's trackers: per-step scalars, validation
+grids and the configuration.
 
-`report_to` picks the tracker: TensorBoard (the default: event files, offline), Weights & Biases
-(offline unless `WANDB_MODE` says otherwise) or MLflow (an SQLite file unless `MLFLOW_TRACKING_URI`
-names a server), each writing in the run's own `logs/` folder beside its checkpoints; or none.
-`logs/tracker.json` names the tracker and its run, so that `log_metrics` adds the evaluation's
-scores to the same run later. Only the main process logs, and nothing here draws a random number
-or touches a weight: a tracked run's weights are bitwise an untracked one's.
+`report_to` is the training Accelerator's `log_with`: TensorBoard (the default: event files,
+offline), Weights & Biases (offline unless `WANDB_MODE` says otherwise) or MLflow (an SQLite file
+unless `MLFLOW_TRACKING_URI` names a server), each writing in the run's own `logs/` folder beside
+its checkpoints; or none. Scalars go through `Accelerator.log`. What accelerate's trackers lack is
+here: a grid PNG in each tracker's own way (TensorBoard image, W&B image, MLflow artifact),
+TensorBoard's HParams tab with the run's last loss (accelerate's writes a second run beside it), and
+`logs/tracker.json`, which names the tracker and its run, so that a resumed training continues that
+run and `log_metrics` adds the evaluation's scores to it later. Only the main process logs, and
+nothing here draws a random number or touches a weight: a tracked run's weights are bitwise an
+untracked one's. The tracker is in no key (`TrainConfig.NOT_IN_KEY`).
 """
 from __future__ import annotations
 
@@ -13,13 +18,15 @@ import importlib.util
 import json
 import os
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 from pd_core.state import atomic_write_json
+
+if TYPE_CHECKING:  # accelerate imports torch: the configuration, which imports this module, must load without it
+    from accelerate import Accelerator
 
 ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
 PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # report_to -> what pip installs
@@ -68,129 +75,86 @@ def _tag(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./: ]", "_", name.replace("->", "-to-"))
 
 
-class TensorBoard:
-    """Event files in `root`. A run resuming after step `start` logs step start + 1 first (a step is
-    logged at the number of steps done): TensorBoard hides what an interrupted run logged from there on."""
-
-    def __init__(self, root: Path, run: dict, config: dict | None, start: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-
-        self.w = SummaryWriter(str(root), purge_step=None if start is None else start + 1)
-        if config is not None:
-            exp, ssi, self._end = hparams(_flat(config), {"train/loss": None})  # the HParams tab shows the last loss
-            self.w.file_writer.add_summary(exp)
-            self.w.file_writer.add_summary(ssi)
-            self.w.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", start or 0)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        for k, v in values.items():
-            self.w.add_scalar(k, v, step)
-
-    def image(self, tag: str, path: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
-
-        self.w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
-
-    def close(self) -> None:
-        if hasattr(self, "_end"):
-            self.w.file_writer.add_summary(self._end)
-        self.w.close()
+def accelerator_args(t: Tracking) -> dict:
+    """`Accelerator(**accelerator_args(t))`: the tracker of `t` and the folder its `logs/` is in."""
+    return {} if t.report_to == "none" else {"log_with": t.report_to, "project_dir": str(t.root.parent)}
 
 
-class WandB:
-    """A Weights & Biases run under `root`, offline unless WANDB_MODE says otherwise (`wandb sync` uploads it)."""
-
-    def __init__(self, root: Path, run: dict, config: dict | None, start: int | None):
-        import wandb
-
+def _init_args(t: Tracking, run: dict, start: int | None) -> tuple[str, dict, dict | None]:
+    """`init_trackers(project_name, config, init_kwargs)` of `t`'s tracker: its project, arguments and
+    the configuration to store (None: stored another way, or already stored in the resumed run)."""
+    if t.report_to == "tensorboard":  # event files in project_dir / project_name: the model's logs/
+        # A run resuming after step `start` logs step start + 1 first: TensorBoard hides what an
+        # interrupted run logged from there on.
+        return t.root.name, {"purge_step": None if start is None else start + 1}, None
+    if t.report_to == "wandb":
         run.setdefault("run_id", uuid.uuid4().hex[:16])  # os.urandom: no RNG of the training is drawn from
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run["name"], id=run["run_id"],
-                              resume="allow", dir=str(root), mode=os.environ.get("WANDB_MODE", "offline"),
-                              config=config)
-        self.wandb = wandb
+        return os.environ.get("WANDB_PROJECT", PROJECT), {
+            "name": run["name"], "id": run["run_id"], "resume": "allow", "dir": str(t.root),
+            "mode": os.environ.get("WANDB_MODE", "offline")}, t.config or None
+    import mlflow  # accelerate's MLflow tracker logs to the process's tracking URI
+
+    server = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(server or f"sqlite:///{(t.root / 'mlflow.db').resolve()}")  # MLflow 3 refuses a folder store
+    artifacts = None if server else (t.root / "artifacts").resolve().as_uri()
+    # Parameters are logged once: MLflow refuses a changed value on a resumed run.
+    config = _flat(t.config) if t.config and "run_id" not in run else None
+    return PROJECT, {"logging_dir": artifacts, "run_id": run.get("run_id"), "run_name": run["name"]}, config
+
+
+class TrackedRun:
+    """The run of `t` on `acc`'s tracker (the same run again when it resumes at step `start`):
+    `scalars(values, step)`, `image(tag, png_path, step)`, `close(step)`."""
+
+    def __init__(self, acc: Accelerator, t: Tracking, start: int | None):
+        check_installed(t.report_to)
+        t.root.mkdir(parents=True, exist_ok=True)
+        saved = t.root / RUN_FILE
+        run = json.loads(saved.read_text()) if saved.exists() else {}
+        run = run if run.get("report_to") == t.report_to else {}  # a resumed run that changed tracker starts a new one
+        self.acc, self.t, self.run = acc, t, run | {"name": t.name, "report_to": t.report_to}
+        project, kwargs, config = _init_args(t, self.run, start)
+        acc.init_trackers(project, config, {t.report_to: kwargs})
+        self.tracker = acc.get_tracker(t.report_to)
+        if t.report_to == "mlflow":
+            self.run["run_id"] = self.tracker.tracker.info.run_id
+        if t.report_to == "tensorboard" and t.config:
+            from torch.utils.tensorboard.summary import hparams
+
+            exp, ssi, self._end = hparams(_flat(t.config), {"train/loss": None})  # the HParams tab shows the last loss
+            writer = self.tracker.tracker
+            writer.file_writer.add_summary(exp)
+            writer.file_writer.add_summary(ssi)
+            writer.add_text("config", "```json\n" + json.dumps(t.config, indent=2) + "\n```", start or 0)
+        atomic_write_json(saved, self.run)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
+        self.acc.log({_tag(k): v for k, v in values.items()}, step=step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
-        self.run.log({tag: self.wandb.Image(str(path))}, step=step)
+        if self.t.report_to == "tensorboard":
+            import numpy as np
+            from PIL import Image
 
-    def close(self) -> None:
-        self.run.finish()
-
-
-class MLflow:
-    """An MLflow run in `root/mlflow.db` (SQLite; MLflow 3 refuses a folder store), grids as artifacts
-    in `root/artifacts`; or on MLFLOW_TRACKING_URI's server."""
-
-    def __init__(self, root: Path, run: dict, config: dict | None, start: int | None):
-        from mlflow.tracking import MlflowClient
-
-        server = os.environ.get("MLFLOW_TRACKING_URI")
-        self.client = MlflowClient(server or f"sqlite:///{(root / 'mlflow.db').resolve()}")
-        if "run_id" not in run:  # parameters are logged once: MLflow refuses a changed value on a resumed run
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
-            exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-                name, artifact_location=None if server else (root / "artifacts").resolve().as_uri())
-            run["run_id"] = self.client.create_run(exp_id, run_name=run["name"]).info.run_id
-            for k, v in _flat(config or {}).items():
-                self.client.log_param(run["run_id"], k, v)
-        self.id = run["run_id"]
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-
-    def image(self, tag: str, path: Path, step: int) -> None:
-        self.client.log_artifact(self.id, str(path), artifact_path=tag)
-
-    def close(self) -> None:
-        self.client.set_terminated(self.id)
-
-
-BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
-
-
-class Tracker:
-    """One open run: `scalars(values, step)`, `image(tag, png_path, step)`, `close(step)`."""
-
-    def __init__(self, report_to: str, root: Path, run: dict, config: dict | None, start: int | None):
-        check_installed(report_to)
-        root.mkdir(parents=True, exist_ok=True)
-        self.root, self.run = root, {**run, "report_to": report_to}
-        self.backend = BACKENDS[report_to](root, self.run, config, start)
-        self._record()
-
-    def _record(self) -> None:
-        atomic_write_json(self.root / RUN_FILE, self.run)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        self.backend.scalars({_tag(k): v for k, v in values.items()}, step)
-
-    def image(self, tag: str, path: Path, step: int) -> None:
-        self.backend.image(_tag(tag), path, step)
+            self.tracker.tracker.add_image(_tag(tag), np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        elif self.t.report_to == "wandb":
+            self.tracker.log_images({_tag(tag): [str(path)]}, step=step)
+        else:
+            self.tracker.log_artifact(str(path), artifact_path=_tag(tag))
 
     def close(self, step: int | None = None) -> None:
         """Flush and close; `step`: the last step trained, where `log_metrics` puts the evaluation."""
-        self.backend.close()
+        if hasattr(self, "_end"):
+            self.tracker.tracker.file_writer.add_summary(self._end)
+        self.tracker.finish()
         if step is not None:
             self.run["step"] = step
-            self._record()
+            atomic_write_json(self.t.root / RUN_FILE, self.run)
 
 
-def open_tracker(t: Tracking, start: int) -> Tracker | None:
-    """The run of `t` (the same run again when it resumes at step `start`), or None for report_to='none'."""
-    if t.report_to == "none":
-        return None
-    saved = t.root / RUN_FILE
-    run = json.loads(saved.read_text()) if saved.exists() else {}
-    run = run if run.get("report_to") == t.report_to else {}  # a resumed run that changed tracker starts a new one
-    return Tracker(t.report_to, t.root, run | {"name": t.name}, t.config, start)
+def open_run(acc: Accelerator, t: Tracking, start: int) -> TrackedRun | None:
+    """The run of `t` on the tracker `acc` was made with (`accelerator_args(t)`), or None for report_to='none'."""
+    return None if t.report_to == "none" else TrackedRun(acc, t, start)
 
 
 def log_metrics(model_folder: Path, metrics: Iterable[tuple[str, str, float]], step: int | None = None,
@@ -202,8 +166,11 @@ def log_metrics(model_folder: Path, metrics: Iterable[tuple[str, str, float]], s
     if not saved.exists():
         return False
     run = json.loads(saved.read_text())
-    tracker = Tracker(run["report_to"], saved.parent, run, None, None)
+    from accelerate import Accelerator
+
+    t = Tracking(run["report_to"], saved.parent, run["name"], {})
+    tracked = TrackedRun(Accelerator(**accelerator_args(t)), t, None)
     at = run.get("step", 0) if step is None else step
-    tracker.scalars({f"{prefix}/{task}/{name}": float(value) for name, task, value in metrics}, at)
-    tracker.close()
+    tracked.scalars({f"{prefix}/{task}/{name}": float(value) for name, task, value in metrics}, at)
+    tracked.close()
     return True

@@ -21,7 +21,7 @@ from pd_model.base import load_base
 from pd_model.checkpoint import list_checkpoints
 from pd_model.config import BaseModelConfig, TrainConfig
 from pd_model.loop import warmup_schedule
-from pd_model.tracking import Tracking, log_metrics, open_tracker
+from pd_model.tracking import Tracking, accelerator_args, log_metrics, open_run
 from pd_model.train import ModelSpec, train_controlnet
 from pd_model.train_base import train_base
 
@@ -188,8 +188,10 @@ def test_wandb_and_mlflow_runs_are_local_resumed_and_take_the_evaluation(report_
     png = tmp_path / "grid.png"
     Image.new("RGB", (8, 8)).save(png)
     track = Tracking(report_to, tmp_path / "model" / "logs", "prompt-diffusion", {"train": CFG.model_dump()})
+    from accelerate import Accelerator
+
     for start in (0, 2):
-        t = open_tracker(track, start)
+        t = open_run(Accelerator(**accelerator_args(track)), track, start)
         for step in range(start + 1, 4):
             t.scalars({"train/loss": 1.0 / step}, step)
         t.image("validation", png, 3)
