@@ -1,5 +1,6 @@
 """Local multi-process jobs: the device check before any work, and the torchrun launch that training
-(`pd_model.train_dist`) and generation (`pd_eval.generation`) share."""
+(`pd_model.train_dist`) and generation (`pd_eval.generation`) share; training can go through
+`accelerate launch` instead (`train.launcher`)."""
 from __future__ import annotations
 
 import os
@@ -72,12 +73,26 @@ def torchrun_command(module: str, job: Path, processes: int) -> list[str]:
             "-m", module, str(job)]
 
 
+def accelerate_command(module: str, job: Path, processes: int, mixed_precision: str = "no") -> list[str]:
+    """`accelerate launch` of the same local job. `--multi_gpu` is accelerate's switch for starting
+    the processes through torchrun, which it needs on a machine without GPUs too (there it would
+    start one process otherwise); port 0 is a free one; `mixed_precision` only says what the job
+    will use (the job's setting decides)."""
+    many = ["--multi_gpu"] if processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *many, f"--num_processes={processes}", "--num_machines=1",
+            f"--mixed_precision={mixed_precision}", "--dynamo_backend=no", "--main_process_port=0", "-m", module, str(job)]
+
+
+def start(cmd: list[str], threads: int) -> subprocess.Popen:
+    """`cmd` running with `threads` OpenMP threads per process; it stops when this process dies."""
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, preexec_fn=die_with_parent)
+
+
 def start_torchrun(module: str, job: Path, processes: int, threads: int) -> tuple[subprocess.Popen, list[str]]:
     """The running torchrun (and its command, for the error that tells how to rerun it by hand), with
     `threads` OpenMP threads per process; it stops when this process dies."""
     cmd = torchrun_command(module, job, processes)
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, preexec_fn=die_with_parent)
-    return proc, cmd
+    return start(cmd, threads), cmd
 
 
 def wait(proc: subprocess.Popen) -> int:

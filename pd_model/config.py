@@ -94,6 +94,9 @@ class TrainConfig(Frozen):
     # alone; it is split over `processes`, then into `grad_accum_steps` micro-batches, gradients averaged.
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per step in each process (same global batch)")
     processes: int = Field(1, ge=1, description="data-parallel processes the train stage and retrain launch (torch.distributed)")
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="what starts the processes when processes > 1: torchrun, or accelerate launch (which "
+        "also reads `accelerate config`'s file); the same job and the same weights either way")
     mixed_precision: MixedPrecision = Field("auto", description="no: fp32; bf16 / fp16 autocast (fp16 with a gradient "
                                             "scaler); auto: bf16 on CUDA, fp16 on CUDA without bf16, fp32 on the CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (ControlNet and UNet): less memory")
@@ -116,7 +119,8 @@ class TrainConfig(Frozen):
 
     # Settings that change how a training goes, never its weights: left out of the train stage's key.
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_last", "validate_every",
-                                                      "gradient_checkpointing", "loader_workers", "report_to"})
+                                                      "gradient_checkpointing", "loader_workers", "report_to",
+                                                      "launcher"})
 
     def identity(self) -> dict:
         """The settings the trained weights depend on (the train stage's key): all but `NOT_IN_KEY`."""

@@ -1,13 +1,21 @@
 """One ControlNet training job, in this process or data-parallel over several (torch.distributed).
 
     torchrun --nproc_per_node=N -m pd_model.train_dist JOB.json
+    accelerate launch --multi_gpu --num_processes N -m pd_model.train_dist JOB.json
+
+The two run the same job (`--multi_gpu` is accelerate's switch for starting N processes, which it
+needs on a machine without GPUs too; on one with N GPUs it sets it itself), and the job's own
+settings decide everything that changes weights: a launcher's --mixed_precision, gradient
+accumulation or dynamo is not used. Several machines: each runs the same command with its
+launcher's own options (torchrun's --nnodes/--node_rank/--rdzv_*, accelerate's
+--num_machines/--machine_rank/--main_process_ip/--main_process_port), which pass through to it.
 
 The train stage (and the retrain flow, for its candidate) writes JOB.json (a `TrainJob`) and runs
-this itself when `train.processes` > 1; with one process the train stage calls `run_job` directly.
-Every process draws only its own samples of each step's global batch (see `pd_model.train`) and
-gradients are summed with one all-reduce per step, so N processes give the weights of one process
-with the same `train.batch_size`, up to float summation order. Backend: nccl on CUDA (one GPU per
-process), gloo on CPU.
+this itself through `train.launcher` when `train.processes` > 1; with one process the train stage
+calls `run_job` directly. Every process draws only its own samples of each step's global batch (see
+`pd_model.train`) and gradients are summed with one all-reduce per step, so N processes give the
+weights of one process with the same `train.batch_size`, up to float summation order. Backend: nccl
+on CUDA (one GPU per process), gloo on CPU.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ from pd_core.state import atomic_write_bytes
 from pd_model.config import TrainConfig
 from pd_model.loop import world
 from pd_model.train import ModelSpec
+
+MODULE = "pd_model.train_dist"  # what both launchers run: `python -m pd_model.train_dist JOB.json`
 
 
 class TrainJob(Frozen):
@@ -77,13 +87,18 @@ def check_devices(cfg: TrainConfig) -> None:
 
 
 def launch(job: TrainJob) -> None:
-    """Run `job` on `job.cfg.processes` local processes through torchrun; raise if any fails."""
+    """Run `job` on `job.cfg.processes` local processes through `job.cfg.launcher`; raise if any fails."""
+    from pd_model.precision import resolve
+    from pd_model.train import resolve_device
+
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "job.json"
     atomic_write_bytes(path, job.model_dump_json(indent=2).encode())
-    proc, cmd = launch_.start_torchrun("pd_model.train_dist", path, job.cfg.processes,
-                                       int(os.environ.get("OMP_NUM_THREADS", "1")))
+    n = job.cfg.processes
+    cmd = launch_.torchrun_command(MODULE, path, n) if job.cfg.launcher == "torchrun" else \
+        launch_.accelerate_command(MODULE, path, n, resolve(job.cfg.mixed_precision, resolve_device(job.cfg)))
+    proc = launch_.start(cmd, int(os.environ.get("OMP_NUM_THREADS", "1")))
     returncode = launch_.wait(proc)
     if returncode != 0:
         raise RuntimeError(f"distributed training of {out.name} failed (exit {returncode}); its workers' output is "
@@ -94,7 +109,16 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
+    if "WORLD_SIZE" not in os.environ and "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ:
+        # accelerate's one-process launcher, asked for more: two machines would each train the whole job alone
+        print("accelerate launch started one process where more were asked for: on a machine without GPUs it starts "
+              "several only with --multi_gpu: accelerate launch --multi_gpu --num_processes N -m pd_model.train_dist "
+              f"{argv[0]}", file=sys.stderr)
+        return 2
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
+    if "WORLD_SIZE" not in os.environ:  # one process (`accelerate launch --num_processes 1`): no group to join
+        run_job(job)
+        return 0
     cuda = job.cfg.device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:

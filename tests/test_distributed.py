@@ -99,16 +99,52 @@ def test_loader_workers_change_nothing_in_the_weights_bitwise(world):
     assert all(torch.equal(nets[0][0][k], nets[2][0][k]) for k in nets[0][0])
 
 
+def _launched(world, out, processes: int, accum: int, launcher: str = "torchrun") -> dict:
+    launch(_job(world, out, CFG.model_copy(update={"processes": processes, "grad_accum_steps": accum, "launcher": launcher})))
+    return load_file(out / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+
 def test_two_processes_train_bitwise_like_one_with_the_same_micro_batches(world, tmp_path):
     """One process with two micro-batches sums the same two gradients as two processes' all-reduce:
     the weights are bitwise equal (both through torchrun, so both compute on one thread)."""
-    def weights(processes: int, accum: int) -> dict:
-        out = tmp_path / f"p{processes}a{accum}"
-        launch(_job(world, out, CFG.model_copy(update={"processes": processes, "grad_accum_steps": accum})))
-        return load_file(out / "controlnet" / "diffusion_pytorch_model.safetensors")
-
-    one, two = weights(1, 2), weights(2, 1)
+    one, two = _launched(world, tmp_path / "p1a2", 1, 2), _launched(world, tmp_path / "p2a1", 2, 1)
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     # Two micro-batches in each of two processes: DDP's no_sync accumulates the first locally, and the
     # second's backward all-reduces the sum; the same weights up to summation order.
-    assert max_diff(weights(2, 2), one) < TOL
+    assert max_diff(_launched(world, tmp_path / "p2a2", 2, 2), one) < TOL
+
+
+def test_accelerate_launch_trains_what_torchrun_trains(world, tmp_path):
+    """train.launcher=accelerate (`accelerate launch`) runs the same job: bitwise torchrun's weights at
+    the same process count, and one process's within float summation order at the same micro-batches."""
+    by_torchrun = _launched(world, tmp_path / "torchrun-p2a1", 2, 1)
+    two = _launched(world, tmp_path / "accelerate-p2a1", 2, 1, "accelerate")
+    assert two.keys() == by_torchrun.keys() and all(torch.equal(two[k], by_torchrun[k]) for k in two)
+    one = _launched(world, tmp_path / "accelerate-p1a2", 1, 2, "accelerate")  # accelerate's one-process launcher
+    assert max_diff(one, two) < TOL
+
+
+def test_accelerate_s_one_process_launcher_asked_for_more_is_refused(world, tmp_path, monkeypatch, capsys):
+    """Without --multi_gpu, `accelerate launch --num_processes 2` on a machine without GPUs starts one
+    process (no WORLD_SIZE): it would train the whole job alone, on every machine it runs on."""
+    from pd_model.train_dist import main
+
+    path = tmp_path / "job.json"
+    path.write_text(_job(world, tmp_path / "out").model_dump_json())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert main([str(path)]) == 2 and "--multi_gpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_launcher_is_not_part_of_the_train_key(tmp_path):
+    from conftest import TINY
+    from flows.plan import Plan
+    from flows.profiles import load_profile
+    from pd_core.state import StateDir
+
+    def key(train: dict) -> str:
+        return Plan.build(load_profile("smoke", {**TINY, "train": {**TINY["train"], **train}}), StateDir(tmp_path)).key("train")
+
+    assert key({"launcher": "accelerate"}) == key({"launcher": "torchrun"}) != key({"learning_rate": 3e-4})
