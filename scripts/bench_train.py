@@ -7,7 +7,7 @@
     .venv/bin/python scripts/bench_train.py --threads 1 && .venv/bin/python scripts/bench_train.py --processes 2
                                                      # data-parallel scaling: 1 process x 1 thread vs 2 x 1 (gloo, DDP)
 
-Each step is the pipeline's own: `pd_model.loop.Optimiser.step` (autocast, fp16 gradient scaler,
+Each step is the pipeline's own: `pd_model.loop.Optimiser.step` (accelerate's autocast and fp16 gradient scaler,
 clipping, AdamW) over `pd_model.objective.prediction_loss` (noising, ControlNet residuals, UNet,
 min-SNR-weighted loss), with the weights laid out by `pd_model.precision.fast_layout` as the train
 stage lays them out; only the data is synthetic (fixed random tensors, no loader). The demo
@@ -19,7 +19,7 @@ frozen, as the paper profile trains.
 
 `--processes N` relaunches this script under torchrun on N local processes of one thread each (gloo
 on the CPU, NCCL with one GPU each on CUDA): each computes its 1/N share of the global --batch and
-gradients are summed through the pipeline's DistributedDataParallel path (`pd_model.loop.data_parallel`:
+gradients are summed through the pipeline's DistributedDataParallel path (`pd_model.loop.Optimiser`, DDP through accelerate:
 bucketed all-reduce overlapping backward); rank 0 prints, samples/s counting the global batch.
 
 Every (precision, batch) configuration is built once, warmed up, then timed in rounds that
@@ -89,18 +89,19 @@ class Step:
 
     def __init__(self, base, controlnet, trained, batch: int, in_res: int, text: tuple[int, int], resolution: int,
                  mixed_precision: str, device: str, snr_gamma: float = 5.0, compile_: bool = False):
-        from pd_model.loop import Optim, Optimiser, data_parallel, world
+        from pd_model.loop import Optim, Optimiser, accelerator, world
         from pd_model.objective import Batch
         from pd_model.precision import fast_layout, resolve
 
         self.base, self.controlnet, dev = base, controlnet, torch.device(device)
         base.unet.to(dev)
         controlnet.to(dev).train()
-        self.autocast = resolve(mixed_precision, dev)
+        self.precision, self.dev = resolve(mixed_precision, dev), dev
         self._layout = ExitStack()  # the train stage's weight layout, undone by `close`
-        self._layout.enter_context(fast_layout([controlnet, base.unet], self.autocast))
+        self._layout.enter_context(fast_layout([controlnet, base.unet], self.precision, dev))
         params = [p for m in trained for p in m.parameters()]
-        self.opt = Optimiser(params, Optim(10**9, batch, 1e-5, weight_decay=1e-2, autocast=self.autocast))
+        self.opt = Optimiser(accelerator(dev, self.precision), params,
+                             Optim(10**9, batch, 1e-5, weight_decay=1e-2, mixed_precision=self.precision), self._loss)
         batch //= world()[1]  # this process's share of the global batch
         g = torch.Generator().manual_seed(1 + world()[0])
         c = base.unet.config.in_channels
@@ -112,7 +113,6 @@ class Step:
         self.noise = torch.randn(self.x0.shape, generator=g).to(dev)
         self.t = torch.randint(0, 1000, (batch,), generator=g).to(dev)
         self.snr_gamma, self.device, self.n = snr_gamma, device, batch
-        self.loss = data_parallel(params, self._loss)  # DDP over processes, as the train stage runs
         if compile_:
             self.controlnet.forward = torch.compile(self.controlnet.forward)
             self.base.unet.forward = torch.compile(self.base.unet.forward)
@@ -123,8 +123,19 @@ class Step:
         return prediction_loss(self.base, self.x0, self.noise, self.t, self.emb, self.batch, self.controlnet, self.snr_gamma)
 
     def __call__(self) -> float:
-        s = self.opt.step(0, self.loss, [range(self.n)])
-        return s.loss
+        from accelerate.state import AcceleratorState
+
+        from pd_model.loop import accelerator
+
+        # accelerate keeps one precision per process and autocasts by it: when the steps of another
+        # precision ran last, this step's is made the process's again (its prepared optimizer stays).
+        if AcceleratorState().mixed_precision != self.precision:
+            accelerator(self.dev, self.precision)
+        return self.opt.step(0, [range(self.n)]).loss
+
+    @property
+    def computes_in(self) -> torch.dtype:
+        return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
     def close(self) -> None:
         self._layout.close()
@@ -202,8 +213,8 @@ def step_rows(configs: list[tuple[str, int, bool]], steps: dict, times: dict, fl
         p, b, c = key
         s, ts = steps[key], times[key]
         step_s = median(ts)
-        peak = peaks[s.autocast[1] if s.autocast else torch.float32]
-        row = {"precision": p, "computes_in": str(s.autocast[1]) if s.autocast else "torch.float32", "batch": b,
+        peak = peaks[s.computes_in]
+        row = {"precision": p, "computes_in": str(s.computes_in), "batch": b,
                "compile": c, "step_s_median": round(step_s, 4),
                "step_s_p10_p90": [round(float(np.percentile(ts, q)), 4) for q in (10, 90)],
                "samples_per_s": round(b / step_s, 2), "first_step_s": round(first[key], 2)}
@@ -244,7 +255,7 @@ def main() -> int:
     configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
     steps, flops, first = build_steps(args, configs)
     times = interleave(steps, args.repeats, warmup=0, per_round=args.steps, sync=device_sync(dev))  # warmed up above
-    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.autocast[1] for s in steps.values() if s.autocast}}
+    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.computes_in for s in steps.values()}}
     result = summarise(args, steps, step_rows(configs, steps, times, flops, first, peaks, precisions[0]))
     if os.environ.get("RANK", "0") == "0":
         emit(result)
