@@ -26,12 +26,13 @@ def _step_loss(net):
     return step_loss
 
 
-def _before_accelerate(net) -> list[float]:
-    """The fp32 step as the loop computed it before accelerate: each micro-batch's share of the
-    global-batch mean backpropagated, clipped, AdamW (default kernel), warm-up, EMA."""
+def _before_accelerate(net, bf16: bool = False) -> list[float]:
+    """The step as the loop computed it before accelerate: each micro-batch's share of the
+    global-batch mean backpropagated (under torch.autocast in bf16), clipped, AdamW (the default
+    kernel in fp32, the fused one in bf16), warm-up, EMA."""
     params = list(net.parameters())
     step_loss = _step_loss(net)
-    opt = torch.optim.AdamW(params, lr=O.lr, weight_decay=O.weight_decay)
+    opt = torch.optim.AdamW(params, lr=O.lr, weight_decay=O.weight_decay, fused=bf16 or None)
     sched = warmup_schedule(opt, O.warmup_steps)
     ema = EMAModel(params, decay=O.ema_decay)
     losses = []
@@ -39,7 +40,8 @@ def _before_accelerate(net) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros(())
         for idx in (range(0, 2), range(2, 4)):
-            part = step_loss(step, idx) * (len(idx) / O.batch_size)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                part = step_loss(step, idx) * (len(idx) / O.batch_size)
             part.backward()
             loss = loss + part.detach().float().cpu()
         torch.nn.utils.clip_grad_norm_(params, O.grad_clip)
@@ -58,6 +60,21 @@ def test_an_fp32_step_is_bitwise_the_step_before_accelerate():
     assert new_losses == old_losses
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
     assert not torch.equal(_net().state_dict()["0.weight"], new.state_dict()["0.weight"])  # it did train
+
+
+def test_a_bf16_step_is_bitwise_the_step_before_accelerate():
+    """The demo trains in bf16: accelerate's autocast and optimizer wrapper compute what
+    torch.autocast and the fused AdamW computed, so its numbers stay those of earlier runs."""
+    from dataclasses import replace
+
+    old, new = _net(), _net()
+    old_losses = _before_accelerate(old, bf16=True)
+    new_losses = run(list(new.parameters()), replace(O, mixed_precision="bf16"), _step_loss(new), "toy")
+    assert new_losses == old_losses
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    fp32 = _net()
+    run(list(fp32.parameters()), O, _step_loss(fp32), "toy")
+    assert not torch.equal(fp32.state_dict()["0.weight"], new.state_dict()["0.weight"])  # bf16 really ran
 
 
 def test_what_accelerate_launch_exports_changes_nothing_learned(monkeypatch):
