@@ -210,5 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched: no weights, no hub kernels
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     sys.exit(main())

@@ -45,7 +45,8 @@ if [ -n "$needed" ]; then
     || { echo "gpu_check.sh: installing the wheels failed" >&2; exit 2; }
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLCONFIGDIR=${MPLCONFIGDIR:-/tmp/pd-mpl}
+# Nothing can be fetched there: no hub downloads, and no hub kernels (transformers >= 5.2x asks for them).
+export HF_HUB_OFFLINE=1 USE_HUB_KERNELS=NO PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false MPLCONFIGDIR=${MPLCONFIGDIR:-/tmp/pd-mpl}
 
 # The hard limit: the check's own deadline (--deadline-s, else --budget-s + 40, else 460 s) plus 15 s.
 budget=420 deadline=
