@@ -1,7 +1,7 @@
 """Data-parallel training rows: the training measurement on N processes through `accelerate launch`.
 
 Each process (one GPU, NCCL) computes its 1/N share of the global batch and gradients are summed by
-the pipeline's own DDP path (`pd_model.loop.data_parallel`), as `train.processes` trains; rank 0
+the pipeline's own DDP path (`pd_model.loop.Optimiser` through accelerate), as `train.processes` trains; rank 0
 writes its rows. Samples/s count the global batch; the scaling efficiency is samples/s over N times
 the one-process rate of the same global batch (the `training` section's eager rows).
 """

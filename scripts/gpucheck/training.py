@@ -1,9 +1,9 @@
 """Training throughput of the paper's step, through the pipeline's own code.
 
-One step is `pd_model.loop.Optimiser.step` (autocast, AdamW with the paper profile's settings, clipping)
+One step is `pd_model.loop.Optimiser.step` (accelerate's autocast, AdamW with the paper profile's settings, clipping)
 over `pd_model.objective.denoising_loss` (VAE encode, per-sample noise and timestep from the objective's
 per-sample generators, Prompt Diffusion ControlNet residuals, frozen UNet, MSE), through
-`pd_model.loop.data_parallel` (DDP when several processes), the weights laid out by
+`pd_model.loop.Optimiser` on an `Accelerator` (DDP when several processes), the weights laid out by
 `pd_model.precision.fast_layout` as the train stage lays them out. Only the data are synthetic: fixed
 random images, hints and text embeddings (the train stage caches the frozen text encoder's). What is
 trained is what the paper profile trains: the ControlNet, the UNet frozen.
@@ -26,14 +26,15 @@ from gpucheck.record import log
 class Step:
     """The optimiser step of one global batch of `batch` samples (this process's share of it)."""
 
-    def __init__(self, base, controlnet, batch: int, resolution: int, autocast, device: torch.device):
+    def __init__(self, base, controlnet, batch: int, resolution: int, precision: str, device: torch.device):
         from flows.profiles import load_profile
-        from pd_model.loop import Optim, Optimiser, data_parallel, micro_batches
+        from pd_model.loop import Optim, Optimiser, accelerator, micro_batches
 
         cfg = load_profile("paper").train  # lr 1e-4, weight decay, clipping, snr_gamma and timesteps as the paper trains
         self.cfg, self.base, self.controlnet, self.device = cfg, base, controlnet, device
         self.params = [p for p in controlnet.parameters() if p.requires_grad]
-        self.opt = Optimiser(self.params, replace(Optim.of(cfg, 10**9, autocast), batch_size=batch, grad_accum_steps=1))
+        self.opt = Optimiser(accelerator(device, precision), self.params,
+                             replace(Optim.of(cfg, 10**9, precision), batch_size=batch, grad_accum_steps=1), self._loss)
         self.slices = micro_batches(batch, 1)  # this process's samples of the global batch
         n = len(self.slices[0])
         g = torch.Generator().manual_seed(1)
@@ -42,7 +43,6 @@ class Step:
         self.pair = (torch.rand(n, 6, r, r, generator=g) * 2 - 1).to(device)  # (n, 6, R, R): the hint range
         self.query = (torch.rand(n, 3, r, r, generator=g) * 2 - 1).to(device)
         self.emb = torch.randn(n, *text, generator=g).to(device)  # (n, T, D), as the text cache hands them
-        self.loss = data_parallel(self.params, self._loss)
         self.step_index = 0
 
     def _loss(self, step: int, idx: range) -> torch.Tensor:
@@ -54,7 +54,7 @@ class Step:
         return denoising_loss(self.base, batch, self.emb[k], gens, self.controlnet, self.cfg.snr_gamma, self.cfg.timesteps)
 
     def __call__(self) -> float:
-        stats = self.opt.step(self.step_index, self.loss, self.slices)
+        stats = self.opt.step(self.step_index, self.slices)
         self.step_index += 1
         return stats.loss
 
@@ -101,12 +101,12 @@ def time_steps(step: Step, device: torch.device, seconds: float, at_most: int = 
     return times + [timed(step, device) for _ in range(more)]
 
 
-def measure_row(base, controlnet, batch: int, resolution: int, autocast, device, backend: str | None,
+def measure_row(base, controlnet, batch: int, resolution: int, precision: str, device, backend: str | None,
                 seconds: float, flops: float | None, at_most: int = 20) -> dict:
     """One (batch, compile) configuration: first step (compilation included), FLOPs, timed steps, memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = Step(base, controlnet, batch, resolution, autocast, device)
+    step = Step(base, controlnet, batch, resolution, precision, device)
     try:
         with compiled([controlnet, base.unet], backend):
             first = timed(step, device)
@@ -142,10 +142,10 @@ def measure(base, controlnet, resolution: int, device: torch.device, batches: li
     by the eager rows and read by the compiled ones (compilation does not change the count)."""
     from pd_model.precision import fast_layout, resolve
 
-    autocast = resolve("auto", device)  # the train stage's default: bf16 autocast on CUDA, fp32 on a CPU
+    precision = resolve("auto", device)  # the train stage's default: bf16 autocast on CUDA, fp32 on a CPU
     controlnet.to(device).train().requires_grad_(True)
     rows = []
-    with fast_layout([controlnet, base.unet], autocast):
+    with fast_layout([controlnet, base.unet], precision, device):
         for i, b in enumerate(batches):
             what = f"training batch {b}, compile {'on (' + backend + ')' if backend else 'off'}"
             share = budget.left() / (len(batches) - i)
@@ -156,7 +156,7 @@ def measure(base, controlnet, resolution: int, device: torch.device, batches: li
                 record.skip(what, f"{budget.left():.0f} s left, the last compilation took {rows[-1]['first_step_s']:.0f} s")
                 continue
             log(f"{what}: ~{share:.0f} s")
-            row = measure_row(base, controlnet, b, resolution, autocast, device, backend, 0.5 * share,
+            row = measure_row(base, controlnet, b, resolution, precision, device, backend, 0.5 * share,
                               flops_by_batch.get(b), at_most)
             if row.get("gflop_per_step"):
                 flops_by_batch.setdefault(b, row["gflop_per_step"] * 1e9)
