@@ -180,7 +180,7 @@ def run_sections(rec: Record, args, device) -> None:
              "multi_gpu": lambda: section_multi(rec, args, device)}
     for i, name in enumerate(chosen):
         share = weights[name] / (sum(weights[s] for s in chosen[i:]) or 1.0)
-        with rec.section(name.replace("_compiled", ""), rec.budget.total_left() * share):
+        with rec.section(name, rec.budget.total_left() * share):
             calls[name]()
     for name in sorted(set(WEIGHTS) - set(chosen)):
         rec.skip(f"section {name}", "not asked for (--sections)", budget=False)
