@@ -180,7 +180,7 @@ def run_sections(rec: Record, args, device) -> None:
              "multi_gpu": lambda: section_multi(rec, args, device)}
     for i, name in enumerate(chosen):
         share = weights[name] / (sum(weights[s] for s in chosen[i:]) or 1.0)
-        with rec.section(name.replace("_compiled", ""), rec.budget.total_left() * share):
+        with rec.section(name, rec.budget.total_left() * share):
             calls[name]()
     for name in sorted(set(WEIGHTS) - set(chosen)):
         rec.skip(f"section {name}", "not asked for (--sections)", budget=False)
@@ -200,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         return multi.worker(args)
     rec = Record("tiny" if args.tiny else "full", Budget(args.budget_s), args.json_out)
     start_watchdog(rec, args.deadline_s)
-    device = pick_device(args)
+    try:
+        device = pick_device(args)
+    except (ImportError, SystemExit) as e:  # no torch, or no GPU where one was asked for: still the JSON
+        rec.data["errors"]["startup"] = f"{type(e).__name__}: {e}"
+        rec.emit(False)
+        return 1
+    if args.tiny and device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(1)  # tiny ops gain nothing from more; OpenMP's spinning threads lose a lot on a busy CPU
     log(f"device {device}, budget {args.budget_s:.0f} s, deadline {args.deadline_s:.0f} s")
     with contextlib.redirect_stdout(sys.stderr):  # the stages' progress lines: stdout is the JSON's alone
         run_sections(rec, args, device)

@@ -84,7 +84,7 @@ def _gpus() -> list[dict]:
 def describe(device: torch.device, tiny: bool) -> dict:
     """The machine section: devices, versions, the precision switches that move timings, a measured peak."""
     cuda = device.type == "cuda"
-    n = (2048 if tiny else 8192) if cuda else 256  # a CPU's bf16 matmul at 2048 already takes seconds
+    n = (2048 if tiny else 8192) if cuda else (256 if tiny else 1024)  # a CPU: seconds at 2048
     info = {"device": str(device), "gpu_count": torch.cuda.device_count() if cuda else 0, "gpus": _gpus() if cuda else [],
             "cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,

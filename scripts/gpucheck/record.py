@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = "pd-gpu-check/1"
-SECTIONS = ("machine", "training", "evaluation", "annotators", "e2e", "multi_gpu")
+SECTIONS = ("machine", "training", "evaluation", "annotators", "e2e", "multi_gpu")  # the JSON's; the budget's
+# are these with training's compiled rows apart ("training_compiled")
 
 
 def log(msg: str) -> None:
@@ -104,7 +105,8 @@ class Record:
             if note:
                 self.data["budget"]["watchdog"] = note
             self.write()
-            print(json.dumps(self.data, indent=1, default=str), file=self.stdout, flush=True)
+            # Compact: a reply's tail of 12,000 characters holds it whole (the saved file is indented).
+            print(json.dumps(self.data, separators=(",", ":"), default=str), file=self.stdout, flush=True)
             return True
 
 
