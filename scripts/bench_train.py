@@ -46,14 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 if not __package__:  # run as a file: import from the repository root, as `python -m scripts.NAME` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.harness import device_sync, emit, interleave, machine, median, peak_rss_mb, stopwatch
-
-
-def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Median FLOP/s of an n x n matmul on this device and dtype."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / median(interleave({"matmul": lambda: a @ b}, reps, warmup=2, sync=device_sync(device))["matmul"])
+from scripts.harness import device_sync, emit, interleave, machine, matmul_flops, median, peak_rss_mb, stopwatch
 
 
 def build_models(paper_size: bool, resolution: int):
@@ -255,7 +248,7 @@ def main() -> int:
     configs = [(p, b, c) for p in precisions for b in args.batch for c in ([False, True] if args.compile else [False])]
     steps, flops, first = build_steps(args, configs)
     times = interleave(steps, args.repeats, warmup=0, per_round=args.steps, sync=device_sync(dev))  # warmed up above
-    peaks = {d: matmul_peak(dev, d) for d in {torch.float32} | {s.computes_in for s in steps.values()}}
+    peaks = {d: matmul_flops(dev, d) for d in {torch.float32} | {s.computes_in for s in steps.values()}}
     result = summarise(args, steps, step_rows(configs, steps, times, flops, first, peaks, precisions[0]))
     if os.environ.get("RANK", "0") == "0":
         emit(result)

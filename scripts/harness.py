@@ -114,6 +114,18 @@ def ratio(a: Iterable[float], b: Iterable[float]) -> float:
     return median(a) / median(b)
 
 
+def matmul_flops(device: str, dtype, n: int = 2048, reps: int = 10) -> float:
+    """Median FLOP/s of an n x n x n matmul on `device` in `dtype`, on seeded random data (never
+    zeros: they run faster): the peak a step's achieved FLOP/s is compared with."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    times = interleave({"matmul": lambda: a @ b}, reps, warmup=3, sync=device_sync(str(device)))["matmul"]
+    return 2 * n**3 / median(times)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

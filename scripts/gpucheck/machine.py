@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import statistics
 import subprocess
-import time
 
 import torch
+
+from scripts.harness import device_sync, matmul_flops, stopwatch
 
 # Dense bf16 tensor-core TFLOP/s from NVIDIA's datasheets (the sparse figure halved). The first name
 # contained in the device's name wins, so the more specific names come first.
@@ -27,28 +27,22 @@ def datasheet_peak(name: str) -> tuple[float | None, str | None]:
 
 
 def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for the device's queue (nothing to wait for on a CPU)."""
+    wait = device_sync(str(device))
+    if wait is not None:
+        wait()
 
 
 def timed(fn, device) -> float:
     """Seconds one call of `fn` takes, the device's queue drained before and after."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+    with stopwatch(device_sync(str(device))) as lap:
+        fn()
+    return lap.seconds
 
 
 def matmul_tflops(device: torch.device, n: int, reps: int = 10, dtype=torch.bfloat16) -> float:
-    """Median TFLOP/s of an n x n x n matmul on random data (never zeros: they run faster)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(3):
-        a @ b
-    times = [timed(lambda: a @ b, device) for _ in range(reps)]
-    return 2 * n**3 / statistics.median(times) / 1e12
+    """Median TFLOP/s of an n x n x n matmul on random data."""
+    return matmul_flops(device, dtype, n, reps) / 1e12
 
 
 def _versions() -> dict:
